@@ -1,0 +1,118 @@
+"""The rolling-buffer KV cache: preallocated once, written in place, owned by the caller."""
+
+import warnings
+
+import mlx.core as mx
+
+from .config import ModelArgs
+from .errors import MistralError
+
+
+class RollingKVCache:
+    """K/V buffers of shape [B, n_kv_heads, C, head_dim] for every layer, C = capacity.
+
+    Position p lives in slot p % C, so after `offset` tokens slot s holds position
+        offset - 1 - ((offset - 1 - s) mod C)      (empty while that is < 0).
+    Worked example, C = 4 after 6 tokens (positions 0..5):
+        slot      0  1  2  3
+        position  4  5  2  3
+    A query at position i sees keys at j with i - C < j <= i (the sliding window of
+    DESIGN.md section 3, with C = W). Masks come from slot positions, so the order of
+    the slots never matters: softmax does not care about key order.
+    """
+
+    def __init__(self, args: ModelArgs, capacity: int, batch_size: int = 1,
+                 dtype: mx.Dtype = mx.float32, warn_on_roll: bool = False):
+        shape = (batch_size, args.n_kv_heads, capacity, args.head_dim)
+        self.keys = [mx.zeros(shape, dtype) for _ in range(args.n_layers)]
+        self.values = [mx.zeros(shape, dtype) for _ in range(args.n_layers)]
+        mx.eval(self.keys, self.values)
+        self.capacity = capacity
+        self.offset = 0  # absolute position of the next token
+        self._warn_on_roll = warn_on_roll
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (fixed for the cache's lifetime)."""
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+    @property
+    def size(self) -> int:
+        """Tokens currently held."""
+        return min(self.offset, self.capacity)
+
+    def slot_positions(self) -> mx.array:
+        """Absolute position held by each slot, -1 where the slot is empty. Shape [C]."""
+        last = self.offset - 1
+        return last - (last - mx.arange(self.capacity)) % self.capacity
+
+    def mask(self, length: int) -> mx.array | str | None:
+        """Attention mask for the next `length` tokens, shared by every layer.
+
+        Decode (length 1) writes the token first and attends to the buffer: only
+        unfilled slots need masking. A chunk attends to [buffer, chunk] (see
+        update_and_fetch); its rows are queries q = offset + i.
+        """
+        C, start = self.capacity, self.offset
+        if length == 1:
+            return None if start >= C - 1 else (mx.arange(C) <= start)[None]
+        if start == 0 and length <= C:
+            return "causal"
+        i = mx.arange(length)[:, None]
+        j = mx.arange(length)[None]
+        chunk = (j <= i) & (j > i - C)  # causal, within the window
+        if start == 0:
+            return chunk
+        k = self.slot_positions()[None]
+        buffer = (k >= 0) & (k > start + i - C)  # k <= q always holds: k < start
+        return mx.concatenate([buffer, chunk], axis=1)
+
+    def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Store this step's keys/values (already RoPE'd) and return what to attend to."""
+        length = k.shape[2]
+        if length == 1:
+            self._write(layer, k, v, self.offset)
+            return self.keys[layer], self.values[layer]
+        if self.offset:  # attend before writing: a wrapping chunk would overwrite its own past
+            keys = mx.concatenate([self.keys[layer], k], axis=2)
+            values = mx.concatenate([self.values[layer], v], axis=2)
+        else:
+            keys, values = k, v
+        C = self.capacity
+        self._write(layer, k[:, :, -C:], v[:, :, -C:], self.offset + max(0, length - C))
+        return keys, values
+
+    def _write(self, layer: int, k: mx.array, v: mx.array, position: int) -> None:
+        """Write len <= C tokens starting at absolute `position` into their slots, in place."""
+        start = position % self.capacity
+        n = min(k.shape[2], self.capacity - start)  # before the wrap
+        for buf, x in ((self.keys[layer], k), (self.values[layer], v)):
+            buf[:, :, start:start + n] = x[:, :, :n]
+            if n < x.shape[2]:
+                buf[:, :, : x.shape[2] - n] = x[:, :, n:]
+
+    def advance(self, length: int) -> None:
+        """Called by the model once all layers have stored `length` new tokens."""
+        if self._warn_on_roll and self.offset + length > self.capacity:
+            warnings.warn(
+                f"context passed the KV cache capacity ({self.capacity} tokens); continuing as a "
+                f"sliding window of the last {self.capacity} tokens (raise --max-kv-size to keep more)",
+                stacklevel=3,
+            )
+            self._warn_on_roll = False
+        self.offset += length
+
+
+def make_cache(args: ModelArgs, max_kv_size: int | None = None, batch_size: int = 1,
+               dtype: mx.Dtype = mx.float32) -> RollingKVCache:
+    """A cache for `args`: the sliding window, or fewer slots when max_kv_size is smaller.
+
+    A windowless model gets max_kv_size slots (default: max_position_embeddings) and rolls
+    past them with a one-time warning, since that changes its output.
+    """
+    window = args.sliding_window or args.max_position_embeddings
+    if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size <= 0):
+        raise MistralError(f"max_kv_size must be a positive integer, got {max_kv_size!r}")
+    capacity = min(window, max_kv_size or window)
+    warn = args.sliding_window is None or capacity < args.sliding_window
+    return RollingKVCache(args, capacity, batch_size, dtype, warn_on_roll=warn)

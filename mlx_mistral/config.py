@@ -1,0 +1,189 @@
+"""Model arguments: one frozen dataclass, read from config.json or params.json."""
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import MistralError
+
+# Hugging Face config keys that do not change the computation we run.
+HF_IGNORED = {
+    "architectures", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
+    "hidden_act", "initializer_range", "torch_dtype", "dtype", "transformers_version",
+    "use_cache", "model_type", "rope_parameters", "rope_scaling", "quantization",
+    "quantization_config", "_name_or_path", "output_attentions", "output_hidden_states",
+    "return_dict", "is_decoder", "layer_types", "max_window_layers", "use_sliding_window",
+}
+# params.json keys of original Mistral checkpoints that we do not need.
+PARAMS_IGNORED = {"max_batch_size", "max_seq_len", "model_type"}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    group_size: int
+    bits: int
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None  # None: plain causal attention
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    quantization: Quantization | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
+                     "vocab_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise MistralError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise MistralError(
+                f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise MistralError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int) or self.sliding_window <= 0
+        ):
+            raise MistralError(
+                f"config: sliding_window must be a positive integer or null, got {self.sliding_window!r}"
+            )
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise MistralError(f"config: {name} must be a positive number, got {value!r}")
+        q = self.quantization
+        if q is not None and (q.bits not in (2, 3, 4, 5, 6, 8) or q.group_size not in (32, 64, 128)):
+            raise MistralError(
+                f"config: quantization must have bits in 2-6 or 8 and group_size 32/64/128, got {q}"
+            )
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> "ModelArgs":
+        """From a Hugging Face / MLX `config.json` dictionary."""
+        if config.get("model_type") != "mistral":
+            raise MistralError(
+                f"config.json: model_type must be 'mistral', got {config.get('model_type')!r}"
+            )
+        if config.get("hidden_act", "silu") != "silu":
+            raise MistralError(f"config.json: hidden_act must be 'silu', got {config['hidden_act']!r}")
+        rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") != "default" or scaling:
+            raise MistralError("config.json: only default RoPE is supported (found rope scaling)")
+        unknown = set(config) - HF_IGNORED - {
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
+            "sliding_window", "max_position_embeddings", "tie_word_embeddings",
+        }
+        if unknown:
+            warnings.warn(f"config.json: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
+        try:
+            dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+            args = dict(
+                dim=dim,
+                n_layers=config["num_hidden_layers"],
+                n_heads=n_heads,
+                n_kv_heads=config.get("num_key_value_heads", n_heads),
+                head_dim=config.get("head_dim") or _div(dim, n_heads),
+                hidden_dim=config["intermediate_size"],
+                vocab_size=config["vocab_size"],
+            )
+        except KeyError as e:
+            raise MistralError(f"config.json: missing required key {e.args[0]!r}") from None
+        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+        return cls(
+            **args,
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            rope_theta=theta,
+            sliding_window=config.get("sliding_window"),
+            max_position_embeddings=config.get("max_position_embeddings", 32768),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            quantization=_quantization(config.get("quantization")),
+        )
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "ModelArgs":
+        """From an original Mistral `params.json` dictionary."""
+        if params.get("moe") or params.get("vision_encoder"):
+            raise MistralError("params.json: mixture-of-experts / vision models are not supported")
+        names = ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size")
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise MistralError(f"params.json: missing required key {missing[0]!r}")
+        extra = set(params) - PARAMS_IGNORED - set(names) - {
+            "n_kv_heads", "head_dim", "norm_eps", "rope_theta", "sliding_window",
+        }
+        if extra:
+            warnings.warn(f"params.json: ignoring unknown keys {sorted(extra)}", stacklevel=2)
+        return cls(
+            **{n: params[n] for n in names},
+            n_kv_heads=params.get("n_kv_heads", params["n_heads"]),
+            head_dim=params.get("head_dim") or _div(params["dim"], params["n_heads"]),
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=params.get("rope_theta", 10000.0),
+            sliding_window=params.get("sliding_window"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json written by convert/ (keys mlx-lm and transformers read)."""
+        config = {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.hidden_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "sliding_window": self.sliding_window,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+        }
+        if self.quantization:
+            q = {"group_size": self.quantization.group_size, "bits": self.quantization.bits}
+            config["quantization"] = config["quantization_config"] = q
+        return config
+
+
+def _div(dim: Any, n_heads: Any) -> Any:
+    return dim // n_heads if isinstance(dim, int) and isinstance(n_heads, int) and n_heads else 0
+
+
+def _quantization(q: Any) -> Quantization | None:
+    if q is None:
+        return None
+    if not isinstance(q, dict) or "bits" not in q or "group_size" not in q:
+        raise MistralError(f"config.json: quantization must be {{'group_size', 'bits'}}, got {q!r}")
+    if q.get("mode", "affine") != "affine":
+        raise MistralError(f"config.json: only affine quantization is supported, got {q['mode']!r}")
+    return Quantization(group_size=q["group_size"], bits=q["bits"])
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MistralError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MistralError(f"{path}: not a valid JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise MistralError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

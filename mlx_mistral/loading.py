@@ -1,0 +1,220 @@
+"""Checkpoints -> (Mistral, Tokenizer): local HF/MLX or original Mistral layout, or a Hub repo id.
+
+read_checkpoint() is the one path from files to HF-named (lazy) weights; convert/ writes
+what it returns, so the runtime and the converter never disagree on names or layouts.
+"""
+
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs, read_json
+from .errors import MistralError
+from .model import Mistral
+from .tokenizer import Tokenizer
+
+# Original Mistral names -> Hugging Face names (the layout of every MLX checkpoint).
+ORIGINAL_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+ORIGINAL_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(path_or_repo: str) -> Path:
+    """A local directory as is; an `org/name` that is not a local path is downloaded."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise MistralError(f"model '{path_or_repo}': expected a directory, found a file")
+    if REPO_ID.match(path_or_repo):
+        return download(path_or_repo)
+    raise MistralError(f"model directory '{path_or_repo}' does not exist")
+
+
+def download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model*"]
+        ))
+    except Exception as e:  # network, auth, offline mode, missing repo: all end the same way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MistralError(
+            f"model '{repo_id}' is not a local directory and could not be downloaded from the "
+            f"Hugging Face Hub (offline or unreachable? {type(e).__name__}: {reason[:200]})"
+        ) from None
+
+
+def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
+    """(args, lazy HF-named weights, tokenizer.model path) of a checkpoint directory."""
+    if (path / "config.json").exists():
+        args = ModelArgs.from_hf(read_json(path / "config.json"))
+        weights = {}
+        for file in _hf_weight_files(path):
+            weights.update(_load_safetensors(file))
+    elif (path / "params.json").exists():
+        args = ModelArgs.from_params(read_json(path / "params.json"))
+        weights = _from_original(args, _load_original(path))
+    else:
+        raise MistralError(f"{path}: no config.json (Hugging Face layout) or params.json (original layout)")
+    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    return args, weights, find_tokenizer(path)
+
+
+def find_tokenizer(path: Path) -> Path:
+    for name in ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1"):
+        if (path / name).exists():
+            return path / name
+    found = sorted(p for p in path.glob("tokenizer.model*") if p.suffix != ".json")
+    if not found:
+        raise MistralError(f"{path}: no tokenizer.model (a SentencePiece model is expected)")
+    return found[0]
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise MistralError(f"{index}: expected a 'weight_map' object")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise MistralError(f"{path}: no *.safetensors weight files")
+    return files
+
+
+def _load_safetensors(file: Path) -> dict[str, mx.array]:
+    """Lazy arrays of a safetensors file, after checking its header against its size."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy"):
+            pass
+        return mx.load(str(file))
+    except FileNotFoundError:
+        raise MistralError(f"{file}: weight file not found") from None
+    except Exception as e:
+        raise MistralError(f"{file}: not a valid safetensors file ({e})".replace("\n", " ")) from None
+
+
+def _load_original(path: Path) -> dict[str, mx.array]:
+    if (path / "consolidated.safetensors").exists():
+        return _load_safetensors(path / "consolidated.safetensors")
+    pth = sorted(path.glob("consolidated.*.pth"))
+    if len(pth) != 1:
+        raise MistralError(
+            f"{path}: expected consolidated.safetensors or one consolidated.00.pth beside params.json"
+        )
+    try:
+        import torch
+    except ImportError:
+        raise MistralError(f"{pth[0]}: reading .pth needs PyTorch: pip install torch") from None
+    try:
+        state = torch.load(pth[0], map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise MistralError(f"{pth[0]}: not a readable PyTorch checkpoint ({e})") from None
+    return {k: mx.array(v.float().numpy()).astype(_mx_dtype(v.dtype)) for k, v in state.items()}
+
+
+def _mx_dtype(torch_dtype) -> mx.Dtype:
+    return {"torch.float16": mx.float16, "torch.bfloat16": mx.bfloat16}.get(str(torch_dtype), mx.float32)
+
+
+def _from_original(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Rename original weights to HF names; permute wq/wk for the half-split RoPE."""
+    out = {}
+    for name, w in weights.items():
+        stem = name.removesuffix(".weight")
+        if stem in ORIGINAL_NAMES:
+            out[ORIGINAL_NAMES[stem] + ".weight"] = w
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", stem)
+        if not m or m.group(2) not in ORIGINAL_LAYER_NAMES:
+            raise MistralError(f"original checkpoint: unexpected tensor '{name}'")
+        kind = m.group(2)
+        if kind in ("attention.wq", "attention.wk") and w.ndim == 2:
+            heads = args.n_heads if kind == "attention.wq" else args.n_kv_heads
+            w = _permute_rope(w, heads, name)
+        out[f"model.layers.{m.group(1)}.{ORIGINAL_LAYER_NAMES[kind]}.weight"] = w
+    return out
+
+
+def _permute_rope(w: mx.array, heads: int, name: str) -> mx.array:
+    """Interleaved (traditional) RoPE rows -> half-split rows, per head."""
+    rows, cols = w.shape
+    if rows % (2 * heads):
+        raise MistralError(f"original checkpoint: {name} has {rows} rows, not a multiple of 2 x {heads} heads")
+    return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def default_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
+    """float32 on the CPU backend (its fast dtype); else the checkpoint's float dtype."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    floats = [w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
+    return floats[0] if floats else mx.float16
+
+
+def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype | None = None) -> Mistral:
+    """A model with `weights` loaded strictly (names and shapes checked) and evaluated once."""
+    dtype = dtype or default_dtype(weights)
+    model = Mistral(args)
+    if args.quantization:
+        q = args.quantization
+        nn.quantize(model, q.group_size, q.bits,
+                    class_predicate=lambda p, m: f"{p}.scales" in weights)
+    expected = dict(tree_flatten(model.parameters()))
+    for name in expected:
+        if name not in weights:
+            raise MistralError(f"checkpoint: missing tensor '{name}'")
+    loaded = []
+    for name, w in weights.items():
+        if name not in expected:
+            raise MistralError(f"checkpoint: unexpected tensor '{name}'")
+        want = expected[name]
+        if w.shape != want.shape:
+            raise MistralError(
+                f"checkpoint: tensor '{name}' has shape {tuple(w.shape)}, config expects {tuple(want.shape)}"
+            )
+        if mx.issubdtype(want.dtype, mx.floating):
+            if not mx.issubdtype(w.dtype, mx.floating):
+                raise MistralError(f"checkpoint: tensor '{name}' has dtype {w.dtype}, expected a float dtype")
+            w = w.astype(dtype)
+        elif w.dtype != want.dtype:
+            raise MistralError(f"checkpoint: tensor '{name}' has dtype {w.dtype}, expected {want.dtype}")
+        loaded.append((name, w))
+    model.load_weights(loaded, strict=True)
+    try:
+        mx.eval(model.parameters())
+    except (RuntimeError, ValueError) as e:
+        raise MistralError(f"checkpoint: weights could not be read ({e})") from None
+    model.eval()
+    return model
+
+
+def load(path_or_repo: str, dtype: mx.Dtype | None = None) -> tuple[Mistral, Tokenizer]:
+    """Load a model and its tokenizer from a directory, a Hub repo id, or "demo"."""
+    if path_or_repo == "demo":
+        from .demo import demo_checkpoint
+
+        args, weights, tokenizer_path = demo_checkpoint()
+    else:
+        args, weights, tokenizer_path = read_checkpoint(resolve(path_or_repo))
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise MistralError(
+            f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens, model vocab_size is {args.vocab_size}"
+        )
+    return build_model(args, weights, dtype), tokenizer

@@ -1,0 +1,94 @@
+"""Mistral: RMSNorm, RoPE, grouped-query sliding-window attention, SwiGLU.
+
+Module and parameter names are Hugging Face's (the layout mlx-lm uses), so weights
+load without renaming. The model holds no state: the caller passes the cache in.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import RollingKVCache
+from .config import ModelArgs
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
+        self.scale = args.head_dim**-0.5
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # HF weights have q/k rows permuted for the half-split ("non-traditional") RoPE.
+        self.rope = nn.RoPE(args.head_dim, traditional=False, base=args.rope_theta)
+
+    def __call__(self, x: mx.array, mask, cache: RollingKVCache, layer: int) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, hd)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, KV, L, hd)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset=cache.offset)
+        k = self.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(layer, k, v)
+        # The fused kernel takes n_kv_heads < n_heads as is: K/V are never repeated.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+
+    def __call__(self, x: mx.array, mask, cache: RollingKVCache, layer: int) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MistralModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = [TransformerBlock(args) for _ in range(args.n_layers)]
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+
+
+class Mistral(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = MistralModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The activation dtype (that of the norms, which are never quantized)."""
+        return self.model.norm.weight.dtype
+
+    def __call__(self, tokens: mx.array, cache: RollingKVCache) -> mx.array:
+        """tokens [B, L] at positions cache.offset.. -> logits [B, L, vocab]."""
+        mask = cache.mask(tokens.shape[1])  # built once per step, shared by all layers
+        h = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, mask, cache, i)
+        cache.advance(tokens.shape[1])
+        h = self.model.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
