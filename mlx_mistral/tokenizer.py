@@ -2,6 +2,7 @@
 
 import codecs
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import sentencepiece as spm
@@ -35,6 +36,7 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))
 
+    @cached_property
     def piece_bytes(self) -> list[bytes]:
         """The bytes each id stands for (control tokens: none), for streaming decode."""
         out = []
@@ -90,7 +92,7 @@ class StreamingDetokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer):
-        self._pieces = tokenizer.piece_bytes()
+        self._pieces = tokenizer.piece_bytes
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._at_start = True
 
