@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                                     repetition_penalty=args.repetition_penalty, stop=args.stop,
                                     max_kv_size=args.max_kv_size, prefill_chunk=args.prefill_chunk):
             text.append(last.text)
-            ids += [last.token] if last.token is not None else []
+            ids.append(last.token)
             if not args.json:
                 print(last.text, end="", flush=True)
     except KeyboardInterrupt:
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if args.json:
         result = {**vars(last), "text": "".join(text), "tokens": ids}
-        del result["token"]
+        del result["token"]  # the last one is in "tokens"
         print(json.dumps(result, ensure_ascii=False))
     else:
         print(file=sys.stdout)

@@ -17,8 +17,13 @@ DEFAULT_PREFILL_CHUNK = 512
 
 @dataclass
 class GenerationResponse:
-    text: str  # new text since the previous response
-    token: int | None  # the token that produced it; None on the final response
+    """One generated token (EOS included) and the text it completes, with running stats.
+
+    The cache holds the prompt and every token of every response so far.
+    """
+
+    text: str  # new text since the previous response (may be empty)
+    token: int
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -27,7 +32,7 @@ class GenerationResponse:
     peak_memory: int  # bytes, since the call started
     kv_cache_bytes: int  # allocated once, fixed
     kv_cache_tokens: int  # tokens the cache holds now
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length", on the last response
+    finish_reason: str | None = None  # on the last response: "stop" (EOS or stop string) or "length"
 
 
 def prefill(model: Mistral, tokens: Sequence[int], cache: RollingKVCache, chunk: int) -> mx.array:
@@ -111,39 +116,34 @@ def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence
 
     detokenizer = StreamingDetokenizer(tokenizer)
     held = ""  # decoded text not yet emitted: it may be the start of a stop string
-    n, first = 0, None
+    first = 0.0
 
-    def response(text: str, token: int | None, finish: str | None = None) -> GenerationResponse:
+    def response(n: int, text: str, token: int, finish: str | None = None) -> GenerationResponse:
         now = time.perf_counter()
-        ttft = (first or now) - start
         return GenerationResponse(
-            text=text, token=token, prompt_tokens=len(ids), prompt_tps=len(ids) / max(ttft, 1e-9),
+            text=text, token=token, prompt_tokens=len(ids), prompt_tps=len(ids) / (first - start),
             generation_tokens=n, generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
-            ttft=ttft, peak_memory=mx.get_peak_memory(), kv_cache_bytes=cache.nbytes,
+            ttft=first - start, peak_memory=mx.get_peak_memory(), kv_cache_bytes=cache.nbytes,
             kv_cache_tokens=cache.size, finish_reason=finish,
         )
 
-    finish = "length"
     steps = generate_step(model, ids, cache, sampler, prefill_chunk, repetition_penalty)
-    for token in steps:
+    for n, token in enumerate(steps, start=1):
         first = first or time.perf_counter()
         if token == tokenizer.eos_id:
-            finish = "stop"
-            break
-        n += 1
+            yield response(n, held + detokenizer.flush(), token, "stop")
+            return
         held += detokenizer.add(token)
         hit = min((i for i in (held.find(s) for s in stop) if i >= 0), default=-1)
-        if hit >= 0:  # what follows a stop string is dropped, undecoded bytes included
-            held, finish, detokenizer = held[:hit], "stop", None
-            break
-        keep = max((k for s in stop for k in range(len(s) - 1, 0, -1) if held.endswith(s[:k])), default=0)
-        yield response(held[: len(held) - keep], token)
-        held = held[len(held) - keep:]
+        if hit >= 0:  # what follows the stop string is dropped
+            yield response(n, held[:hit], token, "stop")
+            return
         if n == max_tokens:
-            break
-    if detokenizer:
-        held += detokenizer.flush()
-    yield response(held, None, finish)
+            yield response(n, held + detokenizer.flush(), token, "length")
+            return
+        keep = max((k for s in stop for k in range(len(s) - 1, 0, -1) if held.endswith(s[:k])), default=0)
+        yield response(n, held[: len(held) - keep], token)
+        held = held[len(held) - keep:]
 
 
 def generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
