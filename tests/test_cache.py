@@ -1,0 +1,77 @@
+"""Rolling-buffer cache: fixed allocation, slot arithmetic, masks, GQA-sized buffers."""
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_mistral import MistralError, ModelArgs, load, make_cache
+from mlx_mistral.cache import RollingKVCache
+
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, hidden_dim=128,
+                 vocab_size=100, sliding_window=8)
+
+
+def test_slot_positions_worked_example():
+    cache = RollingKVCache(ARGS, capacity=4)
+    assert cache.slot_positions().tolist() == [-4, -3, -2, -1]  # all empty
+    cache.offset = 6
+    assert cache.slot_positions().tolist() == [4, 5, 2, 3]
+
+
+def test_buffers_are_gqa_sized_and_allocated_once():
+    cache = make_cache(ARGS)
+    assert cache.capacity == 8
+    for k, v in zip(cache.keys, cache.values):
+        assert k.shape == v.shape == (1, ARGS.n_kv_heads, 8, ARGS.head_dim)  # 2 heads, not 8
+    assert cache.nbytes == 2 * ARGS.n_layers * ARGS.n_kv_heads * 8 * ARGS.head_dim * 4
+
+
+def test_allocated_bytes_do_not_grow(hf_checkpoint):
+    model, tokenizer = load(str(hf_checkpoint[0]))
+    W = model.args.sliding_window
+    cache = make_cache(model.args)
+    ids = mx.array([list(range(10, 10 + W))])
+    sizes = {}
+    for step in range(10):
+        for chunk in (ids[:, :3], ids[:, 3:4], ids[:, 4:]):
+            model(chunk, cache)
+        mx.eval(cache.keys, cache.values)
+        sizes[step + 1] = (cache.nbytes, sum(k.nbytes for k in cache.keys), cache.keys[0].shape)
+    assert cache.offset == 10 * W
+    assert sizes[2] == sizes[10]
+    assert cache.size == W
+
+
+def test_windowless_capacity_follows_max_kv_size():
+    args = ModelArgs(**{**ARGS.__dict__, "sliding_window": None, "max_position_embeddings": 64})
+    assert make_cache(args, max_kv_size=20).capacity == 20
+    assert make_cache(args).capacity == 64  # capped at the model's context
+    assert make_cache(ARGS, max_kv_size=1000).capacity == 8  # never more than the window
+    with pytest.raises(MistralError, match="max_kv_size"):
+        make_cache(args, max_kv_size=0)
+
+
+@pytest.mark.parametrize("capacity,offset,length", list(itertools.product([4, 7], [0, 1, 3, 6, 13, 20], [1, 2, 4, 9])))
+def test_mask_matches_brute_force(capacity, offset, length):
+    """Mask == valid & (k <= q) & (k > q - C) over [buffer slots, chunk], for every step shape."""
+    cache = RollingKVCache(ARGS, capacity)
+    cache.offset = offset
+    mask = cache.mask(length)
+    queries = offset + np.arange(length)
+    if length == 1:  # decode: the token's own slot is written before attending
+        keys = np.array([offset - ((offset - s) % capacity) for s in range(capacity)])
+    else:
+        slots = np.array(cache.slot_positions()) if offset else np.zeros(0, int)
+        keys = np.concatenate([slots, queries])
+    expected = (keys[None] >= 0) & (keys[None] <= queries[:, None]) & (keys[None] > queries[:, None] - capacity)
+    if mask is None:
+        got = np.ones_like(expected)
+    elif isinstance(mask, str):
+        assert mask == "causal"
+        got = np.tril(np.ones((length, length), bool))
+    else:
+        got = np.broadcast_to(np.array(mask), expected.shape)
+    assert (got == expected).all()
+    assert expected.any(axis=1).all()  # no row without a key: no NaN

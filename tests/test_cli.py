@@ -1,0 +1,108 @@
+"""python -m mlx_mistral.generate end to end, and one-line errors for bad input."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mlx_mistral.generate import main
+
+
+def run_cli(*args, env=None, stdin=None):
+    proc = subprocess.run([sys.executable, "-m", "mlx_mistral.generate", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})}, input=stdin)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+def test_json_output(hf_checkpoint, model):
+    path = str(hf_checkpoint[0]) if model == "tiny" else "demo"
+    code, out, err = run_cli("--model", path, "--prompt", "Hello", "--max-tokens", "12", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["tokens"]) == result["generation_tokens"] <= 12
+    assert result["finish_reason"] in ("stop", "length")
+    assert result["prompt_tokens"] > 5 and result["kv_cache_bytes"] > 0 and result["peak_memory"] > 0
+    assert isinstance(result["text"], str)
+    assert ("random weights" in err) == (model == "demo")
+
+
+def test_streaming_output_and_stats_line(hf_checkpoint):
+    code, out, err = run_cli("--model", str(hf_checkpoint[0]), "--prompt", "-", "--raw", "--max-tokens", "5",
+                             "--temp", "0.7", "--seed", "1", "--top-k", "20", stdin="Once upon a time")
+    assert code == 0, err
+    assert "prompt:" in err and "tok/s" in err and "KV cache" in err and "peak memory" in err
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in captured.err
+    return code, errors
+
+
+@pytest.fixture
+def broken(tmp_path, hf_checkpoint):
+    """A fresh copy of the tiny checkpoint to break."""
+    path = tmp_path / "model"
+    shutil.copytree(hf_checkpoint[0], path)
+    return path
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+BREAKAGES = {
+    "missing directory": (lambda p: shutil.rmtree(p), "does not exist"),
+    "no config": (lambda p: (p / "config.json").unlink(), "no config.json"),
+    "no tokenizer": (lambda p: (p / "tokenizer.model").unlink(), "no tokenizer.model"),
+    "bad tokenizer": (lambda p: (p / "tokenizer.model").write_bytes(b"\0junk"), "not a SentencePiece"),
+    "config not json": (lambda p: (p / "config.json").write_text("{oops"), "not a valid JSON"),
+    "unknown model_type": (lambda p: edit_config(p, model_type="llama4"), "model_type must be 'mistral'"),
+    "heads not divisible": (lambda p: edit_config(p, num_key_value_heads=3), "multiple of n_kv_heads"),
+    "negative window": (lambda p: edit_config(p, sliding_window=-4), "sliding_window"),
+    "shape mismatch": (lambda p: edit_config(p, intermediate_size=96),
+                       r"tensor 'model\.layers\.\d\.mlp\.\w+_proj\.weight' has shape \(\d+, \d+\), config expects"),
+    "missing tensor": (lambda p: edit_config(p, num_hidden_layers=3), "missing tensor 'model.layers.2"),
+    "truncated weights": (lambda p: (p / "model.safetensors").write_bytes(
+        (p / "model.safetensors").read_bytes()[:100_000]), "model.safetensors: not a valid safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", BREAKAGES)
+def test_broken_checkpoints(capsys, broken, case):
+    breakage, message = BREAKAGES[case]
+    breakage(broken)
+    code, errors = cli(capsys, "--model", str(broken), "--prompt", "hi")
+    assert code == 2 and len(errors) == 1
+    assert re.search(message, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temp", "-1"], "temp must be >= 0"),
+    (["--top-p", "0"], r"top_p must be in \(0, 1\]"),
+    (["--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
+    (["--max-tokens", "0"], "max_tokens must be a positive integer"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "  \n"], "prompt is empty"),
+    (["--max-kv-size", "-3"], "max_kv_size"),
+])
+def test_bad_arguments(capsys, flags, message):
+    code, errors = cli(capsys, "--model", "demo", "--prompt", "hi", *flags)
+    assert code == 2 and len(errors) == 1
+    assert re.search(message, errors[0]), errors[0]
+
+
+def test_unreachable_repo_while_offline():
+    code, out, err = run_cli("--model", "mistralai/no-such-model-here", "--prompt", "hi", env={"HF_HUB_OFFLINE": "1"})
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().startswith("error: model 'mistralai/no-such-model-here'") and "Hugging Face Hub" in err
+    assert len(err.strip().splitlines()) == 1
