@@ -4,7 +4,7 @@ from . import _blas  # noqa: F401  (must run before the first `import mlx`)
 from .cache import RollingKVCache, make_cache
 from .config import ModelArgs
 from .errors import MistralError
-from .generation import GenerationResponse, generate, generate_step, stream_generate
+from .generate import GenerationResponse, generate, generate_step, stream_generate
 from .loading import load
 from .model import Mistral
 from .sample import make_sampler

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mlx_mistral.generate import main
+from mlx_mistral.generate.__main__ import main
 
 
 def run_cli(*args, env=None, stdin=None):

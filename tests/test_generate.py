@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_mistral import MistralError, generate, load, make_cache, stream_generate
-from mlx_mistral.generation import prefill
+from mlx_mistral.generate import prefill
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import RollingKVCache, make_cache
-from .errors import MistralError
-from .model import Mistral
-from .sample import Sampler, check_repetition_penalty, make_sampler, penalize_repetition
-from .tokenizer import StreamingDetokenizer, Tokenizer
+from ..cache import RollingKVCache, make_cache
+from ..errors import MistralError
+from ..model import Mistral
+from ..sample import Sampler, check_repetition_penalty, make_sampler, penalize_repetition
+from ..tokenizer import StreamingDetokenizer, Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512
 

@@ -9,10 +9,10 @@ import sys
 import traceback
 import warnings
 
-from . import load, make_sampler, stream_generate
-from .demo import NOTICE
-from .errors import MistralError
-from .generation import DEFAULT_PREFILL_CHUNK, GenerationResponse
+from .. import load, make_sampler, stream_generate
+from ..demo import NOTICE
+from ..errors import MistralError
+from . import DEFAULT_PREFILL_CHUNK, GenerationResponse
 
 DTYPES = ("float16", "bfloat16", "float32")
 
