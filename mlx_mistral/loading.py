@@ -55,18 +55,26 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
+def read_config(path: Path) -> ModelArgs:
+    """The ModelArgs of a checkpoint directory (config.json, else params.json)."""
+    if (path / "config.json").exists():
+        return ModelArgs.from_hf(read_json(path / "config.json"))
+    if (path / "params.json").exists():
+        return ModelArgs.from_params(read_json(path / "params.json"))
+    if not path.is_dir():
+        raise MistralError(f"model directory '{path}' does not exist")
+    raise MistralError(f"{path}: no config.json (Hugging Face layout) or params.json (original layout)")
+
+
 def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
     """(args, lazy HF-named weights, tokenizer.model path) of a checkpoint directory."""
+    args = read_config(path)
     if (path / "config.json").exists():
-        args = ModelArgs.from_hf(read_json(path / "config.json"))
         weights = {}
         for file in _hf_weight_files(path):
             weights.update(_load_safetensors(file))
-    elif (path / "params.json").exists():
-        args = ModelArgs.from_params(read_json(path / "params.json"))
-        weights = _from_original(args, _load_original(path))
     else:
-        raise MistralError(f"{path}: no config.json (Hugging Face layout) or params.json (original layout)")
+        weights = _from_original(args, _load_original(path))
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
     return args, weights, find_tokenizer(path)
 

@@ -1,0 +1,131 @@
+"""Prefill and decode speed, time to first token and peak memory: mlx_mistral vs mlx-lm.
+
+Both runtimes load the same checkpoint and run alternately in separate processes,
+`--reps` times each; the table shows medians and the ratio mlx_mistral / mlx-lm.
+Prefill tok/s = prompt tokens / time to first token; decode tok/s = tokens after the
+first / their time (greedy). On Linux both processes use OpenBLAS (preloaded by
+mlx_mistral before mlx is imported) and float32, the CPU backend's fast dtype.
+
+    python benchmarks/bench_generate.py --preset small [--quantize 4] [--reps 3] [--json]
+    python benchmarks/bench_generate.py --model DIR     # any MLX/HF checkpoint directory
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import mlx_mistral  # noqa: E402,F401  (OpenBLAS before mlx, for both runtimes)
+import mlx.core as mx  # noqa: E402
+
+RUNTIMES = ("mlx_mistral", "mlx_lm")
+
+
+def timed_generation(step_fn, n_decode: int) -> tuple[float, float, int]:
+    """(ttft seconds, decode tok/s, peak bytes) of one generation from a token iterator factory."""
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    tokens = step_fn()
+    next(tokens)
+    first = time.perf_counter()
+    for _ in range(n_decode - 1):
+        next(tokens)
+    end = time.perf_counter()
+    tokens.close()
+    return first - start, (n_decode - 1) / (end - first), mx.get_peak_memory()
+
+
+def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, dtype: str | None) -> dict:
+    import numpy as np
+
+    t = time.perf_counter()
+    if runtime == "mlx_mistral":
+        from mlx_mistral import load, make_sampler
+        from mlx_mistral.generate import generate_step
+        from mlx_mistral.cache import make_cache
+
+        model, _ = load(model_dir, dtype=getattr(mx, dtype) if dtype else None)
+        greedy = make_sampler()
+
+        def steps(prompt):
+            cache = make_cache(model.args, len(prompt) + n_decode, dtype=model.dtype)
+            return lambda: generate_step(model, prompt, cache, greedy)
+    else:
+        from mlx_lm import load
+        from mlx_lm.generate import generate_step
+
+        model, _ = load(model_dir)
+
+        def steps(prompt):
+            return lambda: (tok for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n_decode + 1))
+    load_s = time.perf_counter() - t
+    weights = mx.get_active_memory()
+    rng = np.random.default_rng(0)
+    timed_generation(steps(rng.integers(100, 30000, 32).tolist()), 8)  # warm-up
+    out = {"runtime": runtime, "load_s": load_s, "weights_bytes": weights, "runs": {}}
+    for n in prompt_lens:
+        ttft, decode, peak = timed_generation(steps(rng.integers(100, 30000, n).tolist()), n_decode)
+        out["runs"][n] = {"ttft_s": ttft, "prefill_tps": n / ttft, "decode_tps": decode, "peak_bytes": peak}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=("tiny", "small", "7b"), default="small")
+    p.add_argument("--model", help="benchmark this checkpoint directory instead of a preset")
+    p.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the preset with mlx-lm first")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="checkpoint/activation dtype (default: float32 on CPU, float16 on GPU)")
+    p.add_argument("--prompts", default="128,1024,4096", help="prompt lengths")
+    p.add_argument("--decode", type=int, default=128, help="tokens to generate")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", choices=RUNTIMES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    prompt_lens = [int(x) for x in args.prompts.split(",")]
+    dtype = args.dtype or ("float32" if mx.default_device() == mx.cpu else "float16")
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, prompt_lens, args.decode, dtype)))
+        return
+
+    from presets import make_checkpoint
+
+    model_dir = args.model or str(make_checkpoint(args.preset, dtype, args.quantize))
+    results = {r: [] for r in RUNTIMES}
+    for rep in range(args.reps):
+        for runtime in RUNTIMES:
+            cmd = [sys.executable, __file__, "--worker", runtime, "--model", model_dir, "--prompts",
+                   args.prompts, "--decode", str(args.decode), "--dtype", dtype]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results[runtime].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"rep {rep + 1}/{args.reps} {runtime} done", file=sys.stderr)
+
+    def med(runtime, n, key):
+        return statistics.median(r["runs"][str(n)][key] for r in results[runtime])
+
+    rows = []
+    for n in prompt_lens:
+        for key, label in (("prefill_tps", f"prefill tok/s @{n}"), ("ttft_s", f"ttft s @{n}"),
+                           ("decode_tps", f"decode tok/s after {n}"), ("peak_bytes", f"peak MiB @{n}")):
+            a, b = med("mlx_mistral", n, key), med("mlx_lm", n, key)
+            scale = 2**-20 if key == "peak_bytes" else 1
+            rows.append({"metric": label, "mlx_mistral": a * scale, "mlx_lm": b * scale, "ratio": a / b})
+    setup = {"model": model_dir, "preset": None if args.model else args.preset, "quantize": args.quantize,
+             "dtype": dtype, "device": str(mx.default_device()), "openblas": mlx_mistral._blas.ACTIVE,
+             "reps": args.reps, "decode_tokens": args.decode}
+    if args.json:
+        print(json.dumps({"setup": setup, "rows": rows, "raw": results}))
+        return
+    print(" ".join(f"{k}={v}" for k, v in setup.items()))
+    print(f"{'metric':<26}{'mlx_mistral':>14}{'mlx-lm':>12}{'ratio':>9}")
+    for r in rows:
+        print(f"{r['metric']:<26}{r['mlx_mistral']:>14.2f}{r['mlx_lm']:>12.2f}{r['ratio']:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

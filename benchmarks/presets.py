@@ -1,0 +1,70 @@
+"""Random-weight Mistral checkpoints in Hugging Face layout, for the benchmarks.
+
+Presets: `tiny`, `small` (~240M: dim 1024, 8 layers, 16 heads, 4 KV heads) and `7b`
+(the real Mistral 7B v0.1 shape). Weights are written one tensor group at a time
+(one shard per layer), so even the 7b preset never holds the whole model in memory.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx_mistral  # noqa: F401  (preloads OpenBLAS on Linux before mlx)
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_mistral.config import ModelArgs
+from mlx_mistral.demo import TOKENIZER_V1
+from mlx_mistral.model import Mistral
+
+PRESETS = {
+    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=768),
+    "small": dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=6144),
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336),
+}
+
+
+def preset_args(name: str, sliding_window: int | None = 4096) -> ModelArgs:
+    return ModelArgs(**PRESETS[name], vocab_size=32000, sliding_window=sliding_window,
+                     max_position_embeddings=32768)
+
+
+def write_checkpoint(args: ModelArgs, path: Path, dtype: mx.Dtype = mx.float32, seed: int = 0) -> Path:
+    """Write `args` with random weights (std 0.02, norms 1) as HF-layout shards + index."""
+    path.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(seed)
+    shapes = {k: v.shape for k, v in tree_flatten(Mistral(args).parameters())}  # lazy: nothing allocated
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        group = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name
+        groups.setdefault(group, []).append(name)
+    weight_map = {}
+    for i, names in enumerate(groups.values()):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: (mx.ones(shapes[n]) if "norm" in n else mx.random.normal(shapes[n]) * 0.02).astype(dtype)
+                   for n in names}
+        mx.save_safetensors(str(path / file), tensors, metadata={"format": "mlx"})
+        weight_map.update({n: file for n in names})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    config = args.to_hf()
+    config["torch_dtype"] = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[dtype]
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copy(TOKENIZER_V1, path / "tokenizer.model")
+    return path
+
+
+def quantize_with_mlx_lm(src: Path, dst: Path, bits: int, dtype: str) -> Path:
+    """The mlx-lm way to a quantized MLX directory (both runtimes load it)."""
+    from mlx_lm import convert
+
+    convert(str(src), str(dst), quantize=True, q_bits=bits, q_group_size=64, dtype=dtype)
+    return dst
+
+
+def make_checkpoint(preset: str, dtype: str = "float32", quantize: int | None = None,
+                    sliding_window: int | None = 4096, root: Path | None = None) -> Path:
+    """A fresh checkpoint directory for `preset` (under `root` or a new temp dir)."""
+    root = root or Path(tempfile.mkdtemp(prefix=f"mlx-mistral-{preset}-"))
+    src = write_checkpoint(preset_args(preset, sliding_window), root / "hf", getattr(mx, dtype))
+    return quantize_with_mlx_lm(src, root / f"q{quantize}", quantize, dtype) if quantize else src

@@ -1,0 +1,157 @@
+"""python -m mlx_mistral.memory: KV-cache and weight memory of a Mistral config.
+
+Reproduces the memory arithmetic of the Mistral 7B paper for any config: KV cache
+of multi-head attention (MHA) vs grouped-query attention (GQA) vs GQA with the
+rolling buffer, per token, per sequence length and per batch size, and weights at
+fp16 / 8-bit / 4-bit. The cache figures are cross-checked against the bytes a
+RollingKVCache really allocates.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+import mlx.core as mx
+
+from .cache import RollingKVCache
+from .config import ModelArgs
+from .errors import MistralError
+
+MISTRAL_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
+                       vocab_size=32000, sliding_window=4096, max_position_embeddings=32768)
+GROUP = 64  # quantization group size; each group stores a scale and a bias at 16 bits
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, heads: int | None = None) -> int:
+    """2 (K and V) x layers x KV heads x head_dim x bytes; heads=n_heads gives MHA."""
+    return 2 * args.n_layers * (heads or args.n_kv_heads) * args.head_dim * dtype_bytes
+
+
+def kv_bytes(args: ModelArgs, tokens: int, batch: int = 1, dtype_bytes: int = 2) -> dict[str, int]:
+    """KV cache bytes for `batch` sequences of `tokens`: MHA, GQA, GQA + rolling buffer."""
+    held = min(tokens, args.sliding_window or tokens)
+    return {
+        "mha": batch * tokens * kv_bytes_per_token(args, dtype_bytes, heads=args.n_heads),
+        "gqa": batch * tokens * kv_bytes_per_token(args, dtype_bytes),
+        "gqa_rolling": batch * held * kv_bytes_per_token(args, dtype_bytes),
+    }
+
+
+def parameter_counts(args: ModelArgs) -> tuple[int, int]:
+    """(parameters in Linear/Embedding matrices, parameters in norms)."""
+    attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    layer = attention + 3 * args.dim * args.hidden_dim
+    matrices = args.n_layers * layer + args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    return matrices, (2 * args.n_layers + 1) * args.dim
+
+
+def weight_bytes(args: ModelArgs, bits: int | None = None) -> int:
+    """Weights at 16 bits, or quantized to `bits` (+16-bit scale and bias per group)."""
+    matrices, norms = parameter_counts(args)
+    per_weight = 16 if bits is None else bits + 32 / GROUP
+    return int(matrices * per_weight / 8) + 2 * norms
+
+
+def measured_kv_bytes(args: ModelArgs, capacity: int, batch: int = 1) -> int:
+    """Bytes a real RollingKVCache allocates (float16) for `capacity` slots."""
+    cache = RollingKVCache(args, capacity, batch, mx.float16)
+    nbytes = cache.nbytes
+    del cache
+    return nbytes
+
+
+def report(args: ModelArgs, lengths: list[int], batches: list[int], budget_gb: float | None) -> dict:
+    per_token_gqa, per_token_mha = kv_bytes_per_token(args), kv_bytes_per_token(args, heads=args.n_heads)
+    window = args.sliding_window
+    check_capacity = min(window or 4096, 4096)  # keep the real allocation modest
+    measured = measured_kv_bytes(args, check_capacity)
+    expected = check_capacity * per_token_gqa
+    if measured != expected:
+        raise MistralError(f"cache cross-check failed: allocated {measured} bytes, formula says {expected}")
+    out = {
+        "config": {k: v for k, v in vars(args).items() if k != "quantization"},
+        "kv_per_token": {"mha": per_token_mha, "gqa": per_token_gqa, "ratio": per_token_mha / per_token_gqa},
+        "cross_check": {"capacity": check_capacity, "allocated": measured, "formula": expected},
+        "by_length": {n: kv_bytes(args, n) for n in lengths},
+        "by_batch": {b: kv_bytes(args, max(lengths), b) for b in batches},
+        "weights": {"fp16": weight_bytes(args), "8bit": weight_bytes(args, 8), "4bit": weight_bytes(args, 4)},
+        "parameters": sum(parameter_counts(args)),
+    }
+    if budget_gb:
+        budget, n = budget_gb * 1e9, max(lengths)
+        out["max_batch"] = {
+            w: {kind: max(0, int((budget - wb) // per_seq)) for kind, per_seq in kv_bytes(args, n).items()}
+            for w, wb in out["weights"].items()
+        }
+    return out
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB ({n / 1e9:.2f} GB)" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def print_report(r: dict, budget_gb: float | None) -> None:
+    c, kv = r["config"], r["kv_per_token"]
+    print(f"config: {c['n_layers']} layers, {c['n_heads']} heads, {c['n_kv_heads']} KV heads, head_dim "
+          f"{c['head_dim']}, window {c['sliding_window']}; {r['parameters'] / 1e9:.2f}B parameters")
+    print(f"KV cache per token (fp16): MHA {kv['mha'] / 1024:.0f} KiB, GQA {kv['gqa'] / 1024:.0f} KiB "
+          f"({kv['ratio']:.0f}x smaller)")
+    x = r["cross_check"]
+    print(f"cross-check: a RollingKVCache of {x['capacity']} slots allocates {x['allocated']} bytes "
+          f"(formula {x['formula']}): {'OK' if x['allocated'] == x['formula'] else 'MISMATCH'}")
+    print(f"\n{'tokens':>8} {'MHA':>22} {'GQA':>22} {'GQA + rolling buffer':>22} {'saving':>7}")
+    for n, b in r["by_length"].items():
+        print(f"{n:>8} {gib(b['mha']):>22} {gib(b['gqa']):>22} {gib(b['gqa_rolling']):>22} "
+              f"{b['gqa'] / b['gqa_rolling']:>6.1f}x")
+    n = max(r["by_length"])
+    print(f"\n{'batch':>8} {'MHA @' + str(n):>22} {'GQA @' + str(n):>22} {'GQA + rolling':>22}")
+    for bsz, b in r["by_batch"].items():
+        print(f"{bsz:>8} {gib(b['mha']):>22} {gib(b['gqa']):>22} {gib(b['gqa_rolling']):>22}")
+    print("\nweights: " + ", ".join(f"{k} {gib(v)}" for k, v in r["weights"].items()))
+    if budget_gb:
+        print(f"\nlargest batch of {n}-token sequences in {budget_gb:g} GB (weights + KV cache):")
+        for w, m in r["max_batch"].items():
+            print(f"  weights {w:>5}: MHA {m['mha']:>4}   GQA {m['gqa']:>4}   GQA + rolling {m['gqa_rolling']:>4}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mlx_mistral.memory", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mistral-7b", help="'mistral-7b' (v0.1 shape) or a checkpoint directory")
+    p.add_argument("--window", type=int, help="override the sliding window (0 = none)")
+    p.add_argument("--lengths", default="4096,8192,16384,32768")
+    p.add_argument("--batches", default="1,4,8,16")
+    p.add_argument("--budget-gb", type=float, help="also show the largest batch fitting this memory budget")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        if a.model == "mistral-7b":
+            args = MISTRAL_7B
+        else:
+            from pathlib import Path
+
+            from .loading import read_config
+
+            args = read_config(Path(a.model))
+        if a.window is not None:
+            args = replace(args, sliding_window=a.window or None)
+        lengths = [int(x) for x in a.lengths.split(",")]
+        batches = [int(x) for x in a.batches.split(",")]
+        if min(lengths + batches) <= 0:
+            raise MistralError("--lengths and --batches must be positive integers")
+        r = report(args, lengths, batches, a.budget_gb)
+    except ValueError as e:
+        print(f"error: --lengths/--batches must be comma-separated integers ({e})", file=sys.stderr)
+        return 2
+    except MistralError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print_report(r, a.budget_gb)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
