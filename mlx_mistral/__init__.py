@@ -4,14 +4,16 @@ from . import _blas  # noqa: F401  (must run before the first `import mlx`)
 from .cache import RollingKVCache, make_cache
 from .config import ModelArgs
 from .errors import MistralError
-from .generate import GenerationResponse, generate, generate_step, stream_generate
+from .generate import (
+    GenerationResponse, batch_generate, batch_stream_generate, generate, generate_step, stream_generate,
+)
 from .loading import load
 from .model import Mistral
 from .sample import make_sampler
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
 __all__ = [
-    "GenerationResponse", "Mistral", "MistralError", "ModelArgs", "RollingKVCache",
+    "GenerationResponse", "Mistral", "batch_generate", "batch_stream_generate", "MistralError", "ModelArgs", "RollingKVCache",
     "StreamingDetokenizer", "Tokenizer", "generate", "generate_step", "load", "make_cache",
     "make_sampler", "stream_generate",
 ]

@@ -28,8 +28,43 @@ class RollingKVCache:
         self.values = [mx.zeros(shape, dtype) for _ in range(args.n_layers)]
         mx.eval(self.keys, self.values)
         self.capacity = capacity
-        self.offset = 0  # absolute position of the next token
+        self.offsets = [0] * batch_size  # absolute position of each row's next token
         self._warn_on_roll = warn_on_roll
+
+    @classmethod
+    def stack(cls, caches: "list[RollingKVCache]") -> "RollingKVCache":
+        """One batch cache from single-row caches (a ragged batch: rows keep their positions)."""
+        if len({(c.capacity, c.keys[0].dtype) for c in caches}) != 1:
+            raise ValueError("caches to stack must have the same capacity and dtype")
+        out = cls.__new__(cls)
+        out.keys = [mx.concatenate(layer, axis=0) for layer in zip(*(c.keys for c in caches))]
+        out.values = [mx.concatenate(layer, axis=0) for layer in zip(*(c.values for c in caches))]
+        out.capacity, out._warn_on_roll = caches[0].capacity, any(c._warn_on_roll for c in caches)
+        out.offsets = [o for c in caches for o in c.offsets]
+        return out
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every batch row not in `rows` (finished sequences)."""
+        index = mx.array(rows, dtype=mx.int32)
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+        self.offsets = [self.offsets[r] for r in rows]
+
+    @property
+    def offset(self) -> int:
+        """The position of the next token, shared by all rows."""
+        if len(set(self.offsets)) > 1:
+            raise ValueError("the rows of this cache are at different positions")
+        return self.offsets[0]
+
+    @property
+    def ragged(self) -> bool:
+        return len(set(self.offsets)) > 1
+
+    @property
+    def rope_offset(self) -> int | mx.array:
+        """RoPE position of the next token: one int, or one per row for a ragged batch."""
+        return mx.array(self.offsets) if self.ragged else self.offsets[0]
 
     @property
     def nbytes(self) -> int:
@@ -38,11 +73,11 @@ class RollingKVCache:
 
     @property
     def size(self) -> int:
-        """Tokens currently held."""
-        return min(self.offset, self.capacity)
+        """Tokens currently held (by the fullest row)."""
+        return min(max(self.offsets), self.capacity)
 
     def slot_positions(self) -> mx.array:
-        """Absolute position held by each slot, -1 where the slot is empty. Shape [C]."""
+        """Absolute position held by each slot, negative where the slot is empty. Shape [C]."""
         last = self.offset - 1
         return last - (last - mx.arange(self.capacity)) % self.capacity
 
@@ -53,9 +88,10 @@ class RollingKVCache:
         unfilled slots need masking. A chunk attends to [buffer, chunk] (see
         update_and_fetch); its rows are queries q = offset + i.
         """
-        C, start = self.capacity, self.offset
+        C = self.capacity
         if length == 1:
-            return None if start >= C - 1 else (mx.arange(C) <= start)[None]
+            return self._decode_mask()
+        start = self.offset
         if start == 0 and length <= C:
             return "causal"
         i = mx.arange(length)[:, None]
@@ -67,9 +103,25 @@ class RollingKVCache:
         buffer = (k >= 0) & (k > start + i - C)  # k <= q always holds: k < start
         return mx.concatenate([buffer, chunk], axis=1)
 
+    def _decode_mask(self) -> mx.array | None:
+        """After writing position p to slot p % C, slot s holds p - ((p - s) mod C) (empty if < 0)."""
+        C = self.capacity
+        if min(self.offsets) >= C - 1:
+            return None  # every slot holds one of the last C positions
+        if not self.ragged:
+            return (mx.arange(C) <= self.offsets[0])[None]
+        p = mx.array(self.offsets)[:, None]
+        held = p - (p - mx.arange(C)[None]) % C
+        return (held >= 0)[:, None, None, :]  # [B, 1, 1, C]: one row of keys per sequence
+
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Store this step's keys/values (already RoPE'd) and return what to attend to."""
         length = k.shape[2]
+        if length == 1 and self.ragged:  # each row writes its own slot
+            rows, slots = mx.arange(len(self.offsets)), mx.array(self.offsets) % self.capacity
+            self.keys[layer][rows, :, slots] = k[:, :, 0]
+            self.values[layer][rows, :, slots] = v[:, :, 0]
+            return self.keys[layer], self.values[layer]
         if length == 1:
             self._write(layer, k, v, self.offset)
             return self.keys[layer], self.values[layer]
@@ -93,14 +145,14 @@ class RollingKVCache:
 
     def advance(self, length: int) -> None:
         """Called by the model once all layers have stored `length` new tokens."""
-        if self._warn_on_roll and self.offset + length > self.capacity:
+        if self._warn_on_roll and max(self.offsets) + length > self.capacity:
             warnings.warn(
                 f"context passed the KV cache capacity ({self.capacity} tokens); continuing as a "
                 f"sliding window of the last {self.capacity} tokens (raise --max-kv-size to keep more)",
                 stacklevel=3,
             )
             self._warn_on_roll = False
-        self.offset += length
+        self.offsets = [o + length for o in self.offsets]
 
 
 def make_cache(args: ModelArgs, max_kv_size: int | None = None, batch_size: int = 1,

@@ -16,7 +16,7 @@ ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, hidden
 def test_slot_positions_worked_example():
     cache = RollingKVCache(ARGS, capacity=4)
     assert cache.slot_positions().tolist() == [-4, -3, -2, -1]  # all empty
-    cache.offset = 6
+    cache.offsets = [6]
     assert cache.slot_positions().tolist() == [4, 5, 2, 3]
 
 
@@ -57,7 +57,7 @@ def test_windowless_capacity_follows_max_kv_size():
 def test_mask_matches_brute_force(capacity, offset, length):
     """Mask == valid & (k <= q) & (k > q - C) over [buffer slots, chunk], for every step shape."""
     cache = RollingKVCache(ARGS, capacity)
-    cache.offset = offset
+    cache.offsets = [offset]
     mask = cache.mask(length)
     queries = offset + np.arange(length)
     if length == 1:  # decode: the token's own slot is written before attending

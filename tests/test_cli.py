@@ -106,3 +106,34 @@ def test_unreachable_repo_while_offline():
     assert code == 2 and "Traceback" not in err
     assert err.strip().startswith("error: model 'mistralai/no-such-model-here'") and "Hugging Face Hub" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_prompts_file_batch_matches_single_runs(tmp_path, hf_checkpoint):
+    path = str(hf_checkpoint[0])
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "Hello", "max_tokens": 4}\n\n{"prompt": "A longer question about caches?"}\n')
+    code, out, err = run_cli("--model", path, "--prompts-file", str(jsonl), "--max-tokens", "7", "--json")
+    assert code == 0, err
+    batch = json.loads(out)
+    assert [r["index"] for r in batch["results"]] == [0, 1]
+    assert [r["generation_tokens"] for r in batch["results"]] == [4, 7]
+    assert batch["stats"]["generation_tokens"] == 11 and batch["stats"]["kv_cache_bytes"] > 0
+    for prompt, result, limit in (("Hello", batch["results"][0], 4), ("A longer question about caches?",
+                                                                       batch["results"][1], 7)):
+        code, out, _ = run_cli("--model", path, "--prompt", prompt, "--max-tokens", str(limit), "--json")
+        assert json.loads(out)["tokens"] == result["tokens"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "ok"}\n{"prompt": ""}\n', "prompt 1 of --prompts-file is empty"),
+    ('{"prompt": "ok"}\n\n{"prompt": oops}\n', r"line 3: not valid JSON"),
+    ('{"prompt": "ok"}\n["not", "an object"]\n', r'line 2: expected an object with a "prompt" string'),
+    ('{"prompt": "ok", "max_tokens": -1}\n', "max_tokens must be a positive integer"),
+    ("\n\n", "no prompts in it"),
+])
+def test_bad_prompts_files(capsys, tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    code, errors = cli(capsys, "--model", "demo", "--prompts-file", str(path))
+    assert code == 2 and len(errors) == 1
+    assert re.search(message, errors[0]), errors[0]

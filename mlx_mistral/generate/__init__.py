@@ -82,6 +82,67 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: RollingKVCache, 
         y = next_y
 
 
+class TextStream:
+    """One sequence's generated tokens -> text pieces, with its stop rules and stats.
+
+    Stops at EOS, after `max_tokens`, or before the first of the `stop` strings: text
+    that may begin a stop string is held back until it is known not to.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: int, max_tokens: int, stop: Sequence[str],
+                 start: float):
+        self._detokenizer = StreamingDetokenizer(tokenizer)
+        self._eos, self._max_tokens, self._stop = tokenizer.eos_id, max_tokens, stop
+        self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
+        self.prompt_tokens, self.start, self.first, self.n = prompt_tokens, start, 0.0, 0
+        self.finish: str | None = None
+
+    def add(self, token: int, cache: RollingKVCache) -> GenerationResponse:
+        """The response for the next generated token; sets `finish` on the last one."""
+        self.first = self.first or time.perf_counter()
+        self.n += 1
+        if token == self._eos:
+            return self._response(self._held + self._detokenizer.flush(), token, cache, "stop")
+        self._held += self._detokenizer.add(token)
+        hit = min((i for i in (self._held.find(s) for s in self._stop) if i >= 0), default=-1)
+        if hit >= 0:  # what follows the stop string is dropped
+            return self._response(self._held[:hit], token, cache, "stop")
+        if self.n == self._max_tokens:
+            return self._response(self._held + self._detokenizer.flush(), token, cache, "length")
+        held, stop = self._held, self._stop
+        keep = max((k for s in stop for k in range(len(s) - 1, 0, -1) if held.endswith(s[:k])), default=0)
+        self._held = held[len(held) - keep:]
+        return self._response(held[: len(held) - keep], token, cache)
+
+    def _response(self, text: str, token: int, cache: RollingKVCache, finish: str | None = None):
+        self.finish = finish
+        now, ttft, n = time.perf_counter(), self.first - self.start, self.n
+        return GenerationResponse(
+            text=text, token=token, prompt_tokens=self.prompt_tokens, prompt_tps=self.prompt_tokens / ttft,
+            generation_tokens=n, generation_tps=(n - 1) / (now - self.first) if n > 1 else 0.0, ttft=ttft,
+            peak_memory=mx.get_peak_memory(), kv_cache_bytes=cache.nbytes, kv_cache_tokens=cache.size,
+            finish_reason=finish,
+        )
+
+
+def _prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], what: str = "prompt") -> list[int]:
+    ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+    if not ids or (isinstance(prompt, str) and not prompt.strip()):
+        raise MistralError(f"{what} is empty")
+    return ids
+
+
+def _check_request(model: Mistral, past: int, ids: list[int], max_tokens: int, stop: Sequence[str],
+                   what: str = "prompt") -> None:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+        raise MistralError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
+        raise MistralError("stop strings must be a list of non-empty strings")
+    context = model.args.max_position_embeddings
+    if model.args.sliding_window is None and past + len(ids) > context:
+        raise MistralError(f"{what} is {past + len(ids)} tokens, past the model's context of {context} tokens")
+
+
 def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence[int],
                     max_tokens: int = 256, sampler: Sampler | None = None,
                     repetition_penalty: float = 1.0, stop: Sequence[str] = (),
@@ -89,63 +150,80 @@ def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence
                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[GenerationResponse]:
     """Stream the answer to `prompt` (raw text, or token ids such as chat_tokens(...)).
 
-    Stops at EOS, after `max_tokens`, or before the first of the `stop` strings (text
-    that may begin a stop string is held back until it is known not to). Pass a `cache`
+    One response per generated token (see TextStream for the stop rules). Pass a `cache`
     to continue a conversation: the prompt is then the tokens that follow what it holds.
     """
     start = time.perf_counter()
-    ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
-    if not ids or (isinstance(prompt, str) and not prompt.strip()):
-        raise MistralError("prompt is empty")
-    if not isinstance(max_tokens, int) or max_tokens <= 0:
-        raise MistralError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise MistralError("stop strings must be non-empty text")
+    ids = _prompt_ids(tokenizer, prompt)
+    _check_request(model, cache.offset if cache else 0, ids, max_tokens, stop)
     check_repetition_penalty(repetition_penalty)
-    args = model.args
-    past = cache.offset if cache else 0
-    if args.sliding_window is None and past + len(ids) > args.max_position_embeddings:
-        raise MistralError(
-            f"prompt is {past + len(ids)} tokens, past the model's context of "
-            f"{args.max_position_embeddings} tokens"
-        )
     if cache is None:
-        cache = make_cache(args, max_kv_size or len(ids) + max_tokens, dtype=model.dtype)
-    sampler = sampler or make_sampler()
+        cache = make_cache(model.args, max_kv_size or len(ids) + max_tokens, dtype=model.dtype)
     mx.reset_peak_memory()
-
-    detokenizer = StreamingDetokenizer(tokenizer)
-    held = ""  # decoded text not yet emitted: it may be the start of a stop string
-    first = 0.0
-
-    def response(n: int, text: str, token: int, finish: str | None = None) -> GenerationResponse:
-        now = time.perf_counter()
-        return GenerationResponse(
-            text=text, token=token, prompt_tokens=len(ids), prompt_tps=len(ids) / (first - start),
-            generation_tokens=n, generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
-            ttft=first - start, peak_memory=mx.get_peak_memory(), kv_cache_bytes=cache.nbytes,
-            kv_cache_tokens=cache.size, finish_reason=finish,
-        )
-
-    steps = generate_step(model, ids, cache, sampler, prefill_chunk, repetition_penalty)
-    for n, token in enumerate(steps, start=1):
-        first = first or time.perf_counter()
-        if token == tokenizer.eos_id:
-            yield response(n, held + detokenizer.flush(), token, "stop")
+    text = TextStream(tokenizer, len(ids), max_tokens, stop, start)
+    for token in generate_step(model, ids, cache, sampler or make_sampler(), prefill_chunk, repetition_penalty):
+        yield text.add(token, cache)
+        if text.finish:
             return
-        held += detokenizer.add(token)
-        hit = min((i for i in (held.find(s) for s in stop) if i >= 0), default=-1)
-        if hit >= 0:  # what follows the stop string is dropped
-            yield response(n, held[:hit], token, "stop")
-            return
-        if n == max_tokens:
-            yield response(n, held + detokenizer.flush(), token, "length")
-            return
-        keep = max((k for s in stop for k in range(len(s) - 1, 0, -1) if held.endswith(s[:k])), default=0)
-        yield response(n, held[: len(held) - keep], token)
-        held = held[len(held) - keep:]
 
 
 def generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
     """The whole answer as one string (see stream_generate for the arguments)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
+                          max_tokens: int | Sequence[int] = 256, sampler: Sampler | None = None,
+                          stop: Sequence[str] = (), max_kv_size: int | None = None,
+                          prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[tuple[int, GenerationResponse]]:
+    """Answer many prompts at once, yielding (prompt index, response) as tokens come.
+
+    Each prompt is prefilled into its own cache row, then all rows decode together as one
+    batch: rows keep their own positions (no padding), each stops on its own, and finished
+    rows leave the batch. With greedy sampling every row equals its single-prompt answer.
+    """
+    start = time.perf_counter()
+    if isinstance(prompts, str) or not prompts:
+        raise MistralError("prompts must be a non-empty list")
+    limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    if len(limits) != len(prompts):
+        raise MistralError(f"max_tokens has {len(limits)} entries for {len(prompts)} prompts")
+    ids = [_prompt_ids(tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
+    for i, (row, limit) in enumerate(zip(ids, limits)):
+        _check_request(model, 0, row, limit, stop, f"prompt {i}")
+    sampler = sampler or make_sampler()
+    capacity = max_kv_size or max(len(row) + limit for row, limit in zip(ids, limits))
+    mx.reset_peak_memory()
+    caches, first = [], []
+    streams = [TextStream(tokenizer, len(row), limit, stop, start) for row, limit in zip(ids, limits)]
+    for row in ids:  # prefill row by row: peak memory stays that of one prompt chunk
+        caches.append(make_cache(model.args, capacity, dtype=model.dtype))
+        first.append(sampler(prefill(model, row, caches[-1], prefill_chunk)))
+        mx.async_eval(first[-1])
+    cache, y = RollingKVCache.stack(caches), mx.concatenate(first)
+    del caches, first
+    rows = list(range(len(prompts)))  # prompt index of each batch row
+    while rows:
+        next_y = sampler(model(y[:, None], cache)[:, -1])
+        mx.async_eval(next_y)
+        keep = []
+        for b, token in enumerate(y.tolist()):  # one sync per step for the whole batch
+            yield rows[b], streams[rows[b]].add(token, cache)
+            if not streams[rows[b]].finish:
+                keep.append(b)
+        if 0 < len(keep) < len(rows):  # finished rows leave the batch
+            cache.keep(keep)
+            next_y = next_y[mx.array(keep, dtype=mx.int32)]
+        rows = [rows[b] for b in keep]
+        y = next_y
+
+
+def batch_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
+                   **kwargs) -> list[tuple[str, GenerationResponse]]:
+    """(text, last response with its stats) for each prompt, in input order."""
+    texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+    last: dict[int, GenerationResponse] = {}
+    for i, r in batch_stream_generate(model, tokenizer, prompts, **kwargs):
+        texts[i].append(r.text)
+        last[i] = r
+    return [("".join(texts[i]), last[i]) for i in range(len(prompts))]

@@ -6,10 +6,12 @@ A thin consumer of the public API: load -> chat_tokens -> stream_generate.
 import argparse
 import json
 import sys
+import time
 import traceback
 import warnings
+from pathlib import Path
 
-from .. import load, make_sampler, stream_generate
+from .. import batch_stream_generate, load, make_sampler, stream_generate
 from ..demo import NOTICE
 from ..errors import MistralError
 from . import DEFAULT_PREFILL_CHUNK, GenerationResponse
@@ -20,7 +22,10 @@ DTYPES = ("float16", "bfloat16", "float32")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_mistral.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="local directory, Hugging Face repo id, or 'demo'")
-    p.add_argument("--prompt", required=True, help="the user message ('-' reads it from stdin)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the user message ('-' reads it from stdin)")
+    source.add_argument("--prompts-file", help="many prompts decoded as one batch: one per line, or JSONL "
+                        'lines {"prompt": ..., "max_tokens": ...}')
     p.add_argument("--system", help="system prompt (ignored with --raw)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -48,6 +53,40 @@ def read_prompt(prompt: str) -> str:
         raise MistralError(f"prompt from stdin is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
+def read_prompts_file(path: str, max_tokens: int) -> tuple[list[str], list[int]]:
+    """Prompts and their max_tokens: plain lines (blank ones skipped) or JSONL objects."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MistralError(f"--prompts-file {path}: cannot read it ({e})") from None
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
+        raise MistralError(f"--prompts-file {path}: no prompts in it")
+    if not numbered[0][1].lstrip().startswith("{"):
+        return [line for _, line in numbered], [max_tokens] * len(numbered)
+    prompts, limits = [], []
+    for n, line in numbered:
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MistralError(f"--prompts-file {path}, line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise MistralError(f'--prompts-file {path}, line {n}: expected an object with a "prompt" string')
+        prompts.append(item["prompt"])
+        limits.append(item.get("max_tokens", max_tokens))
+    return prompts, limits
+
+
+def encode(tokenizer, prompt: str, args: argparse.Namespace, what: str = "prompt") -> str | list[int]:
+    """The prompt as the model sees it: through the chat template unless --raw."""
+    if not prompt.strip():
+        raise MistralError(f"{what} is empty")
+    if args.raw:
+        return prompt
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return tokenizer.chat_tokens(messages + [{"role": "user", "content": prompt}])
+
+
 def stats_line(r: GenerationResponse) -> str:
     return (
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
@@ -57,21 +96,8 @@ def stats_line(r: GenerationResponse) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    import mlx.core as mx
-
-    prompt = read_prompt(args.prompt)
-    sampler = make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
-    if args.model == "demo":
-        print(NOTICE, file=sys.stderr)
-    model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
-    if args.raw:
-        tokens = prompt
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        tokens = tokenizer.chat_tokens(messages + [{"role": "user", "content": prompt}])
-        if not prompt.strip():
-            raise MistralError("prompt is empty")
+def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
+    tokens = encode(tokenizer, read_prompt(args.prompt), args)
     text, ids, last = [], [], None
     try:
         for last in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens, sampler=sampler,
@@ -93,6 +119,49 @@ def run(args: argparse.Namespace) -> int:
         print(file=sys.stdout)
         print(stats_line(last), file=sys.stderr)
     return 0
+
+
+def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
+    if args.repetition_penalty != 1.0:
+        raise MistralError("--repetition-penalty is not supported with --prompts-file")
+    prompts, limits = read_prompts_file(args.prompts_file, args.max_tokens)
+    tokens = [encode(tokenizer, p, args, f"prompt {i} of --prompts-file") for i, p in enumerate(prompts)]
+    start = time.perf_counter()
+    texts, ids = [[] for _ in prompts], [[] for _ in prompts]
+    last, kv_bytes = {}, 0
+    for i, r in batch_stream_generate(model, tokenizer, tokens, max_tokens=limits, sampler=sampler,
+                                      stop=args.stop, max_kv_size=args.max_kv_size,
+                                      prefill_chunk=args.prefill_chunk):
+        texts[i].append(r.text)
+        ids[i].append(r.token)
+        last[i], kv_bytes = r, max(kv_bytes, r.kv_cache_bytes)
+    elapsed = time.perf_counter() - start
+    generated = sum(r.generation_tokens for r in last.values())
+    total = {"prompts": len(prompts), "prompt_tokens": sum(r.prompt_tokens for r in last.values()),
+             "generation_tokens": generated, "seconds": elapsed, "tokens_per_second": generated / elapsed,
+             "peak_memory": max(r.peak_memory for r in last.values()), "kv_cache_bytes": kv_bytes}
+    results = [{**vars(last[i]), "index": i, "text": "".join(texts[i]), "tokens": ids[i]} for i in range(len(prompts))]
+    if args.json:
+        for result in results:
+            del result["token"]
+        print(json.dumps({"results": results, "stats": total}, ensure_ascii=False))
+        return 0
+    for i, result in enumerate(results):
+        print(f"=== [{i}] {prompts[i][:60]!r}\n{result['text']}")
+        print(stats_line(last[i]), file=sys.stderr)
+    print(f"batch: {len(prompts)} prompts, {generated} tokens in {elapsed:.2f} s = {generated / elapsed:.1f} tok/s | "
+          f"peak memory {total['peak_memory'] / 2**20:.1f} MiB | KV cache {kv_bytes / 2**20:.2f} MiB", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
+    sampler = make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
+    if args.model == "demo":
+        print(NOTICE, file=sys.stderr)
+    model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    return (run_batch if args.prompts_file else run_single)(args, model, tokenizer, sampler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,73 @@
+"""Batched generation: ragged prompts decode together and equal their single runs."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_mistral import MistralError, batch_generate, batch_stream_generate, load, stream_generate
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_checkpoint):
+    return load(str(hf_checkpoint[0]))
+
+
+TEXT = ("Grouped-query attention shares key and value heads between query heads, so the cache is "
+        "smaller and larger batches fit in the same memory budget on a laptop.")
+
+
+def ragged_prompts(tok, window):
+    ids = tok.encode(TEXT, bos=True)
+    assert len(ids) >= 3 * window
+    return [ids[:1], ids[:5], ids[: window + 1], ids[: 2 * window + 3], ids[: 3 * window]]
+
+
+def eos_when(token, eos):
+    """Greedy, except that whenever the argmax is `token`, EOS is emitted instead."""
+    def sample(logits):
+        best = mx.argmax(logits, axis=-1)
+        return mx.where(best == token, eos, best)
+    return sample
+
+
+def single(model, tok, prompt, **kwargs):
+    return [r.token for r in stream_generate(model, tok, prompt, **kwargs)]
+
+
+def test_ragged_batch_equals_single_runs(tiny):
+    model, tok = tiny
+    prompts = ragged_prompts(tok, model.args.sliding_window)
+    singles = [single(model, tok, p, max_tokens=12) for p in prompts]
+    sampler = eos_when(singles[1][3], tok.eos_id)  # row 1 ends with EOS by its 4th token
+    singles = [single(model, tok, p, max_tokens=12, sampler=sampler) for p in prompts]
+    assert singles[1][-1] == tok.eos_id and len(singles[1]) <= 4
+    assert any(len(s) == 12 for s in singles)  # others run on
+
+    batched = {i: [] for i in range(len(prompts))}
+    for i, r in batch_stream_generate(model, tok, prompts, max_tokens=12, sampler=sampler):
+        batched[i].append(r.token)
+    assert [batched[i] for i in range(len(prompts))] == singles
+    results = batch_generate(model, tok, prompts, max_tokens=12, sampler=sampler)
+    assert [r.finish_reason for _, r in results][1] == "stop"
+    assert results[0][0] == tok.decode([t for t in singles[0] if t != tok.eos_id])
+
+
+def test_per_prompt_max_tokens_and_text_prompts(tiny):
+    model, tok = tiny
+    texts = ["Hello there", "A much longer prompt " * 6, "Short"]
+    out = batch_generate(model, tok, texts, max_tokens=[3, 9, 5])
+    assert [r.generation_tokens for _, r in out] == [3, 9, 5]
+    for text, (answer, r) in zip(texts, out):
+        assert answer == "".join(x.text for x in stream_generate(model, tok, text, max_tokens=r.generation_tokens))
+
+
+@pytest.mark.parametrize("prompts,kwargs,match", [
+    ([], {}, "non-empty list"),
+    (["ok", "", "fine"], {}, "prompt 1 is empty"),
+    (["ok", [1, 2], []], {}, "prompt 2 is empty"),
+    (["a", "b"], {"max_tokens": [3]}, "max_tokens has 1 entries for 2 prompts"),
+    (["a", "b"], {"max_tokens": [3, 0]}, "max_tokens must be a positive integer"),
+])
+def test_bad_batches(tiny, prompts, kwargs, match):
+    model, tok = tiny
+    with pytest.raises(MistralError, match=match):
+        list(batch_stream_generate(model, tok, prompts, **kwargs))
