@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_json
 from .errors import MistralError
-from .model import Mistral
+from .model import Mistral, transpose_linears
 from .tokenizer import Tokenizer
 
 # Original Mistral names -> Hugging Face names (the layout of every MLX checkpoint).
@@ -208,6 +208,8 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
         mx.eval(model.parameters())
     except (RuntimeError, ValueError) as e:
         raise MistralError(f"checkpoint: weights could not be read ({e})") from None
+    if mx.default_device() == mx.cpu:
+        transpose_linears(model)
     model.eval()
     return model
 

@@ -6,9 +6,36 @@ load without renaming. The model holds no state: the caller passes the cache in.
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from .cache import RollingKVCache
 from .config import ModelArgs
+
+
+class TransposedLinear(nn.Module):
+    """A bias-free Linear whose weight is stored as [in, out] (`x @ weight_t`).
+
+    Used on the CPU backend only: OpenBLAS multiplies one token by an [in, out] matrix
+    1.3-2.3x faster than by the checkpoint's [out, in] (measured on the `small` preset's
+    shapes), and decoding is one token at a time. Prompt chunks run at the same speed.
+    """
+
+    def __init__(self, weight: mx.array):
+        super().__init__()
+        self.weight_t = mx.contiguous(weight.T)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight_t
+
+
+def transpose_linears(model: nn.Module) -> None:
+    """Swap every float nn.Linear (no bias) of `model` for a TransposedLinear, in place."""
+    swaps = []
+    for path, module in model.named_modules():
+        if type(module) is nn.Linear and "bias" not in module:
+            swaps.append((path, TransposedLinear(module.weight)))
+            mx.eval(swaps[-1][1].weight_t)  # one matrix at a time: the extra copy stays small
+    model.update_modules(tree_unflatten(swaps))
 
 
 class Attention(nn.Module):
