@@ -53,6 +53,8 @@ class ModelArgs:
             raise MistralError(
                 f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise MistralError(f"config: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if self.head_dim % 2:
             raise MistralError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None and (
@@ -81,7 +83,9 @@ class ModelArgs:
         if config.get("hidden_act", "silu") != "silu":
             raise MistralError(f"config.json: hidden_act must be 'silu', got {config['hidden_act']!r}")
         rope = config.get("rope_parameters") or {}
-        scaling = config.get("rope_scaling") or {}
+        scaling = config.get("rope_scaling")
+        if not isinstance(rope, dict):
+            raise MistralError(f"config.json: rope_parameters must be an object, got {rope!r}")
         if rope.get("rope_type", "default") != "default" or scaling:
             raise MistralError("config.json: only default RoPE is supported (found rope scaling)")
         unknown = set(config) - HF_IGNORED - {

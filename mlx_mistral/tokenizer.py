@@ -31,6 +31,10 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Plain text to ids. Control tokens are never produced from text."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise MistralError(f"text is not valid Unicode ({e.reason} at character {e.start})") from None
         return ([self.bos_id] if bos else []) + self._sp.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
