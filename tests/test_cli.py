@@ -137,3 +137,14 @@ def test_bad_prompts_files(capsys, tmp_path, content, message):
     code, errors = cli(capsys, "--model", "demo", "--prompts-file", str(path))
     assert code == 2 and len(errors) == 1
     assert re.search(message, errors[0]), errors[0]
+
+
+def test_ctrl_c_stops_cleanly_with_stats():
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_mistral.generate", "--model", "demo", "--prompt", "go",
+                             "--max-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(20)  # generation has started
+    proc.send_signal(__import__("signal").SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    err = err.decode()
+    assert "[interrupted] prompt:" in err and "generation:" in err and "Traceback" not in err

@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
     try:
         return run(args)
+    except KeyboardInterrupt:  # before generation started (run_single reports stats after)
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
     except MistralError as e:
         if args.debug:
             traceback.print_exc()
