@@ -74,7 +74,7 @@ class RollingKVCache:
     @property
     def size(self) -> int:
         """Tokens currently held (by the fullest row)."""
-        return min(max(self.offsets), self.capacity)
+        return self._in_use(0)
 
     def slot_positions(self) -> mx.array:
         """Absolute position held by each slot, negative where the slot is empty. Shape [C]."""
@@ -84,9 +84,11 @@ class RollingKVCache:
     def mask(self, length: int) -> mx.array | str | None:
         """Attention mask for the next `length` tokens, shared by every layer.
 
-        Decode (length 1) writes the token first and attends to the buffer: only
-        unfilled slots need masking. A chunk attends to [buffer, chunk] (see
-        update_and_fetch); its rows are queries q = offset + i.
+        Only slots in use are attended to: until the buffer wraps, slots [0, n) hold
+        positions [0, n), so those are a prefix of the buffer. Decode (length 1) writes
+        its token first, then attends to the slots in use. A chunk attends to
+        [slots in use, chunk] before it is written (see update_and_fetch); its rows are
+        queries q = offset + i.
         """
         C = self.capacity
         if length == 1:
@@ -99,37 +101,39 @@ class RollingKVCache:
         chunk = (j <= i) & (j > i - C)  # causal, within the window
         if start == 0:
             return chunk
-        k = self.slot_positions()[None]
-        buffer = (k >= 0) & (k > start + i - C)  # k <= q always holds: k < start
-        return mx.concatenate([buffer, chunk], axis=1)
+        k = self.slot_positions()[None, : min(start, C)]  # all >= 0, all < q
+        return mx.concatenate([k > start + i - C, chunk], axis=1)
 
     def _decode_mask(self) -> mx.array | None:
-        """After writing position p to slot p % C, slot s holds p - ((p - s) mod C) (empty if < 0)."""
-        C = self.capacity
-        if min(self.offsets) >= C - 1:
-            return None  # every slot holds one of the last C positions
+        """Slots in use after this step's write all hold one of the last C positions of a
+        row, except in a ragged batch, where a shorter row may not fill them yet."""
         if not self.ragged:
-            return (mx.arange(C) <= self.offsets[0])[None]
-        p = mx.array(self.offsets)[:, None]
-        held = p - (p - mx.arange(C)[None]) % C
-        return (held >= 0)[:, None, None, :]  # [B, 1, 1, C]: one row of keys per sequence
+            return None
+        C, p = self.capacity, mx.array(self.offsets)[:, None]
+        held = p - (p - mx.arange(self._in_use(1))[None]) % C  # position in slot s (after the write)
+        return (held >= 0)[:, None, None, :]  # [B, 1, 1, n]: one row of keys per sequence
+
+    def _in_use(self, length: int) -> int:
+        """Slots that hold a token once the next `length` tokens are written (fullest row)."""
+        return min(max(self.offsets) + length, self.capacity)
 
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Store this step's keys/values (already RoPE'd) and return what to attend to."""
         length = k.shape[2]
-        if length == 1 and self.ragged:  # each row writes its own slot
-            rows, slots = mx.arange(len(self.offsets)), mx.array(self.offsets) % self.capacity
-            self.keys[layer][rows, :, slots] = k[:, :, 0]
-            self.values[layer][rows, :, slots] = v[:, :, 0]
-            return self.keys[layer], self.values[layer]
         if length == 1:
-            self._write(layer, k, v, self.offset)
-            return self.keys[layer], self.values[layer]
+            if self.ragged:  # each row writes its own slot
+                rows, slots = mx.arange(len(self.offsets)), mx.array(self.offsets) % self.capacity
+                self.keys[layer][rows, :, slots] = k[:, :, 0]
+                self.values[layer][rows, :, slots] = v[:, :, 0]
+            else:
+                self._write(layer, k, v, self.offset)
+            n = self._in_use(1)
+            return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
+        keys, values = k, v
         if self.offset:  # attend before writing: a wrapping chunk would overwrite its own past
-            keys = mx.concatenate([self.keys[layer], k], axis=2)
-            values = mx.concatenate([self.values[layer], v], axis=2)
-        else:
-            keys, values = k, v
+            n = self._in_use(0)
+            keys = mx.concatenate([self.keys[layer][:, :, :n], k], axis=2)
+            values = mx.concatenate([self.values[layer][:, :, :n], v], axis=2)
         C = self.capacity
         self._write(layer, k[:, :, -C:], v[:, :, -C:], self.offset + max(0, length - C))
         return keys, values

@@ -55,17 +55,18 @@ def test_windowless_capacity_follows_max_kv_size():
 
 @pytest.mark.parametrize("capacity,offset,length", list(itertools.product([4, 7], [0, 1, 3, 6, 13, 20], [1, 2, 4, 9])))
 def test_mask_matches_brute_force(capacity, offset, length):
-    """Mask == valid & (k <= q) & (k > q - C) over [buffer slots, chunk], for every step shape."""
+    """Mask == (k <= q) & (k > q - C) over the keys attended to: the slots in use, then the chunk."""
     cache = RollingKVCache(ARGS, capacity)
     cache.offsets = [offset]
     mask = cache.mask(length)
     queries = offset + np.arange(length)
-    if length == 1:  # decode: the token's own slot is written before attending
-        keys = np.array([offset - ((offset - s) % capacity) for s in range(capacity)])
-    else:
-        slots = np.array(cache.slot_positions()) if offset else np.zeros(0, int)
+    if length == 1:  # decode: the token's own slot is written first; slots in use only
+        keys = np.array([offset - ((offset - s) % capacity) for s in range(min(offset + 1, capacity))])
+    else:  # a chunk: the slots in use before it is written, then the chunk itself
+        slots = np.array(cache.slot_positions())[: min(offset, capacity)]
         keys = np.concatenate([slots, queries])
-    expected = (keys[None] >= 0) & (keys[None] <= queries[:, None]) & (keys[None] > queries[:, None] - capacity)
+    assert (keys >= 0).all()  # only filled slots are attended to
+    expected = (keys[None] <= queries[:, None]) & (keys[None] > queries[:, None] - capacity)
     if mask is None:
         got = np.ones_like(expected)
     elif isinstance(mask, str):
@@ -75,3 +76,12 @@ def test_mask_matches_brute_force(capacity, offset, length):
         got = np.broadcast_to(np.array(mask), expected.shape)
     assert (got == expected).all()
     assert expected.any(axis=1).all()  # no row without a key: no NaN
+
+
+def test_ragged_decode_mask():
+    """Rows at positions 1 and 5 (C = 4): the short row must not see the slots it never filled."""
+    cache = RollingKVCache(ARGS, 4, batch_size=2)
+    cache.offsets = [1, 5]
+    mask = np.array(cache.mask(1))
+    assert mask.shape == (2, 1, 1, 4)
+    assert mask[0, 0, 0].tolist() == [True, True, False, False] and mask[1, 0, 0].all()

@@ -24,6 +24,24 @@ def run_chunks(model, ids, chunks, capacity=None):
     return np.array(mx.concatenate(out, axis=0))
 
 
+def parity(model_dir, hf, mode, label, capacity=None):
+    """Max abs logit difference between our model (fed in MODES[mode] chunks) and the oracle."""
+    model, tokenizer = load(str(model_dir))
+    ids = prompt_ids(tokenizer, 5 * W)
+    diff = np.abs(run_chunks(model, ids, MODES[mode], capacity) - oracle_logits(hf, ids)).max()
+    print(f"{label}, {mode}: max abs logit diff {diff:.2e}")
+    return diff
+
+
+def oracle_with_window(hf, ids, window):
+    """Oracle logits with the HF model's sliding_window temporarily set to `window`."""
+    saved, hf.config.sliding_window = hf.config.sliding_window, window
+    try:
+        return oracle_logits(hf, ids)
+    finally:
+        hf.config.sliding_window = saved
+
+
 def prompt_ids(tokenizer, n):
     ids = tokenizer.encode(TEXT, bos=True)
     assert len(ids) >= n
@@ -42,21 +60,12 @@ MODES = {
 
 @pytest.mark.parametrize("mode", MODES)
 def test_windowed_matches_transformers(hf_checkpoint, mode):
-    path, hf = hf_checkpoint
-    model, tokenizer = load(str(path))
-    ids = prompt_ids(tokenizer, 5 * W)
-    diff = np.abs(run_chunks(model, ids, MODES[mode]) - oracle_logits(hf, ids)).max()
-    print(f"windowed, {mode}: max abs logit diff {diff:.2e}")
-    assert diff <= 1e-4
+    assert parity(hf_checkpoint[0], hf_checkpoint[1], mode, "windowed") <= 1e-4
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_original_layout_matches_transformers(hf_checkpoint, original_checkpoint, mode):
-    model, tokenizer = load(str(original_checkpoint))
-    ids = prompt_ids(tokenizer, 5 * W)
-    diff = np.abs(run_chunks(model, ids, MODES[mode]) - oracle_logits(hf_checkpoint[1], ids)).max()
-    print(f"original layout, {mode}: max abs logit diff {diff:.2e}")
-    assert diff <= 1e-4
+    assert parity(original_checkpoint, hf_checkpoint[1], mode, "original layout") <= 1e-4
 
 
 def test_window_changes_the_output(hf_checkpoint):
@@ -66,11 +75,7 @@ def test_window_changes_the_output(hf_checkpoint):
     ids = prompt_ids(tokenizer, 3 * W)
     full = make_cache(model.args, 1000)  # capacity is capped at the window anyway
     assert full.capacity == W
-    hf.config.sliding_window = None
-    try:
-        causal = oracle_logits(hf, ids)
-    finally:
-        hf.config.sliding_window = W
+    causal = oracle_with_window(hf, ids, None)
     ours = run_chunks(model, ids, [1])
     assert np.abs(ours[:W] - causal[:W]).max() <= 1e-4
     assert np.abs(ours[W:] - causal[W:]).max() > 1e-2
@@ -84,12 +89,7 @@ def windowless(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_windowless_matches_transformers(windowless, mode):
-    path, hf = windowless
-    model, tokenizer = load(str(path))
-    ids = prompt_ids(tokenizer, 5 * W)
-    diff = np.abs(run_chunks(model, ids, MODES[mode], capacity=len(ids)) - oracle_logits(hf, ids)).max()
-    print(f"windowless, {mode}: max abs logit diff {diff:.2e}")
-    assert diff <= 1e-4
+    assert parity(windowless[0], windowless[1], mode, "windowless", capacity=5 * W) <= 1e-4
 
 
 def test_windowless_rolls_as_a_window_past_max_kv_size(windowless):
@@ -99,9 +99,4 @@ def test_windowless_rolls_as_a_window_past_max_kv_size(windowless):
     ids = prompt_ids(tokenizer, 5 * W)
     with pytest.warns(UserWarning, match="KV cache capacity"):
         ours = run_chunks(model, ids, [3, 1, 7], capacity=W)
-    hf.config.sliding_window = W
-    try:
-        expected = oracle_logits(hf, ids)
-    finally:
-        hf.config.sliding_window = None
-    assert np.abs(ours - expected).max() <= 1e-4
+    assert np.abs(ours - oracle_with_window(hf, ids, W)).max() <= 1e-4
