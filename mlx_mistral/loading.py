@@ -175,19 +175,12 @@ def default_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
     return floats[0] if floats else mx.float16
 
 
-def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype | None = None) -> Mistral:
-    """A model with `weights` loaded strictly (names and shapes checked) and evaluated once."""
-    dtype = dtype or default_dtype(weights)
-    model = Mistral(args)
-    if args.quantization:
-        q = args.quantization
-        nn.quantize(model, q.group_size, q.bits,
-                    class_predicate=lambda p, m: f"{p}.scales" in weights)
+def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    """Raise MistralError naming the first missing, unexpected, misshapen or mistyped tensor."""
     expected = dict(tree_flatten(model.parameters()))
     for name in expected:
         if name not in weights:
             raise MistralError(f"checkpoint: missing tensor '{name}'")
-    loaded = []
     for name, w in weights.items():
         if name not in expected:
             raise MistralError(f"checkpoint: unexpected tensor '{name}'")
@@ -199,10 +192,21 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
         if mx.issubdtype(want.dtype, mx.floating):
             if not mx.issubdtype(w.dtype, mx.floating):
                 raise MistralError(f"checkpoint: tensor '{name}' has dtype {w.dtype}, expected a float dtype")
-            w = w.astype(dtype)
         elif w.dtype != want.dtype:
             raise MistralError(f"checkpoint: tensor '{name}' has dtype {w.dtype}, expected {want.dtype}")
-        loaded.append((name, w))
+
+
+def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype | None = None) -> Mistral:
+    """A model with `weights` loaded strictly (names and shapes checked) and evaluated once."""
+    dtype = dtype or default_dtype(weights)
+    model = Mistral(args)
+    if args.quantization:
+        q = args.quantization
+        nn.quantize(model, q.group_size, q.bits,
+                    class_predicate=lambda p, m: f"{p}.scales" in weights)
+    check_weights(model, weights)
+    loaded = [(name, w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w)
+              for name, w in weights.items()]
     model.load_weights(loaded, strict=True)
     try:
         mx.eval(model.parameters())
