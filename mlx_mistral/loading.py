@@ -133,11 +133,13 @@ def _load_original(path: Path) -> dict[str, mx.array]:
         state = torch.load(pth[0], map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise MistralError(f"{pth[0]}: not a readable PyTorch checkpoint ({e})") from None
-    return {k: mx.array(v.float().numpy()).astype(_mx_dtype(v.dtype)) for k, v in state.items()}
-
-
-def _mx_dtype(torch_dtype) -> mx.Dtype:
-    return {"torch.float16": mx.float16, "torch.bfloat16": mx.bfloat16}.get(str(torch_dtype), mx.float32)
+    # One copy in the checkpoint's dtype (a float32 detour held 2x a bf16 model at once);
+    # numpy has no bfloat16, so it travels as int16.
+    return {
+        k: mx.array(v.view(torch.int16).numpy()).view(mx.bfloat16) if v.dtype == torch.bfloat16
+        else mx.array(v.numpy() if v.dtype == torch.float16 else v.float().numpy())
+        for k, v in state.items()
+    }
 
 
 def _from_original(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
