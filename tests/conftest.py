@@ -15,3 +15,10 @@ def original_checkpoint(tmp_path_factory, hf_checkpoint):
     path = tmp_path_factory.mktemp("original")
     to_original(hf_checkpoint[1], path)
     return path
+
+
+@pytest.fixture(scope="session")
+def windowless(tmp_path_factory):
+    """(directory, torch oracle) of a tiny model without a sliding window, in HF layout."""
+    path = tmp_path_factory.mktemp("windowless")
+    return path, write_hf(path, tiny_config(sliding_window=None), seed=1)

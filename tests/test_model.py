@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from checkpoints import oracle_logits, tiny_config, write_hf
+from checkpoints import oracle_logits
 from mlx_mistral import load, make_cache
 
 W = 8
@@ -79,12 +79,6 @@ def test_window_changes_the_output(hf_checkpoint):
     ours = run_chunks(model, ids, [1])
     assert np.abs(ours[:W] - causal[:W]).max() <= 1e-4
     assert np.abs(ours[W:] - causal[W:]).max() > 1e-2
-
-
-@pytest.fixture(scope="module")
-def windowless(tmp_path_factory):
-    path = tmp_path_factory.mktemp("windowless")
-    return path, write_hf(path, tiny_config(sliding_window=None), seed=1)
 
 
 @pytest.mark.parametrize("mode", MODES)
