@@ -5,20 +5,20 @@ A thin command over mlx_mistral.convert, which the runtime shares.
 
 import argparse
 import sys
-import traceback
-import warnings
 
 import mlx_mistral  # noqa: F401  (before mlx: fast BLAS on Linux)
 from mlx_mistral.config import Quantization
 from mlx_mistral.convert import BITS, DTYPES, GROUP_SIZES, convert
-from mlx_mistral.errors import MistralError
+from mlx_mistral.errors import run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, metavar="SRC",
-                   help="Hugging Face layout directory, original Mistral directory (params.json), or Hub repo id")
-    p.add_argument("--out", required=True, metavar="DST", help="output directory (must not exist or be empty)")
+                   help="Hugging Face layout directory, original Mistral directory (params.json), "
+                        "or Hub repo id")
+    p.add_argument("--out", required=True, metavar="DST",
+                   help="output directory (must not exist or be empty)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize Linear and Embedding weights")
     p.add_argument("--bits", type=int, choices=BITS, help="bits per quantized weight (default 4)")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, help="weights per scale/bias (default 64)")
@@ -31,27 +31,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+def run(args: argparse.Namespace) -> int:
     q = Quantization(group_size=args.group_size or 64, bits=args.bits or 4) if args.quantize else None
-    try:
-        summary = convert(args.model, args.out, args.dtype, q, force=args.force, progress=True)
-    except MistralError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {args.out} was not written", file=sys.stderr)
-        return 130
-    except Exception as e:  # anything unforeseen: one line unless --debug
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
-        return 1
+    summary = convert(args.model, args.out, args.dtype, q, force=args.force, progress=True)
     print(f"wrote {args.out}: {summary}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: run(args), args.debug, interrupted=f"interrupted: {args.out} was not written")
 
 
 if __name__ == "__main__":

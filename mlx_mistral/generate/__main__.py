@@ -7,13 +7,11 @@ import argparse
 import json
 import sys
 import time
-import traceback
-import warnings
 from pathlib import Path
 
 from .. import batch_stream_generate, load, make_sampler, stream_generate
 from ..demo import NOTICE
-from ..errors import MistralError
+from ..errors import MistralError, run_command
 from . import DEFAULT_PREFILL_CHUNK, GenerationResponse
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -166,22 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
-    try:
-        return run(args)
-    except KeyboardInterrupt:  # before generation started (run_single reports stats after)
-        print("\n[interrupted]", file=sys.stderr)
-        return 130
-    except MistralError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # anything unforeseen: one line unless --debug
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
-        return 1
+    return run_command(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":
