@@ -69,8 +69,8 @@ def convert(src: str, dst: str | Path, dtype: str | None = None, quantization: Q
         )
     check_destination(dst, force)
     src_dir = resolve(src)
-    if dst.resolve() == src_dir.resolve():
-        raise MistralError(f"output directory {dst} is the source directory")
+    if dst.resolve() in (src_dir.resolve(), *src_dir.resolve().parents):
+        raise MistralError(f"output directory {dst} is or contains the source directory")
     args, weights, tokenizer = read_checkpoint(src_dir)
     if args.quantization:
         raise MistralError(f"{src_dir}: already quantized; convert from an unquantized checkpoint")
@@ -134,7 +134,11 @@ def staging(dst: Path) -> Iterator[Path]:
         if dst.exists():  # --force: swap, then delete the old one
             old = tmp.with_suffix(".old")
             dst.rename(old)
-            tmp.rename(dst)
+            try:
+                tmp.rename(dst)
+            except BaseException:
+                old.rename(dst)
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(dst)
@@ -143,8 +147,9 @@ def staging(dst: Path) -> Iterator[Path]:
         raise
 
 
-def save_checkpoint(out_dir: Path, args: ModelArgs, tensors: dict[str, mx.array], tokenizer_files: dict[str, Path],
-                    shard_bytes: int = SHARD_BYTES, progress: bool = False) -> int:
+def save_checkpoint(out_dir: Path, args: ModelArgs, tensors: dict[str, mx.array],
+                    tokenizer_files: dict[str, Path], shard_bytes: int = SHARD_BYTES,
+                    progress: bool = False) -> int:
     """Write config.json, `tensors` as safetensors shards of at most `shard_bytes` (a larger tensor
     gets a shard of its own) with model.safetensors.index.json, and the tokenizer files (DST name
     -> SRC path). `tensors` is emptied as they are written. Returns the number of shards."""
@@ -160,7 +165,8 @@ def save_checkpoint(out_dir: Path, args: ModelArgs, tensors: dict[str, mx.array]
         shards[-1].append(name)
         size += w.nbytes
     n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    files = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    files = files if n > 1 else ["model.safetensors"]
     index = {
         "metadata": {"total_size": sum(w.nbytes for w in tensors.values())},
         "weight_map": {name: file for file, shard in zip(files, shards) for name in sorted(shard)},
@@ -174,7 +180,8 @@ def save_checkpoint(out_dir: Path, args: ModelArgs, tensors: dict[str, mx.array]
     return n
 
 
-def write_safetensors(path: Path, tensors: dict[str, mx.array], on_tensor: Callable[[], object] = lambda: None) -> None:
+def write_safetensors(path: Path, tensors: dict[str, mx.array],
+                      on_tensor: Callable[[], object] = lambda: None) -> None:
     """mx.save_safetensors' format (metadata {"format": "mlx"}), streamed: the header comes from the
     lazy shapes, then each tensor is evaluated, written and dropped (popped from `tensors`).
     mx.save_safetensors would evaluate the whole dict first, holding a 5 GB shard (and its sources)."""

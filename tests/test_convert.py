@@ -147,7 +147,7 @@ def test_quantization_quality(hf_checkpoint, tmp_path, bits):
     fp32 = logits(load(str(src))[0], ids)
     dst = converted(src, tmp_path, quantization=Quantization(group_size=64, bits=bits))
     kl, top1 = kl_and_top1(fp32, logits(load(str(dst))[0], ids))
-    print(f"{bits}-bit group 64 vs fp32 over {len(ids)} positions: mean KL {kl:.2e}, top-1 agreement {top1:.3f}")
+    print(f"{bits}-bit group 64 vs fp32, {len(ids)} positions: mean KL {kl:.2e}, top-1 agreement {top1:.3f}")
     max_kl, min_top1 = QUALITY[bits]
     assert kl <= max_kl and top1 >= min_top1
 
@@ -270,8 +270,8 @@ def test_bits_3_is_refused(hf_checkpoint, tmp_path, capsys):
 
 
 def test_group_size_must_divide_the_input_dimension(hf_checkpoint, tmp_path):
-    with pytest.raises(MistralError, match=r"group size 128 does not divide the input dimension 64 of "
-                                           r"(lm_head|model\.embed_tokens|model\.layers\.\d\.\w+\.\w+_proj)$"):
+    layer = r"(lm_head|model\.embed_tokens|model\.layers\.\d\.\w+\.\w+_proj)$"
+    with pytest.raises(MistralError, match="group size 128 does not divide the input dimension 64 of " + layer):
         convert(str(hf_checkpoint[0]), tmp_path / "out", quantization=Quantization(group_size=128, bits=4))
     assert list(tmp_path.iterdir()) == []
 
@@ -289,6 +289,18 @@ def test_existing_destination(hf_checkpoint, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(MistralError, match="exists and is not a directory"):
         convert(str(hf_checkpoint[0]), tmp_path / "file", force=True)
+
+
+def test_source_is_kept_and_not_requantized(hf_checkpoint, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(hf_checkpoint[0], src)
+    for dst in (src, tmp_path):
+        with pytest.raises(MistralError, match="is or contains the source directory"):
+            convert(str(src), dst, force=True)
+    assert (src / "model.safetensors").exists()
+    quantized = converted(src, tmp_path, "q4", quantization=Quantization(64, 4))
+    with pytest.raises(MistralError, match="already quantized"):
+        convert(str(quantized), tmp_path / "again", quantization=Quantization(64, 8))
 
 
 @pytest.mark.parametrize("fault, old_dst", [(RuntimeError, False), (KeyboardInterrupt, True)])
