@@ -85,7 +85,9 @@ def find_tokenizer(path: Path) -> Path:
             return path / name
     found = sorted(p for p in path.glob("tokenizer.model*") if p.suffix != ".json")
     if not found:
-        raise MistralError(f"{path}: no tokenizer.model (a SentencePiece model is expected)")
+        hint = (" (tokenizer.json alone is not enough: copy tokenizer.model from the original model)"
+                if (path / "tokenizer.json").exists() else "")
+        raise MistralError(f"{path}: no tokenizer.model (a SentencePiece model is expected){hint}")
     return found[0]
 
 
