@@ -54,11 +54,12 @@ def write_checkpoint(args: ModelArgs, path: Path, dtype: mx.Dtype = mx.float32, 
     return path
 
 
-def quantize_with_mlx_lm(src: Path, dst: Path, bits: int, dtype: str) -> Path:
-    """The mlx-lm way to a quantized MLX directory (both runtimes load it)."""
-    from mlx_lm import convert
+def quantized_copy(src: Path, dst: Path, bits: int, dtype: str) -> Path:
+    """A quantized MLX directory (group 64), in mlx-lm's format: both runtimes load it."""
+    from mlx_mistral.config import Quantization
+    from mlx_mistral.convert import convert
 
-    convert(str(src), str(dst), quantize=True, q_bits=bits, q_group_size=64, dtype=dtype)
+    convert(str(src), dst, dtype=dtype, quantization=Quantization(group_size=64, bits=bits))
     return dst
 
 
@@ -67,4 +68,4 @@ def make_checkpoint(preset: str, dtype: str = "float32", quantize: int | None = 
     """A fresh checkpoint directory for `preset` (under `root` or a new temp dir)."""
     root = root or Path(tempfile.mkdtemp(prefix=f"mlx-mistral-{preset}-"))
     src = write_checkpoint(preset_args(preset, sliding_window), root / "hf", getattr(mx, dtype))
-    return quantize_with_mlx_lm(src, root / f"q{quantize}", quantize, dtype) if quantize else src
+    return quantized_copy(src, root / f"q{quantize}", quantize, dtype) if quantize else src
