@@ -1,0 +1,54 @@
+"""python -m app: the local chat in the browser (Gradio), on 127.0.0.1 unless told otherwise."""
+
+import argparse
+import ipaddress
+import sys
+
+from mlx_mistral import MistralError
+from mlx_mistral.demo import NOTICE
+
+LOOPBACK = {"localhost"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="demo", help="local directory, Hugging Face repo id, or 'demo' (default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-kv-size", type=int,
+                   help="KV cache slots per session (default: the sliding window, or 8192 without one)")
+    return p.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in LOOPBACK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.max_kv_size is not None and args.max_kv_size <= 0:
+        print(f"error: --max-kv-size must be a positive integer, got {args.max_kv_size}", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}: anyone who can reach this address can use the model "
+              "and read the chats (there is no login)", file=sys.stderr)
+    if args.model == "demo":
+        print(NOTICE, file=sys.stderr)
+    from .chat import Engine
+
+    try:
+        engine = Engine(args.model, args.max_kv_size)
+    except MistralError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .ui import build, launch
+
+    launch(build(engine), args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The app's session logic on the `demo` model (window 64): prompts, cache reuse, Stop, regenerate."""
+
+import gc
+import subprocess
+import sys
+import threading
+import weakref
+from pathlib import Path
+
+import pytest
+
+from app.chat import ChatSession, Engine, SessionStore, Settings, TurnStats, describe, plain_messages
+from checkpoints import tiny_config, write_hf
+from mlx_mistral import MistralError, make_sampler, stream_generate
+
+GREEDY = Settings(temperature=0.0, max_tokens=12)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = Engine("demo")
+    yield engine
+    engine.close()
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def answer(session, messages, settings=GREEDY):
+    """Run one turn to the end: (text, the tokens it generated)."""
+    text = ""
+    for text, _ in session.respond(messages, settings):
+        pass
+    return text, session.tokens[len(session.tokens) - session.stats.generated_tokens:]
+
+
+def reference(engine, tokens, max_tokens):
+    """What the public API generates greedily from `tokens` in one go, without the app."""
+    stream = stream_generate(engine.model, engine.tokenizer, tokens, max_tokens=max_tokens,
+                             sampler=make_sampler(0.0))
+    return engine.call(lambda: [r.token for r in stream])
+
+
+def check_consistent(session):
+    assert session.cache.offset == len(session.tokens)
+    assert not session.engine.lock.locked()
+
+
+def test_plain_messages_reads_gradio_content_blocks():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "hello", "metadata": None},
+        {"role": "user", "content": [{"type": "text", "text": "two "}, {"type": "text", "text": "parts"}]},
+    ]
+    assert plain_messages(history, "be brief") == [
+        {"role": "system", "content": "be brief"}, user("hi"), assistant("hello"), user("two parts"),
+    ]
+    assert plain_messages(history[:1], "  ") == [user("hi")]
+
+
+def test_first_turn_feeds_the_whole_prompt_and_matches_the_api(engine):
+    session = ChatSession(engine)
+    messages = [user("Hello there")]
+    prompt = engine.tokenizer.chat_tokens(messages)
+    assert session.plan(messages) == (prompt, False)
+    text, generated = answer(session, messages)
+    assert generated == reference(engine, prompt, GREEDY.max_tokens)
+    assert text == engine.tokenizer.decode(generated)
+    assert session.tokens == prompt + generated
+    assert session.stats.prompt_tokens == len(prompt) and session.stats.reused_tokens == 0
+    check_consistent(session)
+
+
+def test_next_turn_prefills_only_the_new_tokens(engine):
+    session = ChatSession(engine)
+    history = [user("Hello there")]
+    text, _ = answer(session, history)
+    held = list(session.tokens)
+    history += [assistant(text), user("And then?")]
+    feed, reused = session.plan(history)
+    assert reused
+    prompt = engine.tokenizer.chat_tokens(history)
+    assert prompt[-len(feed):] == feed and len(feed) < len(prompt) // 2
+    assert feed[0] == engine.tokenizer.eos_id  # the first answer stopped at max_tokens, not at EOS
+    _, generated = answer(session, history)
+    assert session.stats.reused_tokens == len(held) and session.stats.prompt_tokens == len(feed)
+    assert session.tokens == held + feed + generated
+    # Reuse changes the cost, not the answer: one prefill of the same tokens gives the same ids.
+    assert generated == reference(engine, held + feed, GREEDY.max_tokens)
+    check_consistent(session)
+
+
+def test_reuse_holds_the_models_own_tokens_even_when_reencoding_differs(engine):
+    session = ChatSession(engine)
+    history = [user("hi")]
+    text, generated = answer(session, history)
+    assert engine.tokenizer.encode(text) != generated  # demo's gibberish re-encodes differently
+    assert session.plan(history + [assistant(text), user("more")])[1]
+
+
+def test_long_chat_rolls_past_the_window_in_flat_memory(engine):
+    session = ChatSession(engine)
+    history, kv_bytes, peaks = [], set(), []
+    for turn in range(6):
+        history.append(user(f"turn {turn}: tell me more"))
+        held = len(session.tokens)
+        text, _ = answer(session, history)
+        history.append(assistant(text))
+        kv_bytes.add(session.stats.kv_bytes)
+        peaks.append(session.stats.peak_memory)
+        assert session.stats.reused_tokens == held  # 0 on the first turn
+    assert session.cache.offset > 2 * engine.window and session.stats.rolled
+    assert session.stats.kv_tokens == session.stats.kv_capacity == engine.window
+    assert len(kv_bytes) == 1 and max(peaks) < 1.1 * min(peaks)
+    assert f"Past the {engine.window}-token sliding window" in describe(session.stats)
+    check_consistent(session)
+
+
+@pytest.mark.parametrize("change", ["regenerate", "edit", "undo", "system prompt", "clear"])
+def test_a_changed_history_rebuilds_the_cache(engine, change):
+    session = ChatSession(engine)
+    history = [user("first question")]
+    text, _ = answer(session, history)
+    first_turn = list(session.tokens)
+    history += [assistant(text), user("second question")]
+    answer(session, history)
+    old_cache = weakref.ref(session.cache)
+    changed = {
+        "regenerate": history,  # the same prompt again: the cache already holds an answer to it
+        "edit": history[:2] + [user("second question, edited")],
+        "undo": history[:1],
+        "system prompt": [{"role": "system", "content": "Be brief."}] + history,
+        "clear": [user("a new chat")],
+    }[change]
+    feed, reused = session.plan(changed)
+    assert not reused
+    prompt = engine.tokenizer.chat_tokens(changed)
+    if change in ("regenerate", "edit"):  # the first answer is still the model's own tokens
+        assert feed == first_turn + prompt[len(engine.tokenizer.chat_tokens(history[:1])) + len(
+            engine.tokenizer.encode(text)):]
+    else:
+        assert feed == prompt
+    _, generated = answer(session, changed)
+    assert session.stats.reused_tokens == 0 and session.stats.prompt_tokens == len(feed)
+    assert session.tokens == feed + generated
+    gc.collect()
+    assert old_cache() is None  # the old cache was freed, not kept beside the new one
+    check_consistent(session)
+
+
+def test_regenerate_with_greedy_sampling_gives_the_same_answer(engine):
+    session = ChatSession(engine)
+    history = [user("Say something")]
+    text, first = answer(session, history)
+    assert answer(session, history) == (text, first)
+    history += [assistant(text), user("Say more")]
+    second = answer(session, history)  # reuses the cache
+    assert session.stats.reused_tokens
+    assert answer(session, history) == second  # a fresh cache, the same tokens, the same answer
+    assert session.stats.reused_tokens == 0
+
+
+def test_a_system_prompt_is_kept_across_reused_turns(engine):
+    session = ChatSession(engine)
+    history = [{"role": "system", "content": "You are terse."}, user("hi")]
+    text, _ = answer(session, history)
+    history += [assistant(text), user("again")]
+    assert session.plan(history)[1]  # V1 puts it in the first user message: the prefix is unchanged
+    answer(session, history)
+    assert session.tokens[: len(engine.tokenizer.chat_tokens(history[:2]))] == engine.tokenizer.chat_tokens(history[:2])
+
+
+def test_stop_keeps_the_partial_answer_and_the_cache_consistent(engine):
+    session = ChatSession(engine)
+    history = [user("Tell me a long story")]
+    prompt = engine.tokenizer.chat_tokens(history)
+    replies = session.respond(history, Settings(temperature=0.0, max_tokens=500))
+    for n, (text, stats) in enumerate(replies, start=1):
+        assert stats.finish_reason is None and stats.generated_tokens == n
+        if n == 5:
+            break
+    assert engine.lock.locked()  # the generator still holds the model
+    replies.close()  # what Gradio does on Stop: GeneratorExit in the generator
+    assert session.stats.finish_reason == "stopped" and session.stats.generated_tokens == 5
+    assert session.tokens == prompt + reference(engine, prompt, 5)
+    check_consistent(session)
+    # The partial answer is the assistant's turn: the next turn continues the cache.
+    history += [assistant(text), user("go on")]
+    feed, reused = session.plan(history)
+    assert reused and feed[0] == engine.tokenizer.eos_id
+    answer(session, history)
+    check_consistent(session)
+
+
+def test_stop_when_the_browser_missed_the_last_tokens_rebuilds(engine):
+    """Gradio drops the value in flight when Stop lands: the history then ends a token short."""
+    session = ChatSession(engine)
+    history = [user("Tell me a long story")]
+    texts = []
+    replies = session.respond(history, Settings(temperature=0.0, max_tokens=500))
+    for text, _ in replies:
+        texts.append(text)
+        if len(texts) == 6:
+            break
+    replies.close()
+    history += [assistant(texts[-2]), user("go on")]
+    assert not session.plan(history)[1]
+    answer(session, history)
+    assert session.stats.reused_tokens == 0
+    check_consistent(session)
+
+
+def test_stop_before_the_first_token_changes_nothing(engine):
+    session = ChatSession(engine)
+    history = [user("hi")]
+    text, _ = answer(session, history)
+    held = list(session.tokens)
+    replies = session.respond(history + [assistant(text), user("next")], GREEDY)
+    replies.close()  # never started: nothing fed, nothing locked
+    assert session.tokens == held
+    check_consistent(session)
+
+
+def test_one_answer_at_a_time(engine):
+    a, b = ChatSession(engine), ChatSession(engine)
+    replies = a.respond([user("first")], GREEDY)
+    next(replies)
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (answer(b, [user("second")]), done.set()))
+    thread.start()
+    assert not done.wait(0.5)  # b waits for a's answer to end
+    replies.close()
+    thread.join(30)
+    assert done.is_set()
+    check_consistent(a)
+    check_consistent(b)
+
+
+def test_long_message_far_past_the_window_answers_in_flat_memory(engine):
+    session = ChatSession(engine)
+    answer(session, [user("short")])
+    short = session.stats
+    text, generated = answer(session, [user("word " * 3000)])
+    long = session.stats
+    assert long.prompt_tokens > 40 * engine.window and generated
+    assert long.kv_bytes == short.kv_bytes and long.kv_tokens == engine.window
+    assert long.peak_memory < short.peak_memory * 1.05
+    check_consistent(session)
+
+
+def test_closing_a_session_frees_its_cache(engine):
+    store = SessionStore(engine)
+    session = store.get("browser-1")
+    assert store.get("browser-1") is session and store.get("browser-2") is not session
+    answer(session, [user("hi")])
+    cache = weakref.ref(session.cache)
+    store.close("browser-1")
+    gc.collect()
+    assert cache() is None and "browser-1" not in store.sessions
+    store.close("never-opened")  # no error
+
+
+def test_only_the_most_recent_sessions_keep_a_cache(engine):
+    store = SessionStore(engine, max_caches=2)
+    history = [user("hi")]
+    for name in "abc":
+        text, _ = answer(store.get(name), history)
+    assert [name for name, s in store.sessions.items() if s.cache is not None] == ["b", "c"]
+    a = store.get("a")  # a comes back: b is now the least recently used
+    assert [name for name, s in store.sessions.items() if s.cache is not None] == ["c"]
+    answer(a, history + [assistant(text), user("again")])
+    assert a.stats.reused_tokens == 0  # its cache was dropped: rebuilt from its history
+    assert [name for name, s in store.sessions.items() if s.cache is not None] == ["c", "a"]
+    check_consistent(a)
+
+
+def test_errors_are_mistral_errors_and_leave_the_session_usable(engine):
+    session = ChatSession(engine)
+    with pytest.raises(MistralError, match="top_p"):
+        next(session.respond([user("hi")], Settings(top_p=0.0)))
+    with pytest.raises(MistralError, match="end with a user message"):
+        next(session.respond([user("hi"), assistant("hello")], GREEDY))
+    assert not engine.lock.locked()
+    answer(session, [user("hi")])
+    check_consistent(session)
+
+
+def test_describe_reports_the_window_only_once_it_is_passed():
+    stats = TurnStats(prompt_tokens=9, reused_tokens=0, conversation_tokens=40, generated_tokens=31,
+                      generation_tps=50.0, ttft=0.034, peak_memory=75 * 2**20, kv_bytes=131072,
+                      kv_capacity=64, kv_tokens=40, window=64, finish_reason="stop")
+    text = describe(stats)
+    for expected in ("31 tokens, finished", "50.0 tok/s", "34 ms", "9 tokens prefilled",
+                     "40 / 64 tokens", "80.0 KiB used of 128.0 KiB allocated", "75.0 MiB"):
+        assert expected in text
+    assert "Past" not in text
+    stats.conversation_tokens, stats.kv_tokens, stats.window = 9000, 8192, None
+    stats.kv_capacity, stats.kv_bytes = 8192, 2**30
+    assert "Past the 8192-token KV cache (--max-kv-size)" in describe(stats)
+
+
+def test_windowless_model_gets_a_bounded_cache(tmp_path):
+    write_hf(tmp_path, tiny_config(sliding_window=None, max_position_embeddings=32768))
+    engine = Engine(str(tmp_path))
+    try:
+        assert engine.window is None and engine.max_kv_size == 8192
+        assert engine.new_cache().capacity == 8192
+    finally:
+        engine.close()
+    small = Engine(str(tmp_path), max_kv_size=16)
+    try:
+        session = ChatSession(small)
+        history = [user("a question long enough to pass sixteen tokens of cache")]
+        with pytest.warns(UserWarning, match="passed the KV cache capacity"):  # once per cache
+            text, _ = answer(session, history)
+        history += [assistant(text), user("next")]
+        answer(session, history)
+        assert session.stats.reused_tokens and session.stats.kv_capacity == 16 and session.stats.rolled
+        check_consistent(session)
+    finally:
+        small.close()
+
+
+def test_missing_model_refuses_to_start():
+    run = subprocess.run([sys.executable, "-m", "app", "--model", "/no/such/model", "--port", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == "error: model directory '/no/such/model' does not exist"
+    assert "Running on" not in run.stdout
+
+
+def test_non_loopback_host_warns():
+    from app.__main__ import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
