@@ -3,9 +3,12 @@
 Plain Python over the public mlx_mistral API (no Gradio here), so every rule is unit-tested.
 """
 
+import atexit
+import gc
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from mlx_mistral import MistralError, RollingKVCache, load, make_cache, make_sampler, stream_generate
@@ -17,36 +20,52 @@ DEFAULT_MAX_KV_SIZE = 8192
 class Engine:
     """The one model in memory and the one thread that runs it.
 
-    Every MLX call (load, cache allocation, each generation step) runs on one worker
-    thread: MLX streams are thread-local (MLX >= 0.31.2 on Metal), while Gradio steps a
-    chat generator from whichever thread is free. `lock` lets one answer run at a time;
-    the others wait for it, whichever entry point (browser, API) they came from.
+    Every MLX call (load, cache allocation, each generation step) runs on one thread:
+    MLX streams are thread-local (MLX >= 0.31.2 on Metal), while Gradio steps a chat
+    generator from whichever thread is free. `lock` lets one answer run at a time; the
+    others wait for it, whichever entry point (browser, API) they came from.
+
+    The thread is a daemon that lives as long as the process, and the model is freed
+    before the process exits: with OpenBLAS preloaded, a thread that ran MLX and then
+    ended, or was joined at exit, or a model still alive at exit, sometimes made the
+    process abort ("terminate called without an active exception") or hang at exit
+    (seen with MLX 0.32.4 on Linux; ml-explore/mlx#3126 is alike).
     """
 
     def __init__(self, model: str = "demo", max_kv_size: int | None = None):
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="mlx")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="mlx", daemon=True).start()
         self.lock = threading.Lock()
         self.name = model
-        try:
-            self.model, self.tokenizer = self.call(load, model)
-        except BaseException:
-            self._worker.shutdown()
-            raise
+        self.model, self.tokenizer = self.call(load, model)
+        atexit.register(self.close)
         self.window = self.model.args.sliding_window
         if max_kv_size is None and self.window is None:
             max_kv_size = DEFAULT_MAX_KV_SIZE
         self.max_kv_size = max_kv_size
         self.capacity = min(n for n in (self.window, max_kv_size) if n)  # KV cache slots per session
 
+    def _serve(self) -> None:
+        while True:
+            future, fn, args, kwargs = self._jobs.get()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to the caller
+                future.set_exception(e)
+
     def call(self, fn: Callable, *args, **kwargs):
         """Run fn on the model thread and return its result (or raise its exception)."""
-        return self._worker.submit(fn, *args, **kwargs).result()
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future.result()
 
     def new_cache(self) -> RollingKVCache:
         return self.call(make_cache, self.model.args, self.max_kv_size, dtype=self.model.dtype)
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True)
+        """Free the model (at exit at the latest); its thread stays, idle, until the process ends."""
+        self.model = self.tokenizer = None
+        self.call(gc.collect)
 
 
 @dataclass
