@@ -1,6 +1,6 @@
 """Time to first token, turn by turn, of a long chat: with KV cache reuse vs a full re-prefill.
 
-    python benchmarks/bench_chat.py [--model demo | --preset small] [--turns 10] [--answer-tokens 64] [--repeats 3]
+    python benchmarks/bench_chat.py [--model demo | --preset small] [--turns 10] [--answer-tokens 64]
 
 Both runs go through the app's ChatSession on one model with greedy sampling, so they feed
 the same tokens and give the same answers (checked); only what is prefilled differs.

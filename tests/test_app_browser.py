@@ -179,8 +179,10 @@ def test_stop_ends_streaming_and_keeps_the_partial_answer(page, app):
         arg=BOT, timeout=30_000,
     )
     page.locator('[data-testid="stop-button"]').click()
-    page.wait_for_function("() => /Answer 1\\s+\\d+ tokens, stopped/.test(document.querySelector('#stats').innerText)",
-                           timeout=30_000)
+    page.wait_for_function(
+        "() => /Answer 1\\s+\\d+ tokens, stopped/.test(document.querySelector('#stats').innerText)",
+        timeout=30_000,
+    )
     frozen = page.locator(BOT).last.inner_text()
     time.sleep(1.5)
     assert page.locator(BOT).last.inner_text() == frozen and frozen.strip()
@@ -222,11 +224,15 @@ def test_gradio_client_chat(app, expected):
                  seed=0, api_name="/chat")
     text, panel = client.predict("hi", **knobs)
     assert text == expected and "0 reused" in panel
+    short = demo.store.sessions[client.session_hash].stats
     text, panel = client.predict("and again", **knobs)  # the server keeps this client's history
     assert text and " 0 reused" not in panel
     empty = client.predict("   ", **knobs)  # ignored, no crash
     assert empty[0] in (None, "")
     client.reset_session()
     text, panel = client.predict("word " * 3000, **knobs)  # ~47 windows of text in one message
-    assert text and "3009 tokens prefilled" in panel and "64 / 64 tokens, 128.0 KiB used of 128.0 KiB" in panel
+    assert text and "3009 tokens prefilled" in panel
+    assert "64 / 64 tokens, 128.0 KiB used of 128.0 KiB allocated" in panel
+    long = demo.store.sessions[client.session_hash].stats
+    assert long.kv_bytes == short.kv_bytes and long.peak_memory < 1.05 * short.peak_memory  # flat
     client.close()
