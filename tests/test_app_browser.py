@@ -199,7 +199,7 @@ def test_stop_ends_streaming_and_keeps_the_partial_answer(page, app):
     assert session.cache.offset == len(session.tokens)
 
 
-def test_empty_message_is_ignored_and_a_closed_tab_frees_its_cache(page, app):
+def test_empty_message_undo_and_a_closed_tab(page, app):
     for text in ("", "   "):
         send(page, text)
         page.wait_for_timeout(500)
@@ -207,6 +207,9 @@ def test_empty_message_is_ignored_and_a_closed_tab_frees_its_cache(page, app):
     set_number(page, "Max new tokens", 4)
     send(page, "hi")  # the app is still fine
     wait_answer(page, 1)
+    page.get_by_role("button", name="Undo").click()  # the turn goes back into the textbox
+    expect(page.locator(BOT)).to_have_count(0)
+    expect(page.locator("#message textarea")).to_have_value("hi")
     session = page.session()
     page.close()  # closing the tab ends the session and frees its cache
     deadline = time.time() + 20
