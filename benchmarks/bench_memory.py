@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--png", default="docs/memory.png")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", choices=RUNTIMES, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--model", help="use this checkpoint directory instead of writing the preset")
     a = p.parse_args()
     tokens = a.tokens or 8 * a.window
     if a.worker:
@@ -95,7 +95,7 @@ def main() -> None:
     from presets import make_checkpoint
 
     dtype = "float32" if mx.default_device() == mx.cpu else "float16"
-    model_dir = str(make_checkpoint(a.preset, dtype, a.quantize, sliding_window=a.window))
+    model_dir = a.model or str(make_checkpoint(a.preset, dtype, a.quantize, sliding_window=a.window))
     results = {}
     for runtime in RUNTIMES:
         cmd = [sys.executable, __file__, "--worker", runtime, "--model", model_dir, "--tokens", str(tokens),

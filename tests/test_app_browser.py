@@ -1,7 +1,7 @@
 """The app served on 127.0.0.1, driven by Debian's Chromium (Playwright) and by gradio_client.
 
 Needs `apt-get install chromium` and `pip install "gradio>=6.31,<6.32" playwright gradio_client`
-(see .ci/app-deps.sh; never `playwright install`). A missing browser fails these tests: it
+(installed by .ci/run; never `playwright install`). A missing browser fails these tests: it
 never skips them. APP_SCREENSHOT=docs/app.png also writes the multi-turn screenshot there.
 """
 
@@ -71,7 +71,7 @@ def expected(app):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: run .ci/app-deps.sh (apt-get install chromium)")
+        pytest.fail(f"no Chromium at {CHROMIUM}: run .ci/run, or apt-get install chromium")
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("profile")), executable_path=CHROMIUM, headless=True,
