@@ -22,3 +22,41 @@ def test_memory_flat_over_20_windows(hf_checkpoint):
         peak, active, kv, held = marks[k]
         assert kv == kv2 == cache.nbytes and held == held2 == W
         assert peak <= peak2 * 1.01 and active <= active2 * 1.01, (k, peak, peak2, active, active2)
+
+
+def test_fifty_chat_turns_and_sessions_leak_nothing():
+    """50 turns through the app's handler: flat memory once the window fills; closed sessions
+    give their memory back."""
+    import gc
+
+    from app.chat import Engine, SessionStore, Settings
+
+    engine = Engine("demo")
+    try:
+        settings = Settings(temperature=0.7, max_tokens=8, seed=0)
+        store = SessionStore(engine)
+        session, history, marks = store.get("soak"), [], []
+        for turn in range(50):
+            history.append({"role": "user", "content": f"turn {turn}"})
+            text = ""
+            for text, _ in session.respond(history, settings):
+                pass
+            history.append({"role": "assistant", "content": text})
+            if session.cache.offset > engine.window:
+                marks.append((session.stats.kv_bytes, session.stats.peak_memory, engine.call(mx.get_active_memory)))
+        assert session.cache.offset > 5 * engine.window and len(marks) > 30
+        assert len({kv for kv, _, _ in marks}) == 1
+        assert max(p for _, p, _ in marks) <= 1.02 * min(p for _, p, _ in marks)
+        assert max(a for _, _, a in marks) <= 1.02 * min(a for _, _, a in marks)
+        store.close("soak")
+        gc.collect()
+        baseline = engine.call(mx.get_active_memory)
+        for i in range(5):  # sessions come and go: nothing stays behind
+            s = store.get(f"tab-{i}")
+            for _ in s.respond([{"role": "user", "content": "hello"}], settings):
+                pass
+            store.close(f"tab-{i}")
+        gc.collect()
+        assert engine.call(mx.get_active_memory) <= baseline * 1.01
+    finally:
+        engine.close()
