@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from .cache import RollingKVCache
 from .config import ModelArgs
-from .errors import MistralError
+from .errors import MistralError, run_command
 
 MISTRAL_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                        vocab_size=32000, sliding_window=4096, max_position_embeddings=32768)
@@ -115,6 +115,32 @@ def print_report(r: dict, budget_gb: float | None) -> None:
             print(f"  weights {w:>5}: MHA {m['mha']:>4}   GQA {m['gqa']:>4}   GQA + rolling {m['gqa_rolling']:>4}")
 
 
+def run(a: argparse.Namespace) -> int:
+    if a.model == "mistral-7b":
+        args = MISTRAL_7B
+    else:
+        from pathlib import Path
+
+        from .loading import read_config
+
+        args = read_config(Path(a.model))
+    if a.window is not None:
+        args = replace(args, sliding_window=a.window or None)
+    try:
+        lengths = [int(x) for x in a.lengths.split(",")]
+        batches = [int(x) for x in a.batches.split(",")]
+    except ValueError as e:
+        raise MistralError(f"--lengths/--batches must be comma-separated integers ({e})") from None
+    if min(lengths + batches) <= 0:
+        raise MistralError("--lengths and --batches must be positive integers")
+    r = report(args, lengths, batches, a.budget_gb)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print_report(r, a.budget_gb)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_mistral.memory", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mistral-7b", help="'mistral-7b' (v0.1 shape) or a checkpoint directory")
@@ -124,33 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-gb", type=float, help="also show the largest batch fitting this memory budget")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    try:
-        if a.model == "mistral-7b":
-            args = MISTRAL_7B
-        else:
-            from pathlib import Path
-
-            from .loading import read_config
-
-            args = read_config(Path(a.model))
-        if a.window is not None:
-            args = replace(args, sliding_window=a.window or None)
-        lengths = [int(x) for x in a.lengths.split(",")]
-        batches = [int(x) for x in a.batches.split(",")]
-        if min(lengths + batches) <= 0:
-            raise MistralError("--lengths and --batches must be positive integers")
-        r = report(args, lengths, batches, a.budget_gb)
-    except ValueError as e:
-        print(f"error: --lengths/--batches must be comma-separated integers ({e})", file=sys.stderr)
-        return 2
-    except MistralError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if a.json:
-        print(json.dumps(r))
-    else:
-        print_report(r, a.budget_gb)
-    return 0
+    return run_command(lambda: run(a))
 
 
 if __name__ == "__main__":
