@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_json
 from .errors import MistralError
-from .model import Mistral, transpose_linears
+from .model import Mistral, prepare_for_cpu
 from .tokenizer import Tokenizer
 
 # Original Mistral names -> Hugging Face names (the layout of every MLX checkpoint).
@@ -217,7 +217,7 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
     except (RuntimeError, ValueError) as e:
         raise MistralError(f"checkpoint: weights could not be read ({e})") from None
     if mx.default_device() == mx.cpu:
-        transpose_linears(model)
+        prepare_for_cpu(model)
     model.eval()
     return model
 

@@ -4,6 +4,9 @@ Module and parameter names are Hugging Face's (the layout mlx-lm uses), so weigh
 load without renaming. The model holds no state: the caller passes the cache in.
 """
 
+import os
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
@@ -15,9 +18,9 @@ from .config import ModelArgs
 class TransposedLinear(nn.Module):
     """A bias-free Linear whose weight is stored as [in, out] (`x @ weight_t`).
 
-    Used on the CPU backend only: OpenBLAS multiplies one token by an [in, out] matrix
-    1.3-2.3x faster than by the checkpoint's [out, in] (measured on the `small` preset's
-    shapes), and decoding is one token at a time. Prompt chunks run at the same speed.
+    OpenBLAS multiplies one token by an [in, out] matrix 1.3-2.3x faster than by the
+    checkpoint's [out, in] (measured on the `small` preset's shapes), and decoding is
+    one token at a time. Prompt chunks run at the same speed.
     """
 
     def __init__(self, weight: mx.array):
@@ -32,13 +35,52 @@ class TransposedLinear(nn.Module):
         return x @ self.weight_t
 
 
-def transpose_linears(model: nn.Module) -> None:
-    """Swap every float nn.Linear (no bias) of `model` for a TransposedLinear, in place."""
+_threads = threading.local()
+
+
+def _cpu_streams(n: int) -> list[mx.Stream]:
+    """n CPU streams of the calling thread (MLX streams belong to the thread that made them)."""
+    if len(getattr(_threads, "streams", ())) != n:
+        _threads.streams = [mx.new_stream(mx.cpu) for _ in range(n)]
+    return _threads.streams
+
+
+class ParallelQuantizedLinear(nn.QuantizedLinear):
+    """A QuantizedLinear whose output rows are split over one CPU stream per core.
+
+    MLX's CPU quantized matmul runs on one thread; separate streams run at once. Each
+    output is still computed by the same kernel from the same row of weights, so the
+    result is bit for bit that of nn.QuantizedLinear (measured: decode 1.7x on 2 cores).
+    The weights stay whole: a slice of leading rows is a view, not a copy.
+    """
+
+    def __init__(self, q: nn.QuantizedLinear, parts: int):
+        nn.Module.__init__(self)  # not QuantizedLinear's, which would quantize a new matrix
+        self.weight, self.scales, self.biases = q.weight, q.scales, q.biases
+        self.group_size, self.bits, self.mode, self.parts = q.group_size, q.bits, q.mode, parts
+
+    def __call__(self, x: mx.array) -> mx.array:
+        n = self.weight.shape[0]
+        step = -(-n // self.parts)
+        return mx.concatenate([
+            mx.quantized_matmul(x, self.weight[a:a + step], self.scales[a:a + step], self.biases[a:a + step],
+                                transpose=True, group_size=self.group_size, bits=self.bits, stream=s)
+            for a, s in zip(range(0, n, step), _cpu_streams(self.parts))
+        ], axis=-1)
+
+
+def prepare_for_cpu(model: nn.Module) -> None:
+    """Swap in the CPU-backend layers, in place: float nn.Linear (no bias) -> TransposedLinear,
+    affine nn.QuantizedLinear -> ParallelQuantizedLinear."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     swaps = []
     for path, module in model.named_modules():
         if type(module) is nn.Linear and "bias" not in module:
             swaps.append((path, TransposedLinear(module.weight)))
             mx.eval(swaps[-1][1].weight_t)  # one matrix at a time: the extra copy stays small
+        elif type(module) is nn.QuantizedLinear and "bias" not in module and cores > 1 \
+                and getattr(module, "mode", "affine") == "affine":
+            swaps.append((path, ParallelQuantizedLinear(module, min(cores, 8))))
     model.update_modules(tree_unflatten(swaps))
 
 

@@ -94,3 +94,19 @@ def test_windowless_rolls_as_a_window_past_max_kv_size(windowless):
     with pytest.warns(UserWarning, match="KV cache capacity"):
         ours = run_chunks(model, ids, [3, 1, 7], capacity=W)
     assert np.abs(ours - oracle_with_window(hf, ids, W)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("parts", [2, 3, 8])
+@pytest.mark.parametrize("shape", [(1, 1, 128), (3, 1, 128), (1, 37, 128)])
+def test_parallel_quantized_linear_is_bit_identical(parts, shape):
+    """Splitting output rows over CPU streams changes no bit of the result (odd row counts too)."""
+    import mlx.nn as nn
+
+    from mlx_mistral.model import ParallelQuantizedLinear
+
+    mx.random.seed(1)
+    q = nn.QuantizedLinear.from_linear(nn.Linear(128, 100, bias=False), group_size=64, bits=4)
+    x = mx.random.normal(shape)
+    split = ParallelQuantizedLinear(q, parts)
+    assert split(x).shape == (*shape[:2], 100)
+    assert mx.array_equal(split(x), q(x)).item()
