@@ -6,6 +6,7 @@ load without renaming. The model holds no state: the caller passes the cache in.
 
 import os
 import threading
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,21 +38,40 @@ class TransposedLinear(nn.Module):
 
 _threads = threading.local()
 
+# Below this many elements, a second stream costs more than it saves (measured: attention
+# of one token over 3K scores takes 0.12 ms on one stream, 0.36 ms split over two).
+SPLIT_MIN = 2**14
 
-def _cpu_streams(n: int) -> list[mx.Stream]:
-    """n CPU streams of the calling thread (MLX streams belong to the thread that made them)."""
-    if len(getattr(_threads, "streams", ())) != n:
-        _threads.streams = [mx.new_stream(mx.cpu) for _ in range(n)]
-    return _threads.streams
+
+def on_cpu_streams(fn: Callable[..., mx.array], pieces: list[tuple], axis: int) -> mx.array:
+    """fn(*piece) for each piece, each on its own CPU stream, concatenated along `axis`.
+
+    An MLX CPU op (softmax, silu, the quantized matmul) runs on one core, but ops on
+    separate streams run at once. The pieces are slices along an axis the op treats
+    independently (output rows, heads, features), so the result is bit for bit that of
+    one call. MLX streams belong to the thread that made them: these are this thread's.
+    """
+    streams = getattr(_threads, "streams", [])
+    streams += [mx.new_stream(mx.cpu) for _ in range(len(pieces) - len(streams))]
+    _threads.streams = streams
+    outs = []
+    for piece, stream in zip(pieces, streams):
+        with mx.stream(stream):
+            outs.append(fn(*piece))
+    return mx.concatenate(outs, axis=axis)
+
+
+def _slices(n: int, parts: int) -> list[slice]:
+    step = -(-n // parts)
+    return [slice(a, a + step) for a in range(0, n, step)]
 
 
 class ParallelQuantizedLinear(nn.QuantizedLinear):
-    """A QuantizedLinear whose output rows are split over one CPU stream per core.
+    """A QuantizedLinear whose output rows are split over CPU streams (on_cpu_streams).
 
-    MLX's CPU quantized matmul runs on one thread; separate streams run at once. Each
-    output is still computed by the same kernel from the same row of weights, so the
-    result is bit for bit that of nn.QuantizedLinear (measured: decode 1.7x on 2 cores).
-    The weights stay whole: a slice of leading rows is a view, not a copy.
+    Each output is still computed by the same kernel from the same row of weights, so the
+    result is bit for bit that of nn.QuantizedLinear (measured: 4-bit decode 1.6x on 2
+    cores). The weights stay whole: a slice of leading rows is a view, not a copy.
     """
 
     def __init__(self, q: nn.QuantizedLinear, parts: int):
@@ -60,31 +80,35 @@ class ParallelQuantizedLinear(nn.QuantizedLinear):
         self.group_size, self.bits, self.mode, self.parts = q.group_size, q.bits, q.mode, parts
 
     def __call__(self, x: mx.array) -> mx.array:
-        n = self.weight.shape[0]
-        step = -(-n // self.parts)
-        return mx.concatenate([
-            mx.quantized_matmul(x, self.weight[a:a + step], self.scales[a:a + step], self.biases[a:a + step],
-                                transpose=True, group_size=self.group_size, bits=self.bits, stream=s)
-            for a, s in zip(range(0, n, step), _cpu_streams(self.parts))
-        ], axis=-1)
+        def matmul(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+            return mx.quantized_matmul(x, w, scales, biases, True, self.group_size, self.bits)
+
+        rows = _slices(self.weight.shape[0], self.parts)
+        return on_cpu_streams(matmul, [(self.weight[r], self.scales[r], self.biases[r]) for r in rows], -1)
 
 
 def prepare_for_cpu(model: nn.Module) -> None:
-    """Swap in the CPU-backend layers, in place: float nn.Linear (no bias) -> TransposedLinear,
-    affine nn.QuantizedLinear -> ParallelQuantizedLinear."""
+    """Switch `model` to the CPU backend's faster paths, in place: float nn.Linear (no bias)
+    -> TransposedLinear, affine nn.QuantizedLinear -> ParallelQuantizedLinear, and
+    attention and SwiGLU split over one CPU stream per core (`cpu_parts`)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parts = min(cores, 8)
     swaps = []
     for path, module in model.named_modules():
         if type(module) is nn.Linear and "bias" not in module:
             swaps.append((path, TransposedLinear(module.weight)))
             mx.eval(swaps[-1][1].weight_t)  # one matrix at a time: the extra copy stays small
-        elif type(module) is nn.QuantizedLinear and "bias" not in module and cores > 1 \
+        elif type(module) is nn.QuantizedLinear and "bias" not in module and parts > 1 \
                 and getattr(module, "mode", "affine") == "affine":
-            swaps.append((path, ParallelQuantizedLinear(module, min(cores, 8))))
+            swaps.append((path, ParallelQuantizedLinear(module, parts)))
+        elif isinstance(module, (Attention, MLP)):
+            module.cpu_parts = parts
     model.update_modules(tree_unflatten(swaps))
 
 
 class Attention(nn.Module):
+    cpu_parts = 0  # streams to split over on the CPU backend (set by prepare_for_cpu); 0 elsewhere
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
@@ -105,11 +129,28 @@ class Attention(nn.Module):
         k = self.rope(k, offset=cache.rope_offset)
         k, v = cache.update_and_fetch(layer, k, v)
         # The fused kernel takes n_kv_heads < n_heads as is: K/V are never repeated.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if self.cpu_parts and L == 1:
+            # One token: the n_heads / n_kv_heads query heads of a group become rows of one
+            # query "sequence" against their K/V head. Same mask for every row, same result,
+            # 2x faster on the CPU (one matmul per group instead of one per query head).
+            q = q.reshape(B, self.n_kv_heads, -1, q.shape[-1])
+        out = self.attend(q, k, v, mask).reshape(B, self.n_heads, L, -1)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
+        def sdpa(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+
+        if self.cpu_parts < 2 or q.size // q.shape[-1] * k.shape[2] < SPLIT_MIN:
+            return sdpa(q, k, v)
+        rep = q.shape[1] // k.shape[1]  # each stream takes a group of K/V heads and their queries
+        groups = _slices(k.shape[1], min(self.cpu_parts, k.shape[1]))
+        return on_cpu_streams(sdpa, [(q[:, g.start * rep:g.stop * rep], k[:, g], v[:, g]) for g in groups], 1)
 
 
 class MLP(nn.Module):
+    cpu_parts = 0  # as Attention.cpu_parts
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
@@ -117,7 +158,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.cpu_parts < 2 or gate.size < SPLIT_MIN:
+            return self.down_proj(swiglu(gate, up))
+        pieces = [(gate[..., f], up[..., f]) for f in _slices(gate.shape[-1], self.cpu_parts)]
+        return self.down_proj(on_cpu_streams(swiglu, pieces, -1))
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
 
 
 class TransformerBlock(nn.Module):

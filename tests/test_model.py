@@ -110,3 +110,24 @@ def test_parallel_quantized_linear_is_bit_identical(parts, shape):
     split = ParallelQuantizedLinear(q, parts)
     assert split(x).shape == (*shape[:2], 100)
     assert mx.array_equal(split(x), q(x)).item()
+
+
+def test_cpu_stream_splits_change_no_bit(hf_checkpoint, monkeypatch):
+    """Attention and SwiGLU split over CPU streams give the bits of one stream, and folding
+    a token's query heads into rows (decode) stays within float rounding of not folding."""
+    import mlx_mistral.model as model_module
+
+    model, tokenizer = load(str(hf_checkpoint[0]))
+    ids = prompt_ids(tokenizer, 5 * W)
+    monkeypatch.setattr(model_module, "SPLIT_MIN", 0)  # split even the smallest products
+
+    def logits(parts):
+        for m in model.modules():
+            if isinstance(m, (model_module.Attention, model_module.MLP)):
+                m.cpu_parts = parts
+        return run_chunks(model, ids, MODES["chunks longer than W"])
+
+    one = logits(1)
+    for parts in (2, 3):
+        assert np.array_equal(logits(parts), one)
+    assert np.abs(logits(0) - one).max() <= 1e-5
