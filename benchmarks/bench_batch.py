@@ -5,7 +5,7 @@ reports aggregate decode tok/s (tokens of all rows / decode time), the speed-up 
 batch 1, peak memory and KV bytes. Then the largest batch that fits a memory budget
 with a GQA cache vs a hypothetical multi-head (MHA) cache, from mlx_mistral.memory.
 
-    python benchmarks/bench_batch.py [--preset small] [--batches 1,2,4,8,16] [--tokens 32] [--json]
+    python benchmarks/bench_batch.py [--preset small] [--batches 1,2,4,8,16] [--tokens 32] [--reps 3] [--json]
 """
 
 import argparse
@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--model", help="a checkpoint directory instead of a preset")
     p.add_argument("--batches", default="1,2,4,8,16")
     p.add_argument("--tokens", type=int, default=32, help="tokens generated per row")
+    p.add_argument("--reps", type=int, default=3, help="repetitions; decode tok/s is their median")
     p.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for the GQA vs MHA table")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
@@ -52,13 +53,17 @@ def main() -> None:
     batches = [int(b) for b in a.batches.split(",")]
     prompts = [rng.integers(100, 30000, int(n)).tolist() for n in rng.integers(32, 161, max(batches))]
     run_batch(model, tokenizer, prompts[:2], 4)  # warm-up
-    rows = [run_batch(model, tokenizer, prompts[:b], a.tokens) for b in batches]
+    # Batch sizes alternate within each repetition, so machine noise hits them alike.
+    runs = [[run_batch(model, tokenizer, prompts[:b], a.tokens) for b in batches] for _ in range(a.reps)]
+    rows = [dict(by_batch[0], decode_tps=float(np.median([r["decode_tps"] for r in by_batch])))
+            for by_batch in zip(*runs)]
     base = rows[0]["decode_tps"]
     memory = report(MISTRAL_7B, [4096, 32768], [1], a.budget_gb)["max_batch"]
     if a.json:
         print(json.dumps({"model": model_dir, "dtype": dtype, "rows": rows, "max_batch_7b": memory}))
         return
-    print(f"model={model_dir} dtype={dtype} device={mx.default_device()} tokens/row={a.tokens}")
+    print(f"model={model_dir} dtype={dtype} device={mx.default_device()} tokens/row={a.tokens} "
+          f"reps={a.reps} (median)")
     print(f"{'batch':>6} {'decode tok/s':>13} {'x batch 1':>10} {'peak MiB':>9} {'KV MiB':>8}")
     for r in rows:
         print(f"{r['batch']:>6} {r['decode_tps']:>13.1f} {r['decode_tps'] / base:>10.2f} "
