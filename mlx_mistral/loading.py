@@ -12,8 +12,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_json
+from .cpu import prepare_for_cpu
 from .errors import MistralError
-from .model import Mistral, prepare_for_cpu
+from .model import Mistral
 from .tokenizer import Tokenizer
 
 # Original Mistral names -> Hugging Face names (the layout of every MLX checkpoint).

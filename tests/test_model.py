@@ -102,7 +102,7 @@ def test_parallel_quantized_linear_is_bit_identical(parts, shape):
     """Splitting output rows over CPU streams changes no bit of the result (odd row counts too)."""
     import mlx.nn as nn
 
-    from mlx_mistral.model import ParallelQuantizedLinear
+    from mlx_mistral.cpu import ParallelQuantizedLinear
 
     mx.random.seed(1)
     q = nn.QuantizedLinear.from_linear(nn.Linear(128, 100, bias=False), group_size=64, bits=4)
@@ -113,8 +113,8 @@ def test_parallel_quantized_linear_is_bit_identical(parts, shape):
 
 
 def test_cpu_stream_splits_change_no_bit(hf_checkpoint, monkeypatch):
-    """Attention and SwiGLU split over CPU streams give the bits of one stream, and folding
-    a token's query heads into rows (decode) stays within float rounding of not folding."""
+    """SwiGLU split over CPU streams gives the bits of one stream, and folding a decoded
+    token's query heads into rows stays within float rounding of not folding."""
     import mlx_mistral.model as model_module
 
     model, tokenizer = load(str(hf_checkpoint[0]))
