@@ -35,21 +35,16 @@ class TransposedLinear(nn.Module):
 
 _threads = threading.local()
 
-# Below this many elements, a second stream costs more than it saves (measured: SwiGLU of
-# one token, 6K features, gains nothing from two streams; of 8 tokens, 1.06 -> 0.70 ms).
-SPLIT_MIN = 2**14
-
-
 def on_cpu_streams(fn: Callable[..., mx.array], pieces: list[tuple], axis: int) -> mx.array:
     """fn(*piece) for each piece, each on its own CPU stream, concatenated along `axis`.
 
-    An MLX CPU op (silu, the quantized matmul) runs on one core, but ops on separate
+    An MLX CPU op such as the quantized matmul runs on one core, but ops on separate
     streams run at once. The pieces are slices along an axis the op treats independently
-    (output rows, features), so the result is bit for bit that of one call. MLX streams
-    belong to the thread that made them: these are this thread's.
+    (output rows), so the result is bit for bit that of one call. MLX streams belong to
+    the thread that made them: these are this thread's.
 
-    fn must not call BLAS (no float matmul, no attention): with OpenBLAS 0.3.21 called
-    from several threads, a process sometimes hung at exit in OpenBLAS's shutdown.
+    Only the quantized matmul is split. Splitting attention (which calls BLAS) or SwiGLU
+    too made some processes hang at exit in OpenBLAS 0.3.21's shutdown (about 1 in 25).
     """
     streams = getattr(_threads, "streams", [])
     streams += [mx.new_stream(mx.cpu) for _ in range(len(pieces) - len(streams))]
@@ -90,8 +85,8 @@ class ParallelQuantizedLinear(nn.QuantizedLinear):
 
 def prepare_for_cpu(model: nn.Module) -> None:
     """Switch `model` to the CPU backend's faster paths, in place: float nn.Linear (no bias)
-    -> TransposedLinear, affine nn.QuantizedLinear -> ParallelQuantizedLinear, SwiGLU split
-    over one CPU stream per core, and folded decode attention (the `cpu_parts` of model.py)."""
+    -> TransposedLinear, affine nn.QuantizedLinear -> ParallelQuantizedLinear (one CPU
+    stream per core), and folded decode attention (model.Attention.fold_gqa)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parts = min(cores, 8)
     swaps = []
@@ -102,6 +97,6 @@ def prepare_for_cpu(model: nn.Module) -> None:
         elif type(module) is nn.QuantizedLinear and "bias" not in module and parts > 1 \
                 and getattr(module, "mode", "affine") == "affine":
             swaps.append((path, ParallelQuantizedLinear(module, parts)))
-        elif hasattr(type(module), "cpu_parts"):  # model.Attention, model.MLP
-            module.cpu_parts = parts
+        elif hasattr(type(module), "fold_gqa"):  # model.Attention
+            module.fold_gqa = True
     model.update_modules(tree_unflatten(swaps))

@@ -9,11 +9,10 @@ import mlx.nn as nn
 
 from .cache import RollingKVCache
 from .config import ModelArgs
-from .cpu import SPLIT_MIN, on_cpu_streams, slices
 
 
 class Attention(nn.Module):
-    cpu_parts = 0  # > 0 on the CPU backend (set by cpu.prepare_for_cpu)
+    fold_gqa = False  # True on the CPU backend (set by cpu.prepare_for_cpu)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -35,7 +34,7 @@ class Attention(nn.Module):
         k = self.rope(k, offset=cache.rope_offset)
         k, v = cache.update_and_fetch(layer, k, v)
         # The fused kernel takes n_kv_heads < n_heads as is: K/V are never repeated.
-        if self.cpu_parts and L == 1:
+        if self.fold_gqa and L == 1:
             # One token: the n_heads / n_kv_heads query heads of a group become rows of one
             # query "sequence" against their K/V head. Same mask for every row, same result,
             # 2x faster on the CPU (one matmul per group instead of one per query head).
@@ -46,8 +45,6 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    cpu_parts = 0  # streams to split SwiGLU over on the CPU backend (set by cpu.prepare_for_cpu)
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
@@ -55,15 +52,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.cpu_parts < 2 or gate.size < SPLIT_MIN:
-            return self.down_proj(swiglu(gate, up))
-        pieces = [(gate[..., f], up[..., f]) for f in slices(gate.shape[-1], self.cpu_parts)]
-        return self.down_proj(on_cpu_streams(swiglu, pieces, -1))
-
-
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.silu(gate) * up
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
 class TransformerBlock(nn.Module):

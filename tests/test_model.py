@@ -112,22 +112,18 @@ def test_parallel_quantized_linear_is_bit_identical(parts, shape):
     assert mx.array_equal(split(x), q(x)).item()
 
 
-def test_cpu_stream_splits_change_no_bit(hf_checkpoint, monkeypatch):
-    """SwiGLU split over CPU streams gives the bits of one stream, and folding a decoded
-    token's query heads into rows stays within float rounding of not folding."""
-    import mlx_mistral.model as model_module
+def test_folded_decode_attention_matches(hf_checkpoint):
+    """Folding a decoded token's query heads into rows (the CPU path) stays within float
+    rounding of the per-head attention, through the window and past it."""
+    from mlx_mistral.model import Attention
 
     model, tokenizer = load(str(hf_checkpoint[0]))
     ids = prompt_ids(tokenizer, 5 * W)
-    monkeypatch.setattr(model_module, "SPLIT_MIN", 0)  # split even the smallest products
 
-    def logits(parts):
+    def logits(fold):
         for m in model.modules():
-            if isinstance(m, (model_module.Attention, model_module.MLP)):
-                m.cpu_parts = parts
-        return run_chunks(model, ids, MODES["chunks longer than W"])
+            if isinstance(m, Attention):
+                m.fold_gqa = fold
+        return run_chunks(model, ids, MODES["token by token"])
 
-    one = logits(1)
-    for parts in (2, 3):
-        assert np.array_equal(logits(parts), one)
-    assert np.abs(logits(0) - one).max() <= 1e-5
+    assert np.abs(logits(True) - logits(False)).max() <= 1e-5
