@@ -35,6 +35,7 @@ class TransposedLinear(nn.Module):
 
 _threads = threading.local()
 
+
 def on_cpu_streams(fn: Callable[..., mx.array], pieces: list[tuple], axis: int) -> mx.array:
     """fn(*piece) for each piece, each on its own CPU stream, concatenated along `axis`.
 
