@@ -6,11 +6,12 @@ this runs. Each path keeps the model's maths; the measured reasons are in the do
 
 import os
 import threading
-from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+
+from .model import Attention
 
 
 class TransposedLinear(nn.Module):
@@ -36,39 +37,23 @@ class TransposedLinear(nn.Module):
 _threads = threading.local()
 
 
-def on_cpu_streams(fn: Callable[..., mx.array], pieces: list[tuple], axis: int) -> mx.array:
-    """fn(*piece) for each piece, each on its own CPU stream, concatenated along `axis`.
-
-    An MLX CPU op such as the quantized matmul runs on one core, but ops on separate
-    streams run at once. The pieces are slices along an axis the op treats independently
-    (output rows), so the result is bit for bit that of one call. MLX streams belong to
-    the thread that made them: these are this thread's.
-
-    Only the quantized matmul is split. Splitting attention (which calls BLAS) or SwiGLU
-    too made some processes hang at exit in OpenBLAS 0.3.21's shutdown (about 1 in 25).
-    """
-    streams = getattr(_threads, "streams", [])
-    streams += [mx.new_stream(mx.cpu) for _ in range(len(pieces) - len(streams))]
-    _threads.streams = streams
-    outs = []
-    for piece, stream in zip(pieces, streams):
-        with mx.stream(stream):
-            outs.append(fn(*piece))
-    return mx.concatenate(outs, axis=axis)
-
-
-def slices(n: int, parts: int) -> list[slice]:
-    """At most `parts` slices of near-equal length covering range(n)."""
-    step = -(-n // parts)
-    return [slice(a, a + step) for a in range(0, n, step)]
+def cpu_streams(n: int) -> list[mx.Stream]:
+    """n CPU streams of the calling thread (MLX streams belong to the thread that made them)."""
+    if len(getattr(_threads, "streams", ())) != n:
+        _threads.streams = [mx.new_stream(mx.cpu) for _ in range(n)]
+    return _threads.streams
 
 
 class ParallelQuantizedLinear(nn.QuantizedLinear):
-    """A QuantizedLinear whose output rows are split over CPU streams (on_cpu_streams).
+    """A QuantizedLinear whose output rows are split over one CPU stream per core.
 
+    MLX's CPU quantized matmul runs on one core, but ops on separate streams run at once.
     Each output is still computed by the same kernel from the same row of weights, so the
     result is bit for bit that of nn.QuantizedLinear (measured: 4-bit decode 1.6x on 2
     cores). The weights stay whole: a slice of leading rows is a view, not a copy.
+
+    Only this product is split: it calls no BLAS. Splitting attention (which does) or
+    SwiGLU too made some processes hang at exit in OpenBLAS 0.3.21's shutdown (~1 in 25).
     """
 
     def __init__(self, q: nn.QuantizedLinear, parts: int):
@@ -77,11 +62,15 @@ class ParallelQuantizedLinear(nn.QuantizedLinear):
         self.group_size, self.bits, self.mode, self.parts = q.group_size, q.bits, q.mode, parts
 
     def __call__(self, x: mx.array) -> mx.array:
-        def matmul(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-            return mx.quantized_matmul(x, w, scales, biases, True, self.group_size, self.bits)
-
-        rows = slices(self.weight.shape[0], self.parts)
-        return on_cpu_streams(matmul, [(self.weight[r], self.scales[r], self.biases[r]) for r in rows], -1)
+        n = self.weight.shape[0]
+        step = -(-n // self.parts)
+        outs = []
+        for start, stream in zip(range(0, n, step), cpu_streams(self.parts)):
+            rows = slice(start, start + step)
+            outs.append(mx.quantized_matmul(x, self.weight[rows], self.scales[rows], self.biases[rows],
+                                            transpose=True, group_size=self.group_size, bits=self.bits,
+                                            stream=stream))
+        return mx.concatenate(outs, axis=-1)
 
 
 def prepare_for_cpu(model: nn.Module) -> None:
@@ -96,8 +85,8 @@ def prepare_for_cpu(model: nn.Module) -> None:
             swaps.append((path, TransposedLinear(module.weight)))
             mx.eval(swaps[-1][1].weight_t)  # one matrix at a time: the extra copy stays small
         elif type(module) is nn.QuantizedLinear and "bias" not in module and parts > 1 \
-                and getattr(module, "mode", "affine") == "affine":
+                and module.mode == "affine":
             swaps.append((path, ParallelQuantizedLinear(module, parts)))
-        elif hasattr(type(module), "fold_gqa"):  # model.Attention
+        elif isinstance(module, Attention):
             module.fold_gqa = True
     model.update_modules(tree_unflatten(swaps))
