@@ -33,6 +33,9 @@ class Attention(nn.Module):
         q = self.rope(q, offset=cache.rope_offset)
         k = self.rope(k, offset=cache.rope_offset)
         k, v = cache.update_and_fetch(layer, k, v)
+        if cache.bits:
+            out = quantized_attention(q * self.scale, k, v, mask, cache.group_size, cache.bits)
+            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         # The fused kernel takes n_kv_heads < n_heads as is: K/V are never repeated.
         if self.fold_gqa and L == 1:
             # One token: the n_heads / n_kv_heads query heads of a group become rows of one
@@ -42,6 +45,30 @@ class Attention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.reshape(B, self.n_heads, L, -1)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, bits: int) -> mx.array:
+    """softmax(q K^T) V with K and V in mx.quantize's format, never dequantized as a whole.
+
+    q [B, H, L, hd] (already scaled); k, v (codes, scales, biases) of [B, n_kv, S, .].
+    GQA fold: the H / n_kv query heads of a group become rows of one query against their
+    K/V head, so K/V are read once per group and never repeated. The only intermediate
+    that grows with the context is the score matrix [B, H, L, S] (its float32 softmax too).
+    """
+    B, H, L, hd = q.shape
+    n_kv = k[0].shape[1]
+    q = q.reshape(B, n_kv, H // n_kv * L, hd)  # rows: (query head in the group, position)
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    if mask is not None:
+        scores = scores.reshape(B, n_kv, H // n_kv, L, -1)
+        if isinstance(mask, str):  # "causal": a prefill chunk at position 0, keys = queries
+            mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+        elif mask.ndim == 4:  # [B, 1, 1, S] (ragged decode) -> one more axis for the group
+            mask = mask[:, :, None]
+        scores = mx.where(mask, scores, -mx.inf).reshape(B, n_kv, H // n_kv * L, -1)
+    probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, H, L, hd)
 
 
 class MLP(nn.Module):
