@@ -1,6 +1,8 @@
 """The KV cache at 8 and 4 bits: mlx-lm's quantized cache as the oracle, wrapping chunks,
 ragged batches, quality against the float cache, memory, and bad input."""
 
+import json
+
 import mlx.core as mx
 import mlx_lm
 import numpy as np
@@ -9,7 +11,8 @@ from mlx_lm.models.cache import QuantizedKVCache
 
 import mlx_mistral.loading
 from checkpoints import tiny_config, write_hf
-from mlx_mistral import MistralError, load, make_cache
+from mlx_mistral import MistralError, batch_stream_generate, load, make_cache, stream_generate
+from mlx_mistral.cache import RollingKVCache
 
 # head_dim 64: mx.quantize groups are 32, 64 or 128 wide, so the usual tiny head_dim 16 cannot be.
 QUANT_CONFIG = dict(head_dim=64, max_position_embeddings=256)
@@ -80,3 +83,89 @@ def test_quantization_changes_the_logits(windowless_dir):
                           - float_logits).max() for bits in (8, 4)}
     print(f"max abs logit diff vs the float cache: 8-bit {diffs[8]:.2e}, 4-bit {diffs[4]:.2e}")
     assert 1e-4 < diffs[8] < diffs[4]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_windowed_chunks_that_wrap_equal_token_by_token(windowed_dir, load_model, bits):
+    """W = 8: chunks of 5 and 11 wrap the buffer mid-chunk (and 11 > W overwrites itself)."""
+    model, _ = load_model(windowed_dir)
+    assert model.args.sliding_window == 8
+    one_by_one = run_chunks(model, make_cache(model.args, kv_bits=bits), IDS, [1] * len(IDS))
+    for sizes in ([5] * 9 + [3], [3, 11, 5, 6, 7, 11, 5]):
+        cache = make_cache(model.args, kv_bits=bits)
+        diff = np.abs(run_chunks(model, cache, IDS, sizes) - one_by_one).max()
+        print(f"{bits}-bit, chunks {sizes[:3]}...: max abs diff vs token by token {diff:.2e}")
+        assert diff <= 1e-4 and cache.capacity == 8
+
+
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 32)])
+def test_ragged_batch_equals_single_runs(windowed_dir, load_model, bits, group):
+    """Rows of different lengths (some past the window) decode together, leave the batch at
+    different steps (keep), and equal their single runs token for token (greedy)."""
+    model, tok = load_model(windowed_dir)
+    prompts = [IDS[:1], IDS[:6], IDS[:13], IDS[:30]]
+    limits = [9, 3, 12, 6]
+    kv = dict(kv_bits=bits, kv_group_size=group)
+    singles = [[r.token for r in stream_generate(model, tok, p, max_tokens=n, **kv)]
+               for p, n in zip(prompts, limits)]
+    batch = [[] for _ in prompts]
+    for i, r in batch_stream_generate(model, tok, prompts, max_tokens=limits, **kv):
+        batch[i].append(r.token)
+    assert batch == singles and [len(s) for s in singles] == limits
+
+
+def kv_bytes_formula(args, capacity, bits, group, dtype_bytes, batch=1):
+    """codes (head_dim * bits / 8 bytes) + a scale and a bias per group, for K and V."""
+    per_head = args.head_dim * bits // 8 + 2 * (args.head_dim // group) * dtype_bytes
+    return 2 * args.n_layers * batch * args.n_kv_heads * capacity * per_head
+
+
+@pytest.mark.parametrize("bits,group,dtype", [(8, 64, mx.float32), (4, 32, mx.float16), (4, 64, mx.bfloat16)])
+def test_allocated_bytes_are_the_formula_and_never_grow(windowed_dir, bits, group, dtype):
+    model, _ = load(str(windowed_dir))
+    cache = make_cache(model.args, batch_size=2, dtype=dtype, kv_bits=bits, kv_group_size=group)
+    expected = kv_bytes_formula(model.args, 8, bits, group, dtype.size, batch=2)
+    assert cache.nbytes == expected
+    model(mx.array([IDS[:20], IDS[20:40]]), cache)
+    for token in IDS[:10]:
+        model(mx.array([[token], [token]]), cache)
+    mx.eval(cache.keys, cache.values)
+    assert cache.nbytes == expected and cache.keys[0][0].dtype == mx.uint32 and cache.keys[0][1].dtype == dtype
+    stacked = RollingKVCache.stack([cache, cache])
+    stacked.keep([3, 0, 1])
+    assert stacked.nbytes == expected * 3 // 2 and stacked.offsets == [30, 30, 30]
+
+
+def test_bad_settings_get_one_clear_error():
+    from mlx_mistral.demo import DEMO_ARGS  # head_dim 32
+    for kwargs, message in [
+        (dict(kv_bits=3), "kv_bits must be 4 or 8"),
+        (dict(kv_bits=True), "kv_bits must be 4 or 8"),
+        (dict(kv_bits=8), r"kv_group_size must be one of 32, 64, 128 and divide head_dim \(32\), got 64"),
+        (dict(kv_bits=8, kv_group_size=48), "kv_group_size must be one of"),
+        (dict(kv_bits=4, kv_group_size=32, dtype=mx.int32), "float16, bfloat16 or float32"),
+    ]:
+        with pytest.raises(MistralError, match=message):
+            make_cache(DEMO_ARGS, 16, **kwargs)
+    cache = RollingKVCache(DEMO_ARGS, 4, bits=8, group_size=32)
+    with pytest.raises(ValueError, match="quantization"):
+        RollingKVCache.stack([cache, RollingKVCache(DEMO_ARGS, 4, bits=4, group_size=32)])
+
+
+def test_cli_and_app_take_kv_bits(capsys):
+    from app.__main__ import main as app_main
+    from mlx_mistral.demo import DEMO_ARGS
+    from mlx_mistral.generate.__main__ import main as generate_main
+
+    demo = ["--model", "demo", "--prompt", "hi", "--max-tokens", "3", "--json"]
+    assert generate_main(demo + ["--kv-bits", "4", "--kv-group-size", "32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kv_cache_bytes"] == kv_bytes_formula(DEMO_ARGS, out["prompt_tokens"] + 3, 4, 32, 4)
+    for argv, message in [(demo + ["--kv-bits", "3"], "error: kv_bits must be 4 or 8"),
+                          (demo + ["--kv-bits", "8"], "error: kv_group_size must be one of 32, 64, 128 and "
+                                                      "divide head_dim (32), got 64"),
+                          (["--kv-bits", "8", "--kv-group-size", "48"], "error: kv_group_size must be one of")]:
+        main = generate_main if "--prompt" in argv else app_main
+        assert main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(message), errors
