@@ -48,27 +48,32 @@ class Attention(nn.Module):
 
 
 def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, bits: int) -> mx.array:
-    """softmax(q K^T) V with K and V in mx.quantize's format, never dequantized as a whole.
+    """softmax(q K^T) V with K and V in mx.quantize's format, never dequantized.
 
     q [B, H, L, hd] (already scaled); k, v (codes, scales, biases) of [B, n_kv, S, .].
-    GQA fold: the H / n_kv query heads of a group become rows of one query against their
-    K/V head, so K/V are read once per group and never repeated. The only intermediate
-    that grows with the context is the score matrix [B, H, L, S] (its float32 softmax too).
+    One K/V head at a time, with the GQA fold: the H / n_kv query heads of the group
+    become rows of one query against their K/V head, so K/V are never repeated. A head's
+    slots [:S] of a one-row buffer are contiguous, so quantized_matmul reads the cache in
+    place (all heads at once, the strided view would be copied: a layer's K/V per step).
+    What grows with the context is one head's score matrix [B, H / n_kv * L, S].
     """
     B, H, L, hd = q.shape
     n_kv = k[0].shape[1]
-    q = q.reshape(B, n_kv, H // n_kv * L, hd)  # rows: (query head in the group, position)
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
-    if mask is not None:
-        scores = scores.reshape(B, n_kv, H // n_kv, L, -1)
-        if isinstance(mask, str):  # "causal": a prefill chunk at position 0, keys = queries
-            mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
-        elif mask.ndim == 4:  # [B, 1, 1, S] (ragged decode) -> one more axis for the group
-            mask = mask[:, :, None]
-        scores = mx.where(mask, scores, -mx.inf).reshape(B, n_kv, H // n_kv * L, -1)
-    probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
-    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits)
-    return out.reshape(B, H, L, hd)
+    rep = H // n_kv
+    q = q.reshape(B, n_kv, rep * L, hd)  # rows: (query head in the group, position)
+    if isinstance(mask, str):  # "causal": a first chunk, keys = queries
+        mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+    elif mask is not None and mask.ndim == 4:  # [B, 1, 1, S] (ragged decode): one more axis for rep
+        mask = mask[:, :, None]
+    outs = []
+    for h in range(n_kv):
+        kh, vh = (tuple(x[:, h:h + 1] for x in kv) for kv in (k, v))
+        scores = mx.quantized_matmul(q[:, h:h + 1], *kh, transpose=True, group_size=group_size, bits=bits)
+        if mask is not None:
+            scores = mx.where(mask, scores.reshape(B, 1, rep, L, -1), -mx.inf).reshape(B, 1, rep * L, -1)
+        probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+        outs.append(mx.quantized_matmul(probs, *vh, transpose=False, group_size=group_size, bits=bits))
+    return mx.concatenate(outs, axis=1).reshape(B, H, L, hd)
 
 
 class MLP(nn.Module):
