@@ -88,23 +88,24 @@ def print_kv_bits(results: dict, kv_bits: list[int], model_dir: str, a: argparse
     from mlx_mistral.memory import kv_bytes_per_token
 
     args = read_config(Path(model_dir))
-    Path(a.png).parent.mkdir(parents=True, exist_ok=True)
-    plot(results, a.window, Path(a.png))
     if a.json:
         print(json.dumps({"results": results}))
-        return
-    print(f"{'run':<26} {'tokens':>7} {'peak MiB':>10} {'KV MiB':>9} {'KV formula MiB':>15}")
-    for name, rows in results.items():
-        last, bits = rows[-1], next((b for b in kv_bits if name.endswith(f" {b}-bit KV")), None)
-        formula = ""
-        if name.startswith("mlx_mistral"):  # the cache holds prompt + tokens + 1 slots
-            slots = min(64 + a.tokens + 1, args.sliding_window or 1 << 62)
-            dtype_bytes = 4 if mx.default_device() == mx.cpu else 2
-            f = slots * kv_bytes_per_token(args, dtype_bytes, bits=bits)
-            formula = f"{f / 2**20:.2f} {'OK' if f == last['kv_bytes'] else 'MISMATCH'}"
-        print(f"{name:<26} {last['tokens']:>7} {last['peak_bytes'] / 2**20:>10.1f} "
-              f"{last['kv_bytes'] / 2**20:>9.2f} {formula:>15}")
-    print(f"plot: {a.png}")
+    else:
+        print(f"{'run':<26} {'tokens':>7} {'peak MiB':>10} {'KV MiB':>9} {'KV formula MiB':>15}")
+        for name, rows in results.items():
+            last, bits = rows[-1], next((b for b in kv_bits if name.endswith(f" {b}-bit KV")), None)
+            formula = ""
+            if name.startswith("mlx_mistral"):  # the cache holds prompt + tokens + 1 slots
+                slots = min(64 + a.tokens + 1, args.sliding_window or 1 << 62)
+                dtype_bytes = 4 if mx.default_device() == mx.cpu else 2
+                f = slots * kv_bytes_per_token(args, dtype_bytes, bits=bits)
+                formula = f"{f / 2**20:.2f} {'OK' if f == last['kv_bytes'] else 'MISMATCH'}"
+            print(f"{name:<26} {last['tokens']:>7} {last['peak_bytes'] / 2**20:>10.1f} "
+                  f"{last['kv_bytes'] / 2**20:>9.2f} {formula:>15}")
+    if a.png:
+        Path(a.png).parent.mkdir(parents=True, exist_ok=True)
+        plot(results, a.window, Path(a.png))
+        print(f"plot: {a.png}")
 
 
 def main() -> None:
@@ -115,7 +116,7 @@ def main() -> None:
     p.add_argument("--kv-bits", default="", help="also quantized K/V at these bits, e.g. 8,4")
     p.add_argument("--tokens", type=int, help="tokens to generate (default 8x the window)")
     p.add_argument("--every", type=int, default=64)
-    p.add_argument("--png", default="docs/memory.png")
+    p.add_argument("--png", default="docs/memory.png", help="the plot ('' for none; needs matplotlib)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", choices=RUNTIMES, help=argparse.SUPPRESS)
     p.add_argument("--model", help="use this checkpoint directory instead of writing the preset")
