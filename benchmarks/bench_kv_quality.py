@@ -44,7 +44,8 @@ def main() -> None:
     top1 = {b: 0 for b in bits}
     for start in range(0, a.positions, a.chunk):
         chunk = ids[:, start:start + a.chunk]
-        logp = {b: mx.log_softmax(model(chunk, c)[0].astype(mx.float32), axis=-1) for b, c in caches.items()}
+        logits = {b: model(chunk, c)[0].astype(mx.float32) for b, c in caches.items()}
+        logp = {b: x - mx.logsumexp(x, axis=-1, keepdims=True) for b, x in logits.items()}
         ref = logp[None]
         for b in bits:
             kl[b] += mx.sum(mx.exp(ref) * (ref - logp[b])).item()
