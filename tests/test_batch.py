@@ -33,8 +33,8 @@ def single(model, tok, prompt, **kwargs):
     return [r.token for r in stream_generate(model, tok, prompt, **kwargs)]
 
 
-def test_ragged_batch_equals_single_runs(tiny):
-    model, tok = tiny
+def test_ragged_batch_equals_single_runs(hf_checkpoint, loader):
+    model, tok = loader(hf_checkpoint[0])
     prompts = ragged_prompts(tok, model.args.sliding_window)
     singles = [single(model, tok, p, max_tokens=12) for p in prompts]
     sampler = eos_when(singles[1][3], tok.eos_id)  # row 1 ends with EOS by its 4th token

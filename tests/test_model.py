@@ -14,19 +14,19 @@ TEXT = ("The quick brown fox jumps over the lazy dog while the sliding window ke
 
 
 def run_chunks(model, ids, chunks, capacity=None):
-    """Our logits [L, vocab] feeding `ids` in the given chunk sizes (cycled)."""
-    cache = make_cache(model.args, capacity)
+    """Our logits [L, vocab] (as float32) feeding `ids` in the given chunk sizes (cycled)."""
+    cache = make_cache(model.args, capacity, dtype=model.dtype)
     out, start, i = [], 0, 0
     while start < len(ids):
         n = chunks[i % len(chunks)]
         out.append(model(mx.array([ids[start:start + n]]), cache)[0])
         start, i = start + n, i + 1
-    return np.array(mx.concatenate(out, axis=0))
+    return np.array(mx.concatenate(out, axis=0).astype(mx.float32))
 
 
-def parity(model_dir, hf, mode, label, capacity=None):
+def parity(loader, model_dir, hf, mode, label, capacity=None):
     """Max abs logit difference between our model (fed in MODES[mode] chunks) and the oracle."""
-    model, tokenizer = load(str(model_dir))
+    model, tokenizer = loader(model_dir)
     ids = prompt_ids(tokenizer, 5 * W)
     diff = np.abs(run_chunks(model, ids, MODES[mode], capacity) - oracle_logits(hf, ids)).max()
     print(f"{label}, {mode}: max abs logit diff {diff:.2e}")
@@ -59,13 +59,13 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_windowed_matches_transformers(hf_checkpoint, mode):
-    assert parity(hf_checkpoint[0], hf_checkpoint[1], mode, "windowed") <= 1e-4
+def test_windowed_matches_transformers(hf_checkpoint, mode, loader):
+    assert parity(loader, hf_checkpoint[0], hf_checkpoint[1], mode, "windowed") <= 1e-4
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_original_layout_matches_transformers(hf_checkpoint, original_checkpoint, mode):
-    assert parity(original_checkpoint, hf_checkpoint[1], mode, "original layout") <= 1e-4
+def test_original_layout_matches_transformers(hf_checkpoint, original_checkpoint, mode, loader):
+    assert parity(loader, original_checkpoint, hf_checkpoint[1], mode, "original layout") <= 1e-4
 
 
 def test_window_changes_the_output(hf_checkpoint):
@@ -82,8 +82,8 @@ def test_window_changes_the_output(hf_checkpoint):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_windowless_matches_transformers(windowless, mode):
-    assert parity(windowless[0], windowless[1], mode, "windowless", capacity=5 * W) <= 1e-4
+def test_windowless_matches_transformers(windowless, mode, loader):
+    assert parity(loader, windowless[0], windowless[1], mode, "windowless", capacity=5 * W) <= 1e-4
 
 
 def test_windowless_rolls_as_a_window_past_max_kv_size(windowless):
@@ -127,3 +127,11 @@ def test_folded_decode_attention_matches(hf_checkpoint):
         return run_chunks(model, ids, MODES["token by token"])
 
     assert np.abs(logits(True) - logits(False)).max() <= 1e-5
+
+
+def test_cpu_paths_switch_takes_only_0_or_1(hf_checkpoint, monkeypatch):
+    from mlx_mistral import MistralError
+
+    monkeypatch.setenv("MLX_MISTRAL_CPU_PATHS", "off")
+    with pytest.raises(MistralError, match="MLX_MISTRAL_CPU_PATHS must be 0 or 1, got 'off'"):
+        load(str(hf_checkpoint[0]))
