@@ -2,6 +2,7 @@
 
 Used only when MLX's default device is the CPU (as on Linux); on a Mac (Metal) none of
 this runs. Each path keeps the model's maths; the measured reasons are in the docstrings.
+MLX_MISTRAL_CPU_PATHS=0 turns them off, so that Linux runs the code path a Mac runs.
 """
 
 import os
@@ -11,7 +12,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .errors import MistralError
 from .model import Attention
+
+
+def cpu_paths_on() -> bool:
+    """True on the CPU backend unless the environment sets MLX_MISTRAL_CPU_PATHS=0."""
+    value = os.environ.get("MLX_MISTRAL_CPU_PATHS", "1")
+    if value not in ("0", "1"):
+        raise MistralError(f"MLX_MISTRAL_CPU_PATHS must be 0 or 1, got {value!r}")
+    return value == "1" and mx.default_device() == mx.cpu
 
 
 class TransposedLinear(nn.Module):

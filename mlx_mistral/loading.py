@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_json
-from .cpu import prepare_for_cpu
+from .cpu import cpu_paths_on, prepare_for_cpu
 from .errors import MistralError
 from .model import Mistral
 from .tokenizer import Tokenizer
@@ -217,7 +217,7 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
         mx.eval(model.parameters())
     except (RuntimeError, ValueError) as e:
         raise MistralError(f"checkpoint: weights could not be read ({e})") from None
-    if mx.default_device() == mx.cpu:
+    if cpu_paths_on():
         prepare_for_cpu(model)
     model.eval()
     return model

@@ -74,6 +74,6 @@ def to_original(hf: MistralForCausalLM, path: Path, tokenizer: Path = TOKENIZER_
 
 
 def oracle_logits(hf: MistralForCausalLM, ids: list[int]):
-    """Full-sequence float32 logits [L, vocab] as numpy (no HF cache)."""
+    """Full-sequence logits [L, vocab] as float32 numpy (no HF cache), in the model's dtype."""
     with torch.no_grad():
-        return hf(torch.tensor([ids]), use_cache=False).logits[0].numpy()
+        return hf(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
