@@ -1,9 +1,15 @@
 """The app's session logic on the `demo` model (window 64): prompts, cache reuse, Stop, regenerate."""
 
 import gc
+import ipaddress
+import os
+import queue
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -341,3 +347,57 @@ def test_non_loopback_host_warns():
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets process `pid` listens on, read from /proc (Linux)."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                host, port = fields[1].split(":")
+                raw = bytes.fromhex(host)  # little-endian 32-bit words
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add((str(ipaddress.ip_address(words)), int(port, 16)))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("moment", ["loading", "serving"])
+def test_ctrl_c_exits_130_and_serves_on_loopback_only(moment):
+    """A real `python -m app` and a real SIGINT, while the model loads and while it serves:
+    exit 130, one `[interrupted]` line, no traceback, no share link; it listens on 127.0.0.1 only."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "app", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    out, err = [], []
+    for stream, sink in ((proc.stdout, out), (proc.stderr, err)):
+        threading.Thread(target=lambda s=stream, k=sink: [(k.append(x), lines.put(x)) for x in s],
+                         daemon=True).start()
+    try:
+        marker = "loading demo..." if moment == "loading" else "Running on local URL"
+        deadline = time.monotonic() + 120
+        while marker not in "".join(out + err):
+            lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+        if moment == "serving":
+            assert listening_addresses(proc.pid) == {("127.0.0.1", port)}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    time.sleep(0.2)  # the reader threads see the end of the pipes
+    stdout, stderr = "".join(out), "".join(err)
+    assert "Traceback" not in stderr and "Keyboard interruption" not in stdout
+    assert stderr.strip().splitlines()[-1] == "[interrupted]" and stderr.count("[interrupted]") == 1
+    assert "gradio.live" not in stdout and "public URL" not in stdout
+    assert ("Running on" in stdout) == (moment == "serving")
