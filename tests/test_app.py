@@ -401,3 +401,17 @@ def test_ctrl_c_exits_130_and_serves_on_loopback_only(moment):
     assert stderr.strip().splitlines()[-1] == "[interrupted]" and stderr.count("[interrupted]") == 1
     assert "gradio.live" not in stdout and "public URL" not in stdout
     assert ("Running on" in stdout) == (moment == "serving")
+
+
+def test_at_most_four_idle_caches_with_six_sessions(engine):
+    """The default store: six sessions answer in turn; only the four most recent keep a cache,
+    and the two older caches are freed (no reference left)."""
+    store = SessionStore(engine)
+    assert store.max_caches == 4
+    caches = []
+    for name in "abcdef":
+        answer(store.get(name), [user("hi")])
+        caches.append(weakref.ref(store.sessions[name].cache))
+    gc.collect()
+    assert [name for name, s in store.sessions.items() if s.cache is not None] == list("cdef")
+    assert [c() is None for c in caches] == [True, True, False, False, False, False]

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mlx_mistral.generate.__main__ import main
@@ -148,3 +149,88 @@ def test_ctrl_c_stops_cleanly_with_stats():
     assert proc.returncode == 130
     err = err.decode()
     assert "[interrupted] prompt:" in err and "generation:" in err and "Traceback" not in err
+
+
+# Each flag's observable effect, in-process on the tiny checkpoint (W = 8).
+def json_run(capsys, *argv):
+    code = main(["--json", *argv])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_stop_cuts_the_text_before_the_stop_string(capsys, hf_checkpoint):
+    base = ["--model", str(hf_checkpoint[0]), "--prompt", "Tell me about caches", "--max-tokens", "24"]
+    full = json_run(capsys, *base)["text"]
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    cut = full.find(stop)
+    assert cut > 0 and stop.strip(), full
+    stopped = json_run(capsys, *base, "--stop", "not in it", "--stop", stop)
+    assert stopped["text"] == full[:cut] and stopped["finish_reason"] == "stop"
+    assert stopped["generation_tokens"] < len(json_run(capsys, *base)["tokens"])
+
+
+def test_system_prompt_gives_mistral_commons_tokens(capsys, monkeypatch, hf_checkpoint):
+    from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    cli_module = sys.modules[main.__module__]
+    seen = []
+    real = cli_module.stream_generate
+    monkeypatch.setattr(cli_module, "stream_generate", lambda m, t, tokens, **kw: seen.append(tokens) or real(m, t, tokens, **kw))
+    base = ["--model", str(hf_checkpoint[0]), "--prompt", "hello", "--max-tokens", "1"]
+    json_run(capsys, *base)
+    json_run(capsys, *base, "--system", "Be brief.")
+    oracle = MistralTokenizer.from_file(str(hf_checkpoint[0] / "tokenizer.model"))
+    expected = oracle.encode_chat_completion(ChatCompletionRequest(
+        messages=[SystemMessage(content="Be brief."), UserMessage(content="hello")])).tokens
+    assert seen[1] == expected != seen[0]
+
+
+def test_min_p_removes_the_tokens_below_it(capsys, hf_checkpoint):
+    """At temp 1 the tiny model's draws differ from greedy; min-p 0.999 keeps only the most likely
+    token (every other one is less than 0.999 times as likely), so the draws become greedy."""
+    base = ["--model", str(hf_checkpoint[0]), "--prompt", "hello", "--max-tokens", "16", "--seed", "0"]
+    greedy = json_run(capsys, *base)["tokens"]
+    assert json_run(capsys, *base, "--temp", "1")["tokens"] != greedy
+    assert json_run(capsys, *base, "--temp", "1", "--min-p", "0.999")["tokens"] == greedy
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dtype_sets_the_model_dtype(capsys, hf_checkpoint, dtype):
+    base = ["--model", str(hf_checkpoint[0]), "--prompt", "hello", "--max-tokens", "2"]
+    float32 = json_run(capsys, *base)["kv_cache_bytes"]  # the CPU default
+    assert json_run(capsys, *base, "--dtype", dtype)["kv_cache_bytes"] * 2 == float32  # 2 bytes per value
+
+
+def test_prefill_chunk_changes_the_calls_not_the_logits(capsys, monkeypatch, hf_checkpoint):
+    from mlx_mistral import Mistral
+
+    generation = sys.modules["mlx_mistral.generate"]  # the package (its name is also a function's)
+
+    calls, logits = [], []
+    model_call, real_prefill = Mistral.__call__, generation.prefill
+    monkeypatch.setattr(Mistral, "__call__", lambda self, x, cache: calls.append(x.shape[1]) or model_call(self, x, cache))
+    monkeypatch.setattr(generation, "prefill",
+                        lambda *a, **k: logits.append(real_prefill(*a, **k)) or logits[-1])
+    prompt = "The rolling buffer keeps the last window of keys and values, so memory stays flat."
+    counts = {}
+    for chunk in ("512", "3"):
+        calls.clear()
+        out = json_run(capsys, "--model", str(hf_checkpoint[0]), "--prompt", prompt, "--raw",
+                       "--max-tokens", "1", "--prefill-chunk", chunk)
+        n = out["prompt_tokens"]
+        counts[chunk] = len(calls) - 1  # the last call is the first decode step (scheduled ahead)
+        step = min(int(chunk), 8)  # chunks are at most the cache's capacity, the window
+        assert counts[chunk] == -(-(n - 1) // step) + 1  # chunks of the first n - 1 tokens, then the last one
+    assert counts["3"] > counts["512"]
+    np.testing.assert_allclose(np.array(logits[0]), np.array(logits[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_debug_prints_a_traceback_and_the_same_exit_code(capsys, broken):
+    (broken / "config.json").write_text("{oops")
+    code, errors = cli(capsys, "--model", str(broken), "--prompt", "hi")
+    assert main(["--model", str(broken), "--prompt", "hi", "--debug"]) == code == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1] == errors[0]
