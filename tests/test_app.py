@@ -253,7 +253,7 @@ def test_long_message_far_past_the_window_answers_in_flat_memory(engine):
     session = ChatSession(engine)
     answer(session, [user("short")])
     short = session.stats
-    text, generated = answer(session, [user("word " * 3000)])
+    text, generated = answer(session, [user("word " * 3000 + "NUL \0 and emoji 🎉\0")])
     long = session.stats
     assert long.prompt_tokens > 40 * engine.window and generated
     assert long.kv_bytes == short.kv_bytes and long.kv_tokens == engine.window
@@ -342,11 +342,16 @@ def test_missing_model_refuses_to_start():
     assert "Running on" not in run.stdout
 
 
-def test_non_loopback_host_warns():
-    from app.__main__ import is_loopback
+def test_non_loopback_host_warns(capsys):
+    from app.__main__ import is_loopback, main
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    assert main(["--host", "0.0.0.0", "--model", "/no/such/model"]) == 2  # the warning, then no server
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("warning: listening on 0.0.0.0: anyone who can reach this address")
+    assert main(["--model", "/no/such/model"]) == 2
+    assert not any(line.startswith("warning") for line in capsys.readouterr().err.splitlines())
 
 
 def listening_addresses(pid: int) -> set[tuple[str, int]]:

@@ -1,5 +1,6 @@
 """python -m mlx_mistral.generate end to end, and one-line errors for bad input."""
 
+import io
 import json
 import os
 import re
@@ -7,9 +8,11 @@ import shutil
 import subprocess
 import sys
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
+from checkpoints import TOKENIZER_V3
 from mlx_mistral.generate.__main__ import main
 
 
@@ -75,7 +78,25 @@ BREAKAGES = {
     "missing tensor": (lambda p: edit_config(p, num_hidden_layers=3), "missing tensor 'model.layers.2"),
     "truncated weights": (lambda p: (p / "model.safetensors").write_bytes(
         (p / "model.safetensors").read_bytes()[:100_000]), "model.safetensors: not a valid safetensors"),
+    "a file, not a directory": (lambda p: (shutil.rmtree(p), p.write_text("x")), "expected a directory, found a file"),
+    "config not an object": (lambda p: (p / "config.json").write_text("[1, 2]"), "expected a JSON object, got list"),
+    "rope scaling": (lambda p: edit_config(p, rope_scaling={"type": "linear", "factor": 2.0}), "only default RoPE"),
+    "not silu": (lambda p: edit_config(p, hidden_act="gelu"), "hidden_act must be 'silu', got 'gelu'"),
+    "rope_parameters not an object": (lambda p: edit_config(p, rope_parameters=[1]), "rope_parameters must be an object"),
+    "bad quantization": (lambda p: edit_config(p, quantization={"bits": 7, "group_size": 64}),
+                         "quantization must have bits in 2-6 or 8 and group_size 32/64/128"),
+    "tokenizer too large": (lambda p: shutil.copy(TOKENIZER_V3, p / "tokenizer.model"),
+                            "tokenizer has 32768 tokens, model vocab_size is 32000"),
+    "unexpected tensor": (lambda p: edit_weights(p, lambda w: {**w, "extra.weight": mx.zeros((2,))}),
+                          "unexpected tensor 'extra.weight'"),
+    "integer weights": (lambda p: edit_weights(p, lambda w: {**w, "model.norm.weight": w["model.norm.weight"].astype(mx.int32)}),
+                        r"tensor 'model.norm.weight' has dtype .*int32, expected a float dtype"),
 }
+
+
+def edit_weights(path, change):
+    file = str(path / "model.safetensors")
+    mx.save_safetensors(file, change(mx.load(file)))
 
 
 @pytest.mark.parametrize("case", BREAKAGES)
@@ -234,3 +255,16 @@ def test_debug_prints_a_traceback_and_the_same_exit_code(capsys, broken):
     assert main(["--model", str(broken), "--prompt", "hi", "--debug"]) == code == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1] == errors[0]
+
+
+def test_unknown_config_keys_warn_in_one_line(capsys, broken):
+    edit_config(broken, brand_new_key=1)
+    assert main(["--model", str(broken), "--prompt", "hi", "--max-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: config.json: ignoring unknown keys ['brand_new_key']" in err.splitlines()
+
+
+def test_invalid_utf8_on_stdin(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
+    code, errors = cli(capsys, "--model", "demo", "--prompt", "-")
+    assert code == 2 and errors == ["error: prompt from stdin is not valid UTF-8 (invalid continuation byte at byte 3)"]

@@ -122,6 +122,17 @@ def test_original_pth_bfloat16(hf_checkpoint, original_checkpoint, tmp_path):
         assert mx.array_equal(stored[name], w.astype(mx.bfloat16)).item(), name
 
 
+def test_pth_without_torch_is_one_line(original_checkpoint, tmp_path, monkeypatch):
+    src = tmp_path / "pth"
+    src.mkdir()
+    for name in ("params.json", "tokenizer.model"):
+        shutil.copy(original_checkpoint / name, src / name)
+    torch.save(load_file(str(original_checkpoint / "consolidated.safetensors")), src / "consolidated.00.pth")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(MistralError, match=r"consolidated\.00\.pth: reading \.pth needs PyTorch: pip install torch"):
+        load(str(src))
+
+
 # 2. Quantization quality
 
 
