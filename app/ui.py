@@ -90,8 +90,8 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **
 
 
 def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None) -> None:
-    """launch() and block until Ctrl-C, which is raised (Gradio's own wait swallows it and returns),
-    after the server is closed."""
+    """launch(), then wait here rather than in Gradio's loop (which swallows Ctrl-C and returns):
+    the KeyboardInterrupt goes on to the caller once the server is closed."""
     launch(demo, host, port, prevent_thread_lock=True)
     try:
         while demo.is_running:

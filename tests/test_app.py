@@ -355,7 +355,12 @@ def test_non_loopback_host_warns(capsys):
 
 
 def listening_addresses(pid: int) -> set[tuple[str, int]]:
-    """(address, port) of the TCP sockets process `pid` listens on, read from /proc (Linux)."""
+    """(address, port) of the TCP sockets process `pid` listens on: from /proc on Linux, else lsof."""
+    if not Path("/proc/net/tcp").exists():  # macOS
+        out = subprocess.run(["lsof", "-a", "-p", str(pid), "-iTCP", "-sTCP:LISTEN", "-P", "-n", "-Fn"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return {(host.strip("[]"), int(port)) for host, port in
+                (line[1:].rsplit(":", 1) for line in out.splitlines() if line.startswith("n"))}
     inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
               if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
     found = set()
