@@ -86,5 +86,6 @@ def test_stop_strings_stop_each_row_on_its_own(tiny):
     for i, (text, last) in enumerate(stopped):
         assert text == full[i][: full[i].find(stops[i])] and last.finish_reason == "stop"
         single = list(stream_generate(model, tok, prompts[i], max_tokens=20, stop=stops))
-        assert "".join(r.text for r in single) == text and single[-1].generation_tokens == last.generation_tokens
+        assert "".join(r.text for r in single) == text
+        assert single[-1].generation_tokens == last.generation_tokens
     assert stopped[0][1].generation_tokens != stopped[1][1].generation_tokens

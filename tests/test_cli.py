@@ -78,18 +78,23 @@ BREAKAGES = {
     "missing tensor": (lambda p: edit_config(p, num_hidden_layers=3), "missing tensor 'model.layers.2"),
     "truncated weights": (lambda p: (p / "model.safetensors").write_bytes(
         (p / "model.safetensors").read_bytes()[:100_000]), "model.safetensors: not a valid safetensors"),
-    "a file, not a directory": (lambda p: (shutil.rmtree(p), p.write_text("x")), "expected a directory, found a file"),
-    "config not an object": (lambda p: (p / "config.json").write_text("[1, 2]"), "expected a JSON object, got list"),
-    "rope scaling": (lambda p: edit_config(p, rope_scaling={"type": "linear", "factor": 2.0}), "only default RoPE"),
+    "a file, not a directory": (lambda p: (shutil.rmtree(p), p.write_text("x")),
+                                "expected a directory, found a file"),
+    "config not an object": (lambda p: (p / "config.json").write_text("[1, 2]"),
+                             "expected a JSON object, got list"),
+    "rope scaling": (lambda p: edit_config(p, rope_scaling={"type": "linear", "factor": 2.0}),
+                     "only default RoPE"),
     "not silu": (lambda p: edit_config(p, hidden_act="gelu"), "hidden_act must be 'silu', got 'gelu'"),
-    "rope_parameters not an object": (lambda p: edit_config(p, rope_parameters=[1]), "rope_parameters must be an object"),
+    "rope_parameters not an object": (lambda p: edit_config(p, rope_parameters=[1]),
+                                      "rope_parameters must be an object"),
     "bad quantization": (lambda p: edit_config(p, quantization={"bits": 7, "group_size": 64}),
                          "quantization must have bits in 2-6 or 8 and group_size 32/64/128"),
     "tokenizer too large": (lambda p: shutil.copy(TOKENIZER_V3, p / "tokenizer.model"),
                             "tokenizer has 32768 tokens, model vocab_size is 32000"),
     "unexpected tensor": (lambda p: edit_weights(p, lambda w: {**w, "extra.weight": mx.zeros((2,))}),
                           "unexpected tensor 'extra.weight'"),
-    "integer weights": (lambda p: edit_weights(p, lambda w: {**w, "model.norm.weight": w["model.norm.weight"].astype(mx.int32)}),
+    "integer weights": (lambda p: edit_weights(p, lambda w: {**w, "model.norm.weight":
+                                                             w["model.norm.weight"].astype(mx.int32)}),
                         r"tensor 'model.norm.weight' has dtype .*int32, expected a float dtype"),
 }
 
@@ -199,7 +204,8 @@ def test_system_prompt_gives_mistral_commons_tokens(capsys, monkeypatch, hf_chec
     cli_module = sys.modules[main.__module__]
     seen = []
     real = cli_module.stream_generate
-    monkeypatch.setattr(cli_module, "stream_generate", lambda m, t, tokens, **kw: seen.append(tokens) or real(m, t, tokens, **kw))
+    monkeypatch.setattr(cli_module, "stream_generate",
+                        lambda m, t, tokens, **kw: seen.append(tokens) or real(m, t, tokens, **kw))
     base = ["--model", str(hf_checkpoint[0]), "--prompt", "hello", "--max-tokens", "1"]
     json_run(capsys, *base)
     json_run(capsys, *base, "--system", "Be brief.")
@@ -232,7 +238,8 @@ def test_prefill_chunk_changes_the_calls_not_the_logits(capsys, monkeypatch, hf_
 
     calls, logits = [], []
     model_call, real_prefill = Mistral.__call__, generation.prefill
-    monkeypatch.setattr(Mistral, "__call__", lambda self, x, cache: calls.append(x.shape[1]) or model_call(self, x, cache))
+    monkeypatch.setattr(Mistral, "__call__",
+                        lambda self, x, cache: calls.append(x.shape[1]) or model_call(self, x, cache))
     monkeypatch.setattr(generation, "prefill",
                         lambda *a, **k: logits.append(real_prefill(*a, **k)) or logits[-1])
     prompt = "The rolling buffer keeps the last window of keys and values, so memory stays flat."
@@ -267,4 +274,5 @@ def test_unknown_config_keys_warn_in_one_line(capsys, broken):
 def test_invalid_utf8_on_stdin(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
     code, errors = cli(capsys, "--model", "demo", "--prompt", "-")
-    assert code == 2 and errors == ["error: prompt from stdin is not valid UTF-8 (invalid continuation byte at byte 3)"]
+    assert code == 2
+    assert errors == ["error: prompt from stdin is not valid UTF-8 (invalid continuation byte at byte 3)"]

@@ -129,7 +129,7 @@ def test_pth_without_torch_is_one_line(original_checkpoint, tmp_path, monkeypatc
         shutil.copy(original_checkpoint / name, src / name)
     torch.save(load_file(str(original_checkpoint / "consolidated.safetensors")), src / "consolidated.00.pth")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-    with pytest.raises(MistralError, match=r"consolidated\.00\.pth: reading \.pth needs PyTorch: pip install torch"):
+    with pytest.raises(MistralError, match=r"consolidated\.00\.pth: reading \.pth needs PyTorch: pip install"):
         load(str(src))
 
 
@@ -381,8 +381,8 @@ def test_a_killed_runs_partial_dir_is_removed_by_the_next_run(hf_checkpoint, tmp
     if force:
         dst.mkdir()
         (dst / "old.txt").write_text("replaced by the --force run")
-    killed = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(hf_checkpoint[0]), str(dst), str(force)], cwd=REPO,
-                              env=env, stdout=subprocess.PIPE, text=True)
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(hf_checkpoint[0]), str(dst), str(force)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
         shard = Path(killed.stdout.readline().strip())  # the first shard is written: kill it mid-run
         killed.kill()

@@ -28,8 +28,8 @@ def test_mistral_7b_paper_figures():
     matrices = PARAMS_7B - NORMS_7B  # quantized; norms stay fp16
     assert weight_bytes(MISTRAL_7B) == 2 * PARAMS_7B == 14_483_464_192
     # b bits per weight, plus a 16-bit scale and a 16-bit bias per group of 64 weights
-    assert weight_bytes(MISTRAL_7B, 8) == matrices * 8 // 8 + matrices // 64 * 4 + 2 * NORMS_7B == 7_694_589_952
-    assert weight_bytes(MISTRAL_7B, 4) == matrices * 4 // 8 + matrices // 64 * 4 + 2 * NORMS_7B == 4_073_857_024
+    for bits, expected in ((8, 7_694_589_952), (4, 4_073_857_024)):
+        assert weight_bytes(MISTRAL_7B, bits) == matrices * bits // 8 + matrices // 64 * 4 + 2 * NORMS_7B == expected
 
 
 @pytest.mark.parametrize("capacity,batch", [(8, 1), (5, 3)])

@@ -88,7 +88,8 @@ def test_bad_chat_and_files(tmp_path):
 
 def test_lone_surrogate_is_one_line():
     tok = Tokenizer(TOKENIZER_V1)
-    with pytest.raises(MistralError, match=r"^text is not valid Unicode \(surrogates not allowed at character 2\)$"):
+    message = r"^text is not valid Unicode \(surrogates not allowed at character 2\)$"
+    with pytest.raises(MistralError, match=message):
         tok.encode("ab\ud800c")
     with pytest.raises(MistralError, match="not valid Unicode"):
         tok.chat_tokens([{"role": "user", "content": "\udfff"}])
