@@ -7,9 +7,12 @@ peak memory is about the largest tensor, not the model.
 """
 
 import json
+import os
+import re
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -125,9 +128,11 @@ def staging(dst: Path) -> Iterator[Path]:
     """A fresh directory beside `dst`, renamed to `dst` when the block completes.
 
     On any exception (Ctrl-C included) it is removed and an existing `dst` is left untouched.
+    Its name holds this process's id: one left by a killed run is removed by the next run here.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.partial"
+    remove_killed_runs(dst.parent)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
     tmp.mkdir()
     try:
         yield tmp
@@ -145,6 +150,26 @@ def staging(dst: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_killed_runs(parent: Path) -> None:
+    """Remove the staging directories in `parent` whose run's process is gone (killed: SIGKILL,
+    power loss), saying so; those of live runs are theirs."""
+    for path in parent.glob(".*.partial"):
+        match = re.fullmatch(r"\..+\.(\d+)-[0-9a-f]{8}\.partial", path.name)
+        if match and path.is_dir() and not process_alive(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            warnings.warn(f"removed {path}: left by a convert run that was killed", stacklevel=2)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def save_checkpoint(out_dir: Path, args: ModelArgs, tensors: dict[str, mx.array],

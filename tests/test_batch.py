@@ -93,3 +93,21 @@ def test_bad_batches(tiny, prompts, kwargs, match):
     model, tok = tiny
     with pytest.raises(MistralError, match=match):
         list(batch_stream_generate(model, tok, prompts, **kwargs))
+
+
+def test_stop_strings_stop_each_row_on_its_own(tiny):
+    """Two stop strings, each found in one row's answer: each row is cut before its own, at its
+    own step, the way a single run with the same stop strings is; the other row runs on."""
+    model, tok = tiny
+    prompts = ["Hello there", "A question about rolling caches?"]
+    full = [text for text, _ in batch_generate(model, tok, prompts, max_tokens=20)]
+    stops = [text[len(text) // 2: len(text) // 2 + 2] for text in full]
+    for i, stop in enumerate(stops):
+        assert full[i].find(stop) > 0 and stop not in full[1 - i], (full, stops)
+    stopped = batch_generate(model, tok, prompts, max_tokens=20, stop=stops)
+    for i, (text, last) in enumerate(stopped):
+        assert text == full[i][: full[i].find(stops[i])] and last.finish_reason == "stop"
+        single = list(stream_generate(model, tok, prompts[i], max_tokens=20, stop=stops))
+        assert "".join(r.text for r in single) == text
+        assert single[-1].generation_tokens == last.generation_tokens
+    assert stopped[0][1].generation_tokens != stopped[1][1].generation_tokens

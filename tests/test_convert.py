@@ -122,6 +122,17 @@ def test_original_pth_bfloat16(hf_checkpoint, original_checkpoint, tmp_path):
         assert mx.array_equal(stored[name], w.astype(mx.bfloat16)).item(), name
 
 
+def test_pth_without_torch_is_one_line(original_checkpoint, tmp_path, monkeypatch):
+    src = tmp_path / "pth"
+    src.mkdir()
+    for name in ("params.json", "tokenizer.model"):
+        shutil.copy(original_checkpoint / name, src / name)
+    torch.save(load_file(str(original_checkpoint / "consolidated.safetensors")), src / "consolidated.00.pth")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(MistralError, match=r"consolidated\.00\.pth: reading \.pth needs PyTorch: pip install"):
+        load(str(src))
+
+
 # 2. Quantization quality
 
 
@@ -347,3 +358,50 @@ def test_cli(hf_checkpoint, tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert again.stderr.strip().splitlines()[-1].startswith("error: output directory")
+
+
+# A real process, killed with SIGKILL between two shards (after the first is written, it sleeps).
+KILLED_RUN = """
+import sys, time
+import mlx_mistral.convert as c
+real = c.write_safetensors
+def slow(path, shard, on_tensor):
+    real(path, shard, on_tensor)
+    print(path, flush=True)
+    time.sleep(120)
+c.write_safetensors = slow
+c.convert(sys.argv[1], sys.argv[2], force=sys.argv[3] == "True", shard_bytes=3 * 2**20)
+"""
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_killed_runs_partial_dir_is_removed_by_the_next_run(hf_checkpoint, tmp_path, force):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    dst = tmp_path / "out"
+    if force:
+        dst.mkdir()
+        (dst / "old.txt").write_text("replaced by the --force run")
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(hf_checkpoint[0]), str(dst), str(force)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        shard = Path(killed.stdout.readline().strip())  # the first shard is written: kill it mid-run
+        killed.kill()
+        killed.wait(timeout=30)
+    finally:
+        killed.kill()
+        killed.wait()
+    assert shard.parent.name.endswith(".partial") and shard.exists()  # what SIGKILL leaves behind
+    cmd = [sys.executable, "-m", "convert", "--model", str(hf_checkpoint[0]), "--out", str(dst)]
+    again = subprocess.run(cmd + ["--force"] * force, cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"warning: removed {shard.parent}: left by a convert run that was killed" in again.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (dst / "model.safetensors").exists() and not (dst / "old.txt").exists()
+
+
+def test_a_live_runs_partial_dir_is_kept(tmp_path):
+    live = tmp_path / f".other.{os.getpid()}-0123abcd.partial"
+    live.mkdir()
+    convert_module.remove_killed_runs(tmp_path)
+    assert live.exists()

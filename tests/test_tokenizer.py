@@ -84,3 +84,12 @@ def test_bad_chat_and_files(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(MistralError, match="not a SentencePiece tokenizer"):
         Tokenizer(bad)
+
+
+def test_lone_surrogate_is_one_line():
+    tok = Tokenizer(TOKENIZER_V1)
+    message = r"^text is not valid Unicode \(surrogates not allowed at character 2\)$"
+    with pytest.raises(MistralError, match=message):
+        tok.encode("ab\ud800c")
+    with pytest.raises(MistralError, match="not valid Unicode"):
+        tok.chat_tokens([{"role": "user", "content": "\udfff"}])
