@@ -13,6 +13,7 @@ from transformers import MistralConfig, MistralForCausalLM
 DATA = Path(os.path.dirname(mistral_common.__file__)) / "data"
 TOKENIZER_V1 = DATA / "tokenizer.model.v1"
 TOKENIZER_V3 = DATA / "mistral_instruct_tokenizer_240323.model.v3"
+TOKENIZER_TEKKEN = DATA / "tekken_240911.json"  # Mistral NeMo's
 
 
 def tiny_config(sliding_window: int | None = 8, **overrides) -> dict:
