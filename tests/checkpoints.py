@@ -36,7 +36,7 @@ def write_hf(path: Path, config: dict, seed: int = 0, tokenizer: Path = TOKENIZE
             if "norm" not in name:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path, safe_serialization=True)
-    shutil.copy(tokenizer, path / "tokenizer.model")
+    shutil.copy(tokenizer, path / ("tekken.json" if tokenizer.suffix == ".json" else "tokenizer.model"))
     return model
 
 
