@@ -81,14 +81,16 @@ def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
 
 
 def find_tokenizer(path: Path) -> Path:
-    """Mistral's own tokenizer files first (SentencePiece, then Tekken)."""
+    """Mistral's own tokenizer files first (SentencePiece, Tekken), then tokenizer.json (mlx-lm's)."""
     for name in ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1", "tekken.json"):
         if (path / name).exists():
             return path / name
     found = sorted(p for p in path.glob("tokenizer.model*") if p.suffix != ".json")
-    if not found:
-        raise MistralError(f"{path}: no tokenizer.model or tekken.json")
-    return found[0]
+    if found:
+        return found[0]
+    if (path / "tokenizer.json").exists():
+        return path / "tokenizer.json"
+    raise MistralError(f"{path}: no tokenizer.model, tekken.json or tokenizer.json")
 
 
 def _hf_weight_files(path: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Mistral tokenizers (SentencePiece V1/V3, Tekken) with chat encoding by mistral-common.
+"""Mistral tokenizers (SentencePiece V1/V3, its tokenizer.json form, Tekken) with chat encoding
+by mistral-common.
 
 mistral-common is Mistral's own encoder for chat requests, tools included: chat_tokens()
 hands it the conversation in OpenAI's message format, so our templates are never hand-written.
@@ -6,6 +7,7 @@ hands it the conversation in OpenAI's message format, so our templates are never
 
 import codecs
 import json
+import logging
 import re
 import secrets
 import string
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
+import tokenizers
 from mistral_common.exceptions import MistralCommonException
 from mistral_common.experimental.tools import _decode_tool_calls
 from mistral_common.protocol.instruct.normalize import get_normalizer
@@ -135,27 +138,117 @@ def _call_id(given: str) -> str:
 
 
 def _load_mistral(path: Path) -> MistralTokenizer:
-    """mistral-common's tokenizer for a file. A SentencePiece file whose name does not say its
-    version (plain tokenizer.model) is V3 when [INST] is a control token, else V1."""
+    """mistral-common's tokenizer for a file. A SentencePiece model whose file name does not say
+    its version (tokenizer.model, tokenizer.json) is V3 when [INST] is a control token, else V1."""
     if is_tekken(path):
         try:
             return MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
         except (OSError, ValueError, KeyError, AssertionError, MistralCommonException) as e:
             raise MistralError(f"{path}: not a Tekken tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.load(str(path))
-    except (OSError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise MistralError(f"{path}: not a SentencePiece tokenizer model ({reason})") from None
-    if re.search(r"\.v\d+$", path.name):
-        return MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
+    if path.name == "tokenizer.json":
+        sp = SentencePieceJson(path)
+    else:
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.load(str(path))
+        except (OSError, RuntimeError) as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise MistralError(f"{path}: not a SentencePiece tokenizer model ({reason})") from None
+        if re.search(r"\.v\d+$", path.name):
+            return MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
     v3 = sp.vocab_size() > 4 and sp.id_to_piece(3) == "[INST]" and sp.is_control(3)
     version = TokenizerVersion.v3 if v3 else TokenizerVersion.v1
-    raw = SentencePieceTokenizer(path, tokenizer_version=version)
+    raw = (_JsonSentencePieceTokenizer(path, sp, version) if isinstance(sp, SentencePieceJson)
+           else SentencePieceTokenizer(path, tokenizer_version=version))
     instruct = (InstructTokenizerV3 if v3 else InstructTokenizerV1)(raw)
     return MistralTokenizer(instruct, validator=get_validator(version, mode=ValidationMode.test),
                             request_normalizer=get_normalizer(version, raw.model_settings_builder))
+
+
+class SentencePieceJson:
+    """A tokenizer.json converted from a SentencePiece BPE model (what transformers and mlx-lm
+    write), run by Hugging Face `tokenizers` with SentencePiece's rules so that the ids are
+    SentencePiece's, behind the methods mistral-common calls on a SentencePieceProcessor."""
+
+    def __init__(self, path: Path):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            model = data["model"]
+            sentencepiece_like = model["type"] == "BPE" and model.get("byte_fallback") and "\u2581" in model["vocab"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MistralError(f"{path}: not a Hugging Face tokenizer.json ({type(e).__name__}: {e})") from None
+        if not sentencepiece_like:
+            raise MistralError(f"{path}: not a SentencePiece-style BPE (byte fallback, '\u2581' spaces); "
+                               "a Tekken model needs its tekken.json")
+
+        def spaces_only(merge: str | list[str]) -> bool:
+            return set("".join(merge.split(" ") if isinstance(merge, str) else merge)) == {"\u2581"}
+
+        # SentencePiece scores the pieces made only of spaces lowest: it merges them last.
+        model["merges"] = sorted(model["merges"], key=spaces_only)
+        data["normalizer"] = data["pre_tokenizer"] = None
+        self._hf = tokenizers.Tokenizer.from_str(json.dumps(data))
+        n = tokenizers.normalizers
+        self._hf.normalizer = n.Sequence([n.Prepend("\u2581"), n.Replace(" ", "\u2581")])  # its dummy prefix
+        # its words: a run of spaces with the text after it (a space run at the end stands alone)
+        self._hf.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+            tokenizers.Regex("\u2581*[^\u2581]+|\u2581+"), behavior="isolated")
+        self._hf.encode_special_tokens = True  # "[INST]" typed in text stays text
+        self._unk = self._hf.token_to_id("<unk>")
+        self._control = {t["id"] for t in data.get("added_tokens", []) if t.get("special")} - {self._unk}
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, skip_special_tokens=True)
+
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size()
+
+    get_piece_size = vocab_size
+
+    def id_to_piece(self, i: int) -> str:
+        return self._hf.id_to_token(i)
+
+    def piece_to_id(self, piece: str) -> int:
+        found = self._hf.token_to_id(piece)
+        return self._unk if found is None else found
+
+    def is_control(self, i: int) -> bool:
+        return i in self._control
+
+    IsControl = is_control
+
+    def is_unknown(self, i: int) -> bool:
+        return i == self._unk
+
+    def is_byte(self, i: int) -> bool:
+        return re.fullmatch(r"<0x[0-9A-F]{2}>", self.id_to_piece(i)) is not None
+
+    def bos_id(self) -> int:
+        return self.piece_to_id("<s>")
+
+    def eos_id(self) -> int:
+        return self.piece_to_id("</s>")
+
+    def unk_id(self) -> int:
+        return self._unk
+
+    def pad_id(self) -> int:
+        return -1
+
+
+class _JsonSentencePieceTokenizer(SentencePieceTokenizer):
+    """mistral-common's SentencePieceTokenizer on a SentencePieceJson instead of a .model file."""
+
+    def __init__(self, path: Path, model: SentencePieceJson, version: TokenizerVersion):
+        # what SentencePieceTokenizer.__init__ sets, without its SentencePieceProcessor
+        self._logger = logging.getLogger(self.__class__.__name__)
+        self._model = model
+        self._vocab = [model.id_to_piece(i) for i in range(model.vocab_size())]
+        self._version = version
+        self._file_path = path
 
 
 class StreamingDetokenizer:

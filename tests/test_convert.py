@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mlx_mistral.convert as convert_module
-from checkpoints import oracle_logits
+from checkpoints import TOKENIZER_V1, oracle_logits
 from convert.__main__ import main
-from mlx_mistral import Mistral, MistralError, load, make_cache
+from mlx_mistral import Mistral, MistralError, Tokenizer, load, make_cache
 from mlx_mistral.config import Quantization
 from mlx_mistral.convert import convert
 from mlx_mistral.loading import read_checkpoint
@@ -177,7 +177,7 @@ def mlx_lm_dirs(windowless, tmp_path_factory):
     mlx_lm_convert(str(src), str(dirs["float16"]), dtype="float16")
     mlx_lm_convert(str(src), str(dirs["4-bit"]), quantize=True, q_group_size=64, q_bits=4, dtype="float32")
     for path in dirs.values():  # mlx-lm 0.32 with transformers 5 writes tokenizer.json only
-        shutil.copy(src / "tokenizer.model", path)
+        assert (path / "tokenizer.json").exists() and not list(path.glob("tokenizer.model*"))
     return dirs
 
 
@@ -186,8 +186,12 @@ def test_we_load_mlx_lm_output(mlx_lm_dirs, kind):
     path = mlx_lm_dirs[kind]
     theirs = mlx_lm.load(str(path))[0]
     theirs.set_dtype(mx.float32)  # fp16 weights, fp32 compute on both sides (what we do on CPU)
-    diff = np.abs(mlx_lm_logits(theirs, IDS) - logits(load(str(path))[0], IDS)).max()
+    model, tokenizer = load(str(path))
+    diff = np.abs(mlx_lm_logits(theirs, IDS) - logits(model, IDS)).max()
     print(f"our load of mlx_lm.convert {kind}: max abs logit diff {diff:.2e}")
+    messages = [{"role": "user", "content": "Hello  there, 1234 🎉"}]
+    assert tokenizer.path.name == "tokenizer.json"
+    assert tokenizer.chat_tokens(messages) == Tokenizer(TOKENIZER_V1).chat_tokens(messages)
     assert diff == 0 if kind == "4-bit" else diff <= 1e-4  # measured: 0 for both
 
 
