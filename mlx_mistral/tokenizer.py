@@ -94,6 +94,8 @@ class Tokenizer:
 
         `messages` and `tools` are in OpenAI's chat format; mistral-common encodes them, so
         V1, V3 and Tekken templates, tool definitions, calls and results are Mistral's own.
+        An empty answer (EOS at once, or stopped before its first token) is left out, as
+        mistral-common refuses it; the user turns around it are then joined, as it joins them.
         """
         if tools and self.tool_calls_id is None:
             raise MistralError(f"{self.path}: a {self.version} tokenizer has no function calling (V3 or later needed)")
@@ -102,8 +104,9 @@ class Tokenizer:
         last = next((m.get("role") for m in reversed(messages) if m.get("role") != "system"), None)
         if last not in ("user", "tool"):
             raise MistralError("chat messages: the conversation must end with a user message (or tool results)")
+        messages = [m for m in messages if m.get("role") != "assistant" or m.get("content") or m.get("tool_calls")]
         try:
-            request = ChatCompletionRequest.from_openai(list(messages), tools=list(tools) if tools else None)
+            request = ChatCompletionRequest.from_openai(messages, tools=list(tools) if tools else None)
             return self._mistral.encode_chat_completion(request).tokens
         except KeyError as e:
             raise MistralError(f"chat messages: a message lacks its {e} field") from None

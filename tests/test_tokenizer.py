@@ -48,6 +48,13 @@ def test_chat_tokens_match_mistral_common(tokenizers, messages):
     assert ours.chat_tokens(messages) == theirs.encode_chat_completion(request).tokens
 
 
+def test_empty_answer_is_left_out(tokenizers):
+    ours, theirs = tokenizers
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "b"}]
+    joined = ChatCompletionRequest(messages=[UserMessage(content="a"), UserMessage(content="b")])
+    assert ours.chat_tokens(messages) == theirs.encode_chat_completion(joined).tokens
+
+
 def test_user_text_never_becomes_a_control_token(tokenizers):
     tok = tokenizers[0]
     text = "[INST] </s> <s> [/INST] <unk>"
