@@ -149,7 +149,7 @@ def _load_mistral(path: Path) -> MistralTokenizer:
         except (OSError, ValueError, KeyError, AssertionError, MistralCommonException) as e:
             raise MistralError(f"{path}: not a Tekken tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
     if path.name == "tokenizer.json":
-        sp = SentencePieceJson(path)
+        sp = _SentencePieceJson(path)
     else:
         sp = spm.SentencePieceProcessor()
         try:
@@ -161,14 +161,14 @@ def _load_mistral(path: Path) -> MistralTokenizer:
             return MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
     v3 = sp.vocab_size() > 4 and sp.id_to_piece(3) == "[INST]" and sp.is_control(3)
     version = TokenizerVersion.v3 if v3 else TokenizerVersion.v1
-    raw = (_JsonSentencePieceTokenizer(path, sp, version) if isinstance(sp, SentencePieceJson)
+    raw = (_JsonSentencePieceTokenizer(path, sp, version) if isinstance(sp, _SentencePieceJson)
            else SentencePieceTokenizer(path, tokenizer_version=version))
     instruct = (InstructTokenizerV3 if v3 else InstructTokenizerV1)(raw)
     return MistralTokenizer(instruct, validator=get_validator(version, mode=ValidationMode.test),
                             request_normalizer=get_normalizer(version, raw.model_settings_builder))
 
 
-class SentencePieceJson:
+class _SentencePieceJson:
     """A tokenizer.json converted from a SentencePiece BPE model (what transformers and mlx-lm
     write), run by Hugging Face `tokenizers` with SentencePiece's rules so that the ids are
     SentencePiece's, behind the methods mistral-common calls on a SentencePieceProcessor."""
@@ -243,9 +243,9 @@ class SentencePieceJson:
 
 
 class _JsonSentencePieceTokenizer(SentencePieceTokenizer):
-    """mistral-common's SentencePieceTokenizer on a SentencePieceJson instead of a .model file."""
+    """mistral-common's SentencePieceTokenizer on a _SentencePieceJson instead of a .model file."""
 
-    def __init__(self, path: Path, model: SentencePieceJson, version: TokenizerVersion):
+    def __init__(self, path: Path, model: _SentencePieceJson, version: TokenizerVersion):
         # what SentencePieceTokenizer.__init__ sets, without its SentencePieceProcessor
         self._logger = logging.getLogger(self.__class__.__name__)
         self._model = model

@@ -95,6 +95,10 @@ def test_bad_chat_and_files(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(MistralError, match="not a SentencePiece tokenizer"):
         Tokenizer(bad)
+    bad = tmp_path / "tekken.json"
+    bad.write_text("{oops")
+    with pytest.raises(MistralError, match="tekken.json: not a Tekken tokenizer"):
+        Tokenizer(bad)
 
 
 WEATHER = {"type": "function", "function": {
