@@ -19,12 +19,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
+from mistral_common.integrations.chat_templates.chat_templates import generate_chat_template
+from mistral_common.tokens.tokenizers.base import TokenizerVersion
 from tqdm import tqdm
 
 from .config import ModelArgs, Quantization
 from .errors import MistralError
 from .loading import check_weights, read_checkpoint, resolve
 from .model import Mistral
+from .tokenizer import Tokenizer
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -86,15 +89,36 @@ def convert(src: str, dst: str | Path, dtype: str | None = None, quantization: Q
         tensors = quantize_weights(args, tensors, quantization)
         args = replace(args, quantization=quantization)
     tensor_bytes = sum(w.nbytes for w in tensors.values())
-    files = {"tokenizer.model": tokenizer}
+    files = {"tokenizer.model" if tokenizer.name.startswith("tokenizer.model") else tokenizer.name: tokenizer}
     files.update({name: src_dir / name for name in TOKENIZER_JSON if (src_dir / name).exists()})
     try:
         with staging(dst) as tmp:
             shards = save_checkpoint(tmp, args, tensors, files, shard_bytes, progress)
+            config = None if "tokenizer_config.json" in files else hf_tokenizer_config(tokenizer)
+            if config:
+                (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     except OSError as e:
         raise MistralError(f"output directory {dst}: could not be written ({e})") from None
     disk_bytes = sum(f.stat().st_size for f in dst.iterdir())
     return Summary(parameters, tensor_bytes, disk_bytes, shards, time.perf_counter() - start)
+
+
+def hf_tokenizer_config(tokenizer_file: Path) -> dict | None:
+    """tokenizer_config.json for transformers and mlx-lm, so that they add BOS and apply Mistral's
+    chat template (Jinja, from mistral-common) for the tokenizer's version. None for Tekken, whose
+    tekken.json they do not read this way."""
+    tokenizer = Tokenizer(tokenizer_file)
+    if tokenizer.tekken:
+        return None
+    template = generate_chat_template(
+        spm=True, tokenizer_version=TokenizerVersion(tokenizer.version), image_support=False,
+        audio_support=False, thinking_support=False, default_system_prompt=None, plain_thinking_support=False,
+        use_special_token_variables=True, model_settings_fields=None, reasoning_effort_values=None,
+        reasoning_effort_default=None,
+    )
+    # legacy: False = no extra "\u2581" after a special token (transformers 5 converts tokenizer.model so)
+    return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": False, "chat_template": template}
 
 
 def quantize_weights(args: ModelArgs, weights: dict[str, mx.array], q: Quantization) -> dict[str, mx.array]:

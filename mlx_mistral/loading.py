@@ -68,7 +68,7 @@ def read_config(path: Path) -> ModelArgs:
 
 
 def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
-    """(args, lazy HF-named weights, tokenizer.model path) of a checkpoint directory."""
+    """(args, lazy HF-named weights, tokenizer file) of a checkpoint directory."""
     args = read_config(path)
     if (path / "config.json").exists():
         weights = {}
@@ -81,15 +81,16 @@ def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
 
 
 def find_tokenizer(path: Path) -> Path:
-    for name in ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1"):
+    """Mistral's own tokenizer files first (SentencePiece, Tekken), then tokenizer.json (mlx-lm's)."""
+    for name in ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1", "tekken.json"):
         if (path / name).exists():
             return path / name
     found = sorted(p for p in path.glob("tokenizer.model*") if p.suffix != ".json")
-    if not found:
-        hint = (" (tokenizer.json alone is not enough: copy tokenizer.model from the original model)"
-                if (path / "tokenizer.json").exists() else "")
-        raise MistralError(f"{path}: no tokenizer.model (a SentencePiece model is expected){hint}")
-    return found[0]
+    if found:
+        return found[0]
+    if (path / "tokenizer.json").exists():
+        return path / "tokenizer.json"
+    raise MistralError(f"{path}: no tokenizer.model, tekken.json or tokenizer.json")
 
 
 def _hf_weight_files(path: Path) -> list[Path]:
