@@ -22,6 +22,8 @@ from mlx_mistral import distributed, load, make_sampler
 from mlx_mistral.config import ModelArgs, Quantization
 from mlx_mistral.convert import convert
 from mlx_mistral.errors import MistralError
+from mlx_mistral.memory import kv_bytes_per_token, per_rank, weight_bytes
+from mlx_mistral.memory import main as memory_main
 
 TESTS = Path(__file__).parent
 MLX_LAUNCH = str(Path(sys.executable).parent / "mlx.launch")  # the launcher mlx installs beside python
@@ -193,3 +195,21 @@ def test_a_process_not_started_by_mlx_launch_runs_alone(monkeypatch):
     monkeypatch.delenv("MLX_RANK", raising=False)
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE", raising=False)
     assert distributed.init() is None
+
+
+def test_memory_per_rank_matches_the_ranks(models, two_ranks):
+    """memory.per_rank (fp16) is what a float32 rank holds, halved: layers and KV split, the rest whole."""
+    args = ModelArgs.from_hf(json.loads((models["windowed"] / "config.json").read_text()))
+    rank0 = two_ranks[MODELS.index("windowed")][0]
+    two, one = per_rank(args, 2, 16), per_rank(args, 1, 16)
+    assert 2 * two["sharded_weights"] == rank0["sharded_bytes"] and 2 * two["sharded_weights"] == one["sharded_weights"]
+    assert two["whole_weights"] == one["whole_weights"] == weight_bytes(args) - one["sharded_weights"]
+    assert 2 * two["kv"] == one["kv"] == 8 * kv_bytes_per_token(args)  # the window holds 8 of 16 tokens
+
+
+def test_memory_ranks_command(capsys):
+    assert memory_main(["--ranks", "2", "--mac-gb", "64", "--lengths", "32768", "--json"]) == 0
+    fits = json.loads(capsys.readouterr().out)["fits"]["Mistral Large 123B"]
+    assert fits["4bit"] <= 0.75 * 64e9 < fits["8bit"]  # 123B at 4 bits fits on two 64 GB Macs, at 8 not
+    assert memory_main(["--ranks", "3"]) == 2
+    assert "cannot split 8 K/V heads over 3 ranks" in capsys.readouterr().err
