@@ -206,8 +206,9 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
                 group: mx.distributed.Group | None = None) -> Mistral:
     """A model with `weights` loaded strictly (names and shapes checked) and evaluated once.
 
-    With a `group` of several ranks, only this rank's share of each layer is evaluated
-    (distributed.shard slices the lazy weights), one layer at a time.
+    With a `group` of several ranks, only this rank's share of each layer is kept
+    (distributed.shard slices the lazy weights), evaluated one layer at a time. `weights` is
+    emptied: the model owns the arrays, and a full tensor must not outlive its slice.
     """
     dtype = dtype or default_dtype(weights)
     model = Mistral(args)
@@ -218,7 +219,9 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
     check_weights(model, weights)
     loaded = [(name, w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w)
               for name, w in weights.items()]
+    weights.clear()
     model.load_weights(loaded, strict=True)
+    del loaded
     if group is not None and group.size() > 1:
         shard(model, group)
     try:
