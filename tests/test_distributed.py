@@ -27,7 +27,7 @@ from mlx_mistral.memory import main as memory_main
 
 TESTS = Path(__file__).parent
 MLX_LAUNCH = str(Path(sys.executable).parent / "mlx.launch")  # the launcher mlx installs beside python
-MODELS = ["windowed", "windowless", "windowed-4bit", "windowless-4bit"]
+MODELS = ["windowed", "windowless", "windowed-4bit", "windowless-4bit", "windowed-8bit"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -88,21 +88,21 @@ def cli(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny windowed (W = 8) and windowless models, float32 and 4-bit (group 32: o_proj's 64
-    input columns split in two whole groups per rank)."""
+    """Tiny windowed (W = 8) and windowless models, float32, 4-bit and 8-bit (group 32: o_proj's
+    64 input columns split into one whole group per rank)."""
     root = tmp_path_factory.mktemp("dist")
     out = {"windowed": root / "windowed", "windowless": root / "windowless"}
     write_hf(out["windowed"], tiny_config(sliding_window=8))
     write_hf(out["windowless"], tiny_config(sliding_window=None), seed=1)
-    for name in ("windowed", "windowless"):
-        out[f"{name}-4bit"] = root / f"{name}-4bit"
-        convert(str(out[name]), out[f"{name}-4bit"], quantization=Quantization(group_size=32, bits=4))
+    for name, bits in (("windowed", 4), ("windowless", 4), ("windowed", 8)):
+        out[f"{name}-{bits}bit"] = root / f"{name}-{bits}bit"
+        convert(str(out[name]), out[f"{name}-{bits}bit"], quantization=Quantization(group_size=32, bits=bits))
     return out
 
 
 @pytest.fixture(scope="module")
 def two_ranks(models, tmp_path_factory) -> list[list[dict]]:
-    """What each of 2 ranks observed, per model (one pair of processes for all four)."""
+    """What each of 2 ranks observed, per model (one pair of processes for all of them)."""
     out = tmp_path_factory.mktemp("ranks")
     envs = rank_envs(2, out)
     command = [sys.executable, str(TESTS / "distributed_rank.py"), str(out), *(str(models[m]) for m in MODELS)]
@@ -121,7 +121,7 @@ def test_two_ranks_equal_one_process(models, two_ranks, name):
     rank0, rank1 = two_ranks[MODELS.index(name)]
     diff = np.abs(rank0["logits"] - one["logits"]).max()
     print(f"{name}: max |logit difference| 2 ranks vs 1 process = {diff:.2e}")
-    assert diff <= 1e-4  # float32 activations, 4-bit weights included (measured ~2e-6)
+    assert diff <= 1e-4  # float32 activations, quantized weights included (measured ~2e-6)
     assert np.array_equal(rank0["logits"], rank1["logits"])
     for rank in (rank0, rank1):
         assert rank["tokens"].tolist() == one["tokens"].tolist()
