@@ -30,6 +30,7 @@ from .config import ModelArgs
 from .errors import MistralError
 from .model import Mistral
 from .sample import Sampler
+from .tokenizer import Tokenizer
 
 DEFAULT_CONNECT_TIMEOUT = 60.0  # seconds for every rank to reach the others
 
@@ -78,7 +79,8 @@ def init(timeout: float = DEFAULT_CONNECT_TIMEOUT) -> mx.distributed.Group | Non
     return group
 
 
-def load(path_or_repo: str, group: mx.distributed.Group, dtype: mx.Dtype | None = None):
+def load(path_or_repo: str, group: mx.distributed.Group,
+         dtype: mx.Dtype | None = None) -> tuple[Mistral, Tokenizer]:
     """loading.load of this rank's share on every rank of `group`; if any rank fails, all
     fail with a clear error instead of waiting for it on their first all_sum."""
     from .loading import load as load_one  # loading imports shard() from here
@@ -173,7 +175,6 @@ def shared_sampler(sampler: Sampler, group: mx.distributed.Group) -> Sampler:
         return mx.distributed.all_sum(y if group.rank() == 0 else y * 0, group=group)
 
     return sample
-
 
 
 @contextmanager
