@@ -13,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from checkpoints import tiny_config, write_hf
 from distributed_rank import observe
@@ -22,6 +24,8 @@ from mlx_mistral import distributed, load, make_sampler
 from mlx_mistral.config import ModelArgs, Quantization
 from mlx_mistral.convert import convert
 from mlx_mistral.errors import MistralError
+from mlx_mistral.loading import build_model
+from mlx_mistral.model import Mistral
 from mlx_mistral.memory import kv_bytes_per_token, per_rank, weight_bytes
 from mlx_mistral.memory import main as memory_main
 
@@ -213,3 +217,16 @@ def test_memory_ranks_command(capsys):
     assert fits["4bit"] <= 0.75 * 64e9 < fits["8bit"]  # 123B at 4 bits fits on two 64 GB Macs, at 8 not
     assert memory_main(["--ranks", "3"]) == 2
     assert "cannot split 8 K/V heads over 3 ranks" in capsys.readouterr().err
+
+
+def test_loading_holds_each_matrix_once():
+    """build_model's peak stays near the model's own bytes: each checkpoint tensor is freed once
+    the model holds its (sliced, on a rank; transposed, on the CPU backend) copy."""
+    args = ModelArgs(dim=256, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=1024, vocab_size=256)
+    weights = {name: mx.random.normal(p.shape) for name, p in tree_flatten(Mistral(args).parameters())}
+    mx.eval(weights)
+    total = sum(w.nbytes for w in weights.values())
+    mx.reset_peak_memory()
+    build_model(args, weights, mx.float32)
+    assert not weights  # handed over to the model
+    assert mx.get_peak_memory() < 1.2 * total  # was ~2x: every original kept beside its transposed copy
