@@ -185,6 +185,26 @@ def test_a_rank_that_cannot_reach_the_others_ends(models, tmp_path):
         assert f"error: rank {rank}: the other ranks did not connect within 2 s" in err, err
 
 
+DIES_AFTER_LOADING = """import os, sys
+from mlx_mistral import MistralError, distributed, generate, make_sampler
+group = distributed.init(30)
+model, tokenizer = distributed.load(sys.argv[1], group)
+if group.rank() == 1:
+    os._exit(3)
+try:
+    with distributed.rank_zero_output(group):
+        generate(model, tokenizer, [1, 2, 3], max_tokens=50, sampler=distributed.shared_sampler(make_sampler(), group))
+except MistralError as e:
+    sys.exit(f"error: {e}")
+"""
+
+
+def test_a_rank_that_dies_mid_run_ends_the_others(models, tmp_path):
+    command = [sys.executable, "-c", DIES_AFTER_LOADING, str(models["windowed"])]
+    (code0, _, err0), (code1, _, _) = run_all([command, command], rank_envs(2, tmp_path), timeout=60)
+    assert code1 == 3
+    assert code0 == 1 and "error: rank 0 of 2: [ring]" in err0 and "did another rank fail?" in err0, err0
+
 def test_shardable_checks():
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=100,
                      quantization=Quantization(group_size=64, bits=4))
