@@ -110,14 +110,16 @@ def main() -> None:
         return
     from presets import make_checkpoint
 
-    model_dir = a.model or str(make_checkpoint(a.preset, quantize=a.quantize))
-    out = tempfile.mkdtemp(prefix="bench-distributed-")
-    me = [sys.executable, __file__, "--prompt", str(a.prompt), "--tokens", str(a.tokens), "--worker", model_dir, out]
-    env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
-    subprocess.run(me, check=True, env=env, timeout=600)
-    launch = [str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(a.port), "--"]
-    subprocess.run(launch + me, check=True, env=env, timeout=600)
-    rows = [json.loads((Path(out) / f).read_text()) for f in ("rank0-of-1.json", "rank0-of-2.json", "rank1-of-2.json")]
+    with tempfile.TemporaryDirectory(prefix="bench-distributed-") as out:
+        model_dir = a.model or str(make_checkpoint(a.preset, quantize=a.quantize, root=Path(out)))
+        me = [sys.executable, __file__, "--prompt", str(a.prompt), "--tokens", str(a.tokens), "--worker", model_dir, out]
+        env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
+        subprocess.run(me, check=True, env=env, timeout=600)
+        launch = [str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(a.port),
+                  "--"]
+        subprocess.run(launch + me, check=True, env=env, timeout=600)
+        rows = [json.loads((Path(out) / f).read_text())
+                for f in ("rank0-of-1.json", "rank0-of-2.json", "rank1-of-2.json")]
     result = {"model": a.model or a.preset, "quantize": a.quantize, "prompt": a.prompt, "tokens": a.tokens,
               "ranks": rows, "link": {"gbps": a.link_gbps, "latency_us": a.latency_us,
                                       "per_token": link_cost(a.link_gbps, a.latency_us)}}
