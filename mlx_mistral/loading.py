@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_json
 from .cpu import cpu_paths_on, prepare_for_cpu
+from .distributed import shard
 from .errors import MistralError
 from .model import Mistral
 from .tokenizer import Tokenizer
@@ -202,8 +203,14 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
             raise MistralError(f"checkpoint: tensor '{name}' has dtype {w.dtype}, expected {want.dtype}")
 
 
-def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype | None = None) -> Mistral:
-    """A model with `weights` loaded strictly (names and shapes checked) and evaluated once."""
+def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype | None = None,
+                group: mx.distributed.Group | None = None) -> Mistral:
+    """A model with `weights` loaded strictly (names and shapes checked) and evaluated once.
+
+    With a `group` of several ranks, only this rank's share of each layer is kept
+    (distributed.shard slices the lazy weights), evaluated one layer at a time. `weights` is
+    emptied: the model owns the arrays, and a full tensor must not outlive its slice.
+    """
     dtype = dtype or default_dtype(weights)
     model = Mistral(args)
     if args.quantization:
@@ -213,8 +220,14 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
     check_weights(model, weights)
     loaded = [(name, w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w)
               for name, w in weights.items()]
+    weights.clear()
     model.load_weights(loaded, strict=True)
+    del loaded
+    if group is not None and group.size() > 1:
+        shard(model, group)
     try:
+        for layer in model.model.layers:  # a layer at a time: the transient full tensors stay small
+            mx.eval(layer.parameters())
         mx.eval(model.parameters())
     except (RuntimeError, ValueError) as e:
         raise MistralError(f"checkpoint: weights could not be read ({e})") from None
@@ -224,8 +237,12 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
     return model
 
 
-def load(path_or_repo: str, dtype: mx.Dtype | None = None) -> tuple[Mistral, Tokenizer]:
-    """Load a model and its tokenizer from a directory, a Hub repo id, or "demo"."""
+def load(path_or_repo: str, dtype: mx.Dtype | None = None,
+         group: mx.distributed.Group | None = None) -> tuple[Mistral, Tokenizer]:
+    """Load a model and its tokenizer from a directory, a Hub repo id, or "demo".
+
+    With a `group` (mlx_mistral.distributed.init()), this rank's share of the model.
+    """
     if path_or_repo == "demo":
         from .demo import demo_checkpoint
 
@@ -237,4 +254,4 @@ def load(path_or_repo: str, dtype: mx.Dtype | None = None) -> tuple[Mistral, Tok
         raise MistralError(
             f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens, model vocab_size is {args.vocab_size}"
         )
-    return build_model(args, weights, dtype), tokenizer
+    return build_model(args, weights, dtype, group), tokenizer

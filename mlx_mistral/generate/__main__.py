@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from .. import batch_stream_generate, load, make_sampler, stream_generate
+from .. import batch_stream_generate, distributed, load, make_sampler, stream_generate
 from ..demo import NOTICE
+from ..distributed import DEFAULT_CONNECT_TIMEOUT
 from ..errors import MistralError, run_command
 from . import DEFAULT_PREFILL_CHUNK, GenerationResponse
 
@@ -40,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill step")
     p.add_argument("--dtype", choices=DTYPES, help="activation dtype (default: float32 on CPU, the checkpoint's on GPU)")
     p.add_argument("--json", action="store_true", help="print the result and stats as one JSON object")
+    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+                   help="under mlx.launch: seconds for every rank to reach the others")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -186,12 +189,19 @@ def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
+    group = distributed.init(args.connect_timeout)  # None unless started by mlx.launch
     sampler = make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
     args.tools = read_tools(args.tools)  # the file's path -> its tool definitions, checked before loading
-    if args.model == "demo":
+    if args.model == "demo" and (group is None or group.rank() == 0):
         print(NOTICE, file=sys.stderr)
-    model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
-    return (run_batch if args.prompts_file else run_single)(args, model, tokenizer, sampler)
+    dtype = getattr(mx, args.dtype) if args.dtype else None
+    command = run_batch if args.prompts_file else run_single
+    if group is None:
+        model, tokenizer = load(args.model, dtype=dtype)
+        return command(args, model, tokenizer, sampler)
+    model, tokenizer = distributed.load(args.model, group, dtype)  # this rank's share of each layer
+    with distributed.rank_zero_output(group):
+        return command(args, model, tokenizer, distributed.shared_sampler(sampler, group))
 
 
 def main(argv: list[str] | None = None) -> int:
