@@ -4,8 +4,8 @@ import argparse
 import ipaddress
 import sys
 
-from mlx_mistral import MistralError
 from mlx_mistral.demo import NOTICE
+from mlx_mistral.errors import run_command
 
 LOOPBACK = {"localhost"}
 
@@ -40,16 +40,20 @@ def main(argv: list[str] | None = None) -> int:
               "and read the chats (there is no login)", file=sys.stderr)
     if args.model == "demo":
         print(NOTICE, file=sys.stderr)
+    return run_command(lambda: run(args))  # Ctrl-C, while loading or serving: one line, exit 130
+
+
+def run(args: argparse.Namespace) -> int:
     from .chat import Engine
 
+    print(f"loading {args.model}...", file=sys.stderr, flush=True)
+    engine = Engine(args.model, args.max_kv_size, args.kv_bits, args.kv_group_size)
     try:
-        engine = Engine(args.model, args.max_kv_size, args.kv_bits, args.kv_group_size)
-    except MistralError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from .ui import build, launch
+        from .ui import build, serve
 
-    launch(build(engine), args.host, args.port)
+        serve(build(engine), args.host, args.port)
+    finally:
+        engine.close()
     return 0
 
 

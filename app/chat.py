@@ -8,7 +8,7 @@ import gc
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 from mlx_mistral import MistralError, RollingKVCache, load, make_cache, make_sampler, stream_generate
@@ -61,7 +61,13 @@ class Engine:
         """Run fn on the model thread and return its result (or raise its exception)."""
         future: Future = Future()
         self._jobs.put((future, fn, args, kwargs))
-        return future.result()
+        try:
+            return future.result()
+        except KeyboardInterrupt:  # Ctrl-C: let the job end and drop its result (a model?) on this thread
+            wait([future])
+            del future
+            self.call(gc.collect)
+            raise
 
     def new_cache(self) -> RollingKVCache:
         return self.call(make_cache, self.model.args, self.max_kv_size, dtype=self.model.dtype,

@@ -1,6 +1,7 @@
 """The Gradio Blocks layout: a ChatInterface, and a sidebar with the stats panel and the knobs."""
 
 import os
+import time
 from contextlib import closing
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check at start
@@ -86,3 +87,14 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **
     """Serve on host:port: no share link, no server-side rendering (no Node), nothing from the internet."""
     return demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False,
                        inbrowser=False, footer_links=["api", "settings"], **kwargs)
+
+
+def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None) -> None:
+    """launch(), then wait here rather than in Gradio's loop (which swallows Ctrl-C and returns):
+    the KeyboardInterrupt goes on to the caller once the server is closed."""
+    launch(demo, host, port, prevent_thread_lock=True)
+    try:
+        while demo.is_running:
+            time.sleep(0.1)
+    finally:
+        demo.close(verbose=False)

@@ -10,10 +10,10 @@ from .generate import (
 from .loading import load
 from .model import Mistral
 from .sample import make_sampler
-from .tokenizer import StreamingDetokenizer, Tokenizer
+from .tokenizer import StreamingDetokenizer, Tokenizer, ToolCall
 
 __all__ = [
     "GenerationResponse", "Mistral", "batch_generate", "batch_stream_generate", "MistralError", "ModelArgs", "RollingKVCache",
-    "StreamingDetokenizer", "Tokenizer", "generate", "generate_step", "load", "make_cache",
+    "StreamingDetokenizer", "Tokenizer", "ToolCall", "generate", "generate_step", "load", "make_cache",
     "make_sampler", "stream_generate",
 ]

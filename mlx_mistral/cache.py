@@ -161,6 +161,8 @@ class RollingKVCache:
             return None
         C, p = self.capacity, mx.array(self.offsets)[:, None]
         held = p - (p - mx.arange(self._in_use(1))[None]) % C  # position in slot s (after the write)
+        # Each row sees at least its own token (slot p % C holds p): a row of all False would
+        # make the GPU's fused attention return NaN.
         return (held >= 0)[:, None, None, :]  # [B, 1, 1, n]: one row of keys per sequence
 
     def _in_use(self, length: int) -> int:

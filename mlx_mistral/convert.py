@@ -7,21 +7,27 @@ peak memory is about the largest tensor, not the model.
 """
 
 import json
+import os
+import re
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
+from mistral_common.integrations.chat_templates.chat_templates import generate_chat_template
+from mistral_common.tokens.tokenizers.base import TokenizerVersion
 from tqdm import tqdm
 
 from .config import ModelArgs, Quantization
 from .errors import MistralError
 from .loading import check_weights, read_checkpoint, resolve
 from .model import Mistral
+from .tokenizer import Tokenizer
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -83,15 +89,36 @@ def convert(src: str, dst: str | Path, dtype: str | None = None, quantization: Q
         tensors = quantize_weights(args, tensors, quantization)
         args = replace(args, quantization=quantization)
     tensor_bytes = sum(w.nbytes for w in tensors.values())
-    files = {"tokenizer.model": tokenizer}
+    files = {"tokenizer.model" if tokenizer.name.startswith("tokenizer.model") else tokenizer.name: tokenizer}
     files.update({name: src_dir / name for name in TOKENIZER_JSON if (src_dir / name).exists()})
     try:
         with staging(dst) as tmp:
             shards = save_checkpoint(tmp, args, tensors, files, shard_bytes, progress)
+            config = None if "tokenizer_config.json" in files else hf_tokenizer_config(tokenizer)
+            if config:
+                (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     except OSError as e:
         raise MistralError(f"output directory {dst}: could not be written ({e})") from None
     disk_bytes = sum(f.stat().st_size for f in dst.iterdir())
     return Summary(parameters, tensor_bytes, disk_bytes, shards, time.perf_counter() - start)
+
+
+def hf_tokenizer_config(tokenizer_file: Path) -> dict | None:
+    """tokenizer_config.json for transformers and mlx-lm, so that they add BOS and apply Mistral's
+    chat template (Jinja, from mistral-common) for the tokenizer's version. None for Tekken, whose
+    tekken.json they do not read this way."""
+    tokenizer = Tokenizer(tokenizer_file)
+    if tokenizer.tekken:
+        return None
+    template = generate_chat_template(
+        spm=True, tokenizer_version=TokenizerVersion(tokenizer.version), image_support=False,
+        audio_support=False, thinking_support=False, default_system_prompt=None, plain_thinking_support=False,
+        use_special_token_variables=True, model_settings_fields=None, reasoning_effort_values=None,
+        reasoning_effort_default=None,
+    )
+    # legacy: False = no extra "\u2581" after a special token (transformers 5 converts tokenizer.model so)
+    return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": False, "chat_template": template}
 
 
 def quantize_weights(args: ModelArgs, weights: dict[str, mx.array], q: Quantization) -> dict[str, mx.array]:
@@ -125,9 +152,11 @@ def staging(dst: Path) -> Iterator[Path]:
     """A fresh directory beside `dst`, renamed to `dst` when the block completes.
 
     On any exception (Ctrl-C included) it is removed and an existing `dst` is left untouched.
+    Its name holds this process's id: one left by a killed run is removed by the next run here.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.partial"
+    remove_killed_runs(dst.parent)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
     tmp.mkdir()
     try:
         yield tmp
@@ -145,6 +174,26 @@ def staging(dst: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_killed_runs(parent: Path) -> None:
+    """Remove the staging directories in `parent` whose run's process is gone (killed: SIGKILL,
+    power loss), saying so; those of live runs are theirs."""
+    for path in parent.glob(".*.partial"):
+        match = re.fullmatch(r"\..+\.(\d+)-[0-9a-f]{8}\.partial", path.name)
+        if match and path.is_dir() and not process_alive(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            warnings.warn(f"removed {path}: left by a convert run that was killed", stacklevel=2)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def save_checkpoint(out_dir: Path, args: ModelArgs, tensors: dict[str, mx.array],

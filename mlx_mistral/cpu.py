@@ -2,6 +2,7 @@
 
 Used only when MLX's default device is the CPU (as on Linux); on a Mac (Metal) none of
 this runs. Each path keeps the model's maths; the measured reasons are in the docstrings.
+MLX_MISTRAL_CPU_PATHS=0 turns them off, so that Linux runs the code path a Mac runs.
 """
 
 import os
@@ -11,7 +12,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .errors import MistralError
 from .model import Attention
+
+
+def cpu_paths_on() -> bool:
+    """True on the CPU backend unless the environment sets MLX_MISTRAL_CPU_PATHS=0."""
+    value = os.environ.get("MLX_MISTRAL_CPU_PATHS", "1")
+    if value not in ("0", "1"):
+        raise MistralError(f"MLX_MISTRAL_CPU_PATHS must be 0 or 1, got {value!r}")
+    return value == "1" and mx.default_device() == mx.cpu
 
 
 class TransposedLinear(nn.Module):
@@ -79,14 +89,18 @@ def prepare_for_cpu(model: nn.Module) -> None:
     stream per core), and folded decode attention (model.Attention.fold_gqa)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parts = min(cores, 8)
-    swaps = []
-    for path, module in model.named_modules():
+    modules = model.named_modules()
+    while modules:  # popped and swapped one at a time: a replaced matrix is freed at once
+        path, module = modules.pop()
         if type(module) is nn.Linear and "bias" not in module:
-            swaps.append((path, TransposedLinear(module.weight)))
-            mx.eval(swaps[-1][1].weight_t)  # one matrix at a time: the extra copy stays small
+            swap = TransposedLinear(module.weight)
+            mx.eval(swap.weight_t)
         elif type(module) is nn.QuantizedLinear and "bias" not in module and parts > 1 \
                 and module.mode == "affine":
-            swaps.append((path, ParallelQuantizedLinear(module, parts)))
-        elif isinstance(module, Attention):
-            module.fold_gqa = True
-    model.update_modules(tree_unflatten(swaps))
+            swap = ParallelQuantizedLinear(module, parts)
+        else:
+            if isinstance(module, Attention):
+                module.fold_gqa = True
+            continue
+        model.update_modules(tree_unflatten([(path, swap)]))
+        del module, swap

@@ -12,7 +12,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_json
-from .cpu import prepare_for_cpu
+from .cpu import cpu_paths_on, prepare_for_cpu
+from .distributed import shard
 from .errors import MistralError
 from .model import Mistral
 from .tokenizer import Tokenizer
@@ -68,7 +69,7 @@ def read_config(path: Path) -> ModelArgs:
 
 
 def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
-    """(args, lazy HF-named weights, tokenizer.model path) of a checkpoint directory."""
+    """(args, lazy HF-named weights, tokenizer file) of a checkpoint directory."""
     args = read_config(path)
     if (path / "config.json").exists():
         weights = {}
@@ -81,15 +82,16 @@ def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
 
 
 def find_tokenizer(path: Path) -> Path:
-    for name in ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1"):
+    """Mistral's own tokenizer files first (SentencePiece, Tekken), then tokenizer.json (mlx-lm's)."""
+    for name in ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1", "tekken.json"):
         if (path / name).exists():
             return path / name
     found = sorted(p for p in path.glob("tokenizer.model*") if p.suffix != ".json")
-    if not found:
-        hint = (" (tokenizer.json alone is not enough: copy tokenizer.model from the original model)"
-                if (path / "tokenizer.json").exists() else "")
-        raise MistralError(f"{path}: no tokenizer.model (a SentencePiece model is expected){hint}")
-    return found[0]
+    if found:
+        return found[0]
+    if (path / "tokenizer.json").exists():
+        return path / "tokenizer.json"
+    raise MistralError(f"{path}: no tokenizer.model, tekken.json or tokenizer.json")
 
 
 def _hf_weight_files(path: Path) -> list[Path]:
@@ -201,8 +203,14 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
             raise MistralError(f"checkpoint: tensor '{name}' has dtype {w.dtype}, expected {want.dtype}")
 
 
-def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype | None = None) -> Mistral:
-    """A model with `weights` loaded strictly (names and shapes checked) and evaluated once."""
+def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype | None = None,
+                group: mx.distributed.Group | None = None) -> Mistral:
+    """A model with `weights` loaded strictly (names and shapes checked) and evaluated once.
+
+    With a `group` of several ranks, only this rank's share of each layer is kept
+    (distributed.shard slices the lazy weights), evaluated one layer at a time. `weights` is
+    emptied: the model owns the arrays, and a full tensor must not outlive its slice.
+    """
     dtype = dtype or default_dtype(weights)
     model = Mistral(args)
     if args.quantization:
@@ -212,19 +220,29 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
     check_weights(model, weights)
     loaded = [(name, w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w)
               for name, w in weights.items()]
+    weights.clear()
     model.load_weights(loaded, strict=True)
+    del loaded
+    if group is not None and group.size() > 1:
+        shard(model, group)
     try:
+        for layer in model.model.layers:  # a layer at a time: the transient full tensors stay small
+            mx.eval(layer.parameters())
         mx.eval(model.parameters())
     except (RuntimeError, ValueError) as e:
         raise MistralError(f"checkpoint: weights could not be read ({e})") from None
-    if mx.default_device() == mx.cpu:
+    if cpu_paths_on():
         prepare_for_cpu(model)
     model.eval()
     return model
 
 
-def load(path_or_repo: str, dtype: mx.Dtype | None = None) -> tuple[Mistral, Tokenizer]:
-    """Load a model and its tokenizer from a directory, a Hub repo id, or "demo"."""
+def load(path_or_repo: str, dtype: mx.Dtype | None = None,
+         group: mx.distributed.Group | None = None) -> tuple[Mistral, Tokenizer]:
+    """Load a model and its tokenizer from a directory, a Hub repo id, or "demo".
+
+    With a `group` (mlx_mistral.distributed.init()), this rank's share of the model.
+    """
     if path_or_repo == "demo":
         from .demo import demo_checkpoint
 
@@ -236,4 +254,4 @@ def load(path_or_repo: str, dtype: mx.Dtype | None = None) -> tuple[Mistral, Tok
         raise MistralError(
             f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens, model vocab_size is {args.vocab_size}"
         )
-    return build_model(args, weights, dtype), tokenizer
+    return build_model(args, weights, dtype, group), tokenizer

@@ -21,6 +21,17 @@ from .errors import MistralError, run_command
 MISTRAL_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                        vocab_size=32000, sliding_window=4096, max_position_embeddings=32768)
 GROUP = 64  # quantization group size; each group stores a scale and a bias at 16 bits
+# The larger Mistral models one may spread over several Macs (shapes from their config.json).
+MODELS = {
+    "Mistral 7B": MISTRAL_7B,
+    "Mistral Nemo 12B": ModelArgs(dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128,
+                                  hidden_dim=14336, vocab_size=131072),
+    "Mistral Small 24B": ModelArgs(dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128,
+                                   hidden_dim=32768, vocab_size=131072),
+    "Mistral Large 123B": ModelArgs(dim=12288, n_layers=88, n_heads=96, n_kv_heads=8, head_dim=128,
+                                    hidden_dim=28672, vocab_size=32768),
+}
+USABLE = 0.75  # share of a Mac's memory the GPU may use by default (macOS's working-set limit)
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, heads: int | None = None,
@@ -56,6 +67,55 @@ def weight_bytes(args: ModelArgs, bits: int | None = None) -> int:
     matrices, norms = parameter_counts(args)
     per_weight = 16 if bits is None else bits + 32 / GROUP
     return int(matrices * per_weight / 8) + 2 * norms
+
+
+def per_rank(args: ModelArgs, ranks: int, tokens: int, bits: int | None = None) -> dict[str, int]:
+    """Bytes on each of `ranks` machines under tensor parallelism (distributed.py): attention
+    and MLP weights and the KV cache (one sequence of `tokens`, fp16) split by N; embeddings,
+    output head and norms whole on every machine."""
+    layers = args.n_layers * (args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+                              + 3 * args.dim * args.hidden_dim)
+    per_weight = 16 if bits is None else bits + 32 / GROUP
+    held = min(tokens, args.sliding_window or tokens)
+    out = {"sharded_weights": int(layers * per_weight / 8) // ranks,
+           "whole_weights": weight_bytes(args, bits) - int(layers * per_weight / 8),
+           "kv": held * kv_bytes_per_token(args) // ranks}
+    return {**out, "total": sum(out.values())}
+
+
+def ranks_report(args: ModelArgs, ranks: int, tokens: int, mac_gb: float) -> dict:
+    """Per-machine bytes of `args` on `ranks` machines, and which Mistral models fit on them."""
+    from .distributed import check_shardable
+
+    check_shardable(replace(args, quantization=None), ranks)
+    shard = replace(args, n_kv_heads=args.n_kv_heads // ranks)
+    capacity = min(args.sliding_window or tokens, tokens, 4096)
+    measured = measured_kv_bytes(shard, capacity)
+    if measured != capacity * kv_bytes_per_token(args) // ranks:
+        raise MistralError(f"cache cross-check failed: a rank's cache allocates {measured} bytes")
+    kinds = {"fp16": None, "8bit": 8, "4bit": 4}
+    fits = {name: {k: per_rank(m, ranks, tokens, b)["total"] for k, b in kinds.items()}
+            for name, m in MODELS.items() if m.n_kv_heads % ranks == 0}  # bytes per machine
+    return {"ranks": ranks, "tokens": tokens, "mac_gb": mac_gb, "usable": USABLE,
+            "per_rank": {k: per_rank(args, ranks, tokens, b) for k, b in kinds.items()},
+            "cross_check": {"capacity": capacity, "allocated_per_rank": measured}, "fits": fits}
+
+
+def print_ranks_report(r: dict) -> None:
+    n = r["ranks"]
+    print(f"on each of {n} machines, one sequence of {r['tokens']} tokens (KV fp16; a rank's RollingKVCache "
+          f"of {r['cross_check']['capacity']} slots allocates {r['cross_check']['allocated_per_rank']} bytes, "
+          f"1/{n} of one machine's):")
+    print(f"{'weights':>8} {'layers (1/' + str(n) + ')':>22} {'embed + head (whole)':>22} {'KV':>22} {'total':>22}")
+    for kind, b in r["per_rank"].items():
+        print(f"{kind:>8} {gib(b['sharded_weights']):>22} {gib(b['whole_weights']):>22} {gib(b['kv']):>22} "
+              f"{gib(b['total']):>22}")
+    print(f"\nfits on {n} Macs of {r['mac_gb']:g} GB ({r['usable']:.0%} usable by the GPU), "
+          f"{r['tokens']} tokens of context:")
+    budget = r["usable"] * r["mac_gb"] * 1e9
+    for name, fit in r["fits"].items():
+        print(f"  {name:<20} " + "   ".join(f"{k} {b / 1e9:6.1f} GB {'fits' if b <= budget else 'no  '}"
+                                             for k, b in fit.items()))
 
 
 def measured_kv_bytes(args: ModelArgs, capacity: int, batch: int = 1, bits: int | None = None,
@@ -150,6 +210,12 @@ def run(a: argparse.Namespace) -> int:
     if min(lengths + batches) <= 0:
         raise MistralError("--lengths and --batches must be positive integers")
     check_kv_quantization(args, a.kv_bits, a.kv_group_size, mx.float16)
+    if a.ranks is not None:
+        if a.ranks <= 0:
+            raise MistralError(f"--ranks must be a positive integer, got {a.ranks}")
+        r = ranks_report(args, a.ranks, max(lengths), a.mac_gb)
+        print(json.dumps(r)) if a.json else print_ranks_report(r)
+        return 0
     r = report(args, lengths, batches, a.budget_gb, a.kv_bits, a.kv_group_size)
     if a.json:
         print(json.dumps(r))
@@ -167,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-bits", type=int, help="the KV cache quantized to 8 or 4 bits (default: fp16)")
     p.add_argument("--kv-group-size", type=int, default=GROUP, help="KV quantization group along head_dim")
     p.add_argument("--budget-gb", type=float, help="also show the largest batch fitting this memory budget")
+    p.add_argument("--ranks", type=int, help="machines the model is split over (mlx.launch): memory per machine")
+    p.add_argument("--mac-gb", type=float, default=64, help="with --ranks: memory of each Mac, in GB")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     return run_command(lambda: run(a))

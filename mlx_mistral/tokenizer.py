@@ -1,104 +1,278 @@
-"""SentencePiece tokenizer, Mistral chat templates (V1 and V3), streaming detokenizer."""
+"""Mistral tokenizers (SentencePiece V1/V3, its tokenizer.json form, Tekken) with chat encoding
+by mistral-common.
+
+mistral-common is Mistral's own encoder for chat requests, tools included: chat_tokens()
+hands it the conversation in OpenAI's message format, so our templates are never hand-written.
+"""
 
 import codecs
+import json
+import logging
+import re
+import secrets
+import string
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
+import tokenizers
+from mistral_common.exceptions import MistralCommonException
+from mistral_common.experimental.tools import _decode_tool_calls
+from mistral_common.protocol.instruct.normalize import get_normalizer
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
+from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV1, InstructTokenizerV3
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+from mistral_common.tokens.tokenizers.tekken import is_tekken
 
 from .errors import MistralError
 
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+# OpenAI chat format: {"role": "system" | "user" | "assistant" | "tool", "content": str, ...},
+# assistant "tool_calls" [{"id", "type": "function", "function": {"name", "arguments": JSON str}}],
+# tool messages with "tool_call_id".
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the model asked for."""
+
+    id: str  # 9 letters/digits, as Mistral's tool results refer to it
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's convention)
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 class Tokenizer:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.load(str(self.path))
-        except (OSError, RuntimeError) as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise MistralError(f"{self.path}: not a SentencePiece tokenizer model ({reason})") from None
-        self.vocab_size = self._sp.vocab_size()
-        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
-        # V3 (Mistral v0.3) has [INST] / [/INST] as control tokens 3 and 4.
-        self.inst_ids = None
-        if self.vocab_size > 4 and self._sp.id_to_piece(3) == "[INST]" and self._sp.is_control(3):
-            self.inst_ids = (3, 4)
-        self.version = "v3" if self.inst_ids else "v1"
+        self._mistral = _load_mistral(self.path)
+        self._raw = self._mistral.instruct_tokenizer.tokenizer
+        self.vocab_size = self._raw.n_words
+        self.bos_id, self.eos_id = self._raw.bos_id, self._raw.eos_id
+        self.version = self._raw.version.value  # "v1", "v3", "v7", ...
+        self.control_ids = frozenset(self._raw.special_ids)
+        self.tekken = is_tekken(self.path)
+        self.tool_calls_id = self._raw.get_special_token("[TOOL_CALLS]") if self.version != "v1" else None
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Plain text to ids. Control tokens are never produced from text."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise MistralError(f"text is not valid Unicode ({e.reason} at character {e.start})") from None
-        return ([self.bos_id] if bos else []) + self._sp.encode(text)
+        _check_unicode(text)
+        return self._raw.encode(text, bos=bos, eos=False)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode(list(ids))
+        return self._raw.decode(list(ids))
 
     @cached_property
     def piece_bytes(self) -> list[bytes]:
         """The bytes each id stands for (control tokens: none), for streaming decode."""
-        out = []
+        if self.tekken:
+            return [self._raw.id_to_byte_piece(i, SpecialTokenPolicy.IGNORE) for i in range(self.vocab_size)]
+        sp, out = self._raw._model, []
         for i in range(self.vocab_size):
-            piece = self._sp.id_to_piece(i)
-            if self._sp.is_control(i) or self._sp.is_unknown(i):
-                out.append(b"" if self._sp.is_control(i) else "\u2047".encode())
-            elif self._sp.is_byte(i):
+            piece = sp.id_to_piece(i)
+            if sp.is_control(i) or sp.is_unknown(i):
+                out.append(b"" if sp.is_control(i) else "\u2047".encode())
+            elif sp.is_byte(i):
                 out.append(bytes([int(piece[3:5], 16)]))  # "<0xAB>"
             else:
                 out.append(piece.replace("\u2581", " ").encode())
         return out
 
-    def chat_tokens(self, messages: Sequence[Message]) -> list[int]:
-        """Token ids of a conversation ending with a user turn, ready for the answer.
+    def chat_tokens(self, messages: Sequence[Message], tools: Sequence[dict] | None = None) -> list[int]:
+        """Token ids of a conversation ending with a user turn (or tool results), ready for the answer.
 
-        V1: <s>[INST] user [/INST] answer</s>[INST] user2 [/INST], "[INST]" as plain text,
-            a system prompt prepended to the first user message with a blank line.
-        V3: [1, 3] + enc(user) + [4] + enc(answer) + [2], system prompt in the last user message.
+        `messages` and `tools` are in OpenAI's chat format; mistral-common encodes them, so
+        V1, V3 and Tekken templates, tool definitions, calls and results are Mistral's own.
+        An empty answer (EOS at once, or stopped before its first token) is left out, as
+        mistral-common refuses it; the user turns around it are then joined, as it joins them.
         """
-        system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system")
-        turns = [m for m in messages if m.get("role") != "system"]
-        for i, m in enumerate(turns):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if m.get("role") != expected or not isinstance(m.get("content"), str):
-                raise MistralError(
-                    f"chat message {i}: expected role '{expected}' with text content, got {m.get('role')!r}"
-                )
-        if not turns or turns[-1]["role"] != "user":
-            raise MistralError("chat messages: the conversation must end with a user message")
-        n_users = (len(turns) + 1) // 2
-        ids = [self.bos_id]
-        for i, m in enumerate(turns):
-            if m["role"] == "assistant":
-                ids += self.encode(m["content"]) + [self.eos_id]
-                continue
-            text, user_index = m["content"], i // 2
-            system_here = user_index == 0 if self.inst_ids is None else user_index == n_users - 1
-            if system and system_here:
-                text = system + "\n\n" + text
-            if self.inst_ids is None:
-                ids += self.encode(f"[INST] {text} [/INST]")
-            else:
-                ids += [self.inst_ids[0]] + self.encode(text) + [self.inst_ids[1]]
-        return ids
+        if tools and self.tool_calls_id is None:
+            raise MistralError(f"{self.path}: a {self.version} tokenizer has no function calling (V3 or later needed)")
+        if not isinstance(messages, Sequence) or not all(isinstance(m, dict) for m in messages):
+            raise MistralError("chat messages: expected a list of {'role': ..., 'content': ...} objects")
+        last = next((m.get("role") for m in reversed(messages) if m.get("role") != "system"), None)
+        if last not in ("user", "tool"):
+            raise MistralError("chat messages: the conversation must end with a user message (or tool results)")
+        messages = [m for m in messages if m.get("role") != "assistant" or m.get("content") or m.get("tool_calls")]
+        for m in messages:
+            if isinstance(m.get("content"), str):
+                _check_unicode(m["content"])
+        try:
+            request = ChatCompletionRequest.from_openai(messages, tools=list(tools) if tools else None)
+            return self._mistral.encode_chat_completion(request).tokens
+        except KeyError as e:
+            raise MistralError(f"chat messages: a message lacks its {e} field") from None
+        except (MistralCommonException, ValueError, TypeError) as e:  # pydantic errors are ValueErrors
+            reason = " ".join(str(e).split())
+            raise MistralError(f"chat messages: {reason[:300]}") from None
+
+    def parse_tool_calls(self, ids: Sequence[int]) -> list[ToolCall] | None:
+        """The calls in generated ids that begin with [TOOL_CALLS]; None if there are none or they
+        do not parse (then the ids are plain text)."""
+        ids = [i for i in ids if i != self.eos_id]
+        if self.tool_calls_id is None or not ids or ids[0] != self.tool_calls_id:
+            return None
+        parts, part = [], []
+        for i in ids:  # one part per [TOOL_CALLS], as mistral-common's decoder takes them
+            if i == self.tool_calls_id and part:
+                parts.append(part)
+                part = []
+            part.append(i)
+        try:
+            calls = _decode_tool_calls(parts + [part], self._raw)
+        except (ValueError, TypeError):  # malformed JSON, a missing name or arguments
+            return None
+        return [ToolCall(id=_call_id(c.id), name=c.function.name, arguments=c.function.arguments) for c in calls]
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MistralError(f"text is not valid Unicode ({e.reason} at character {e.start})") from None
+
+
+def _call_id(given: str) -> str:
+    """The model's call id if it is a valid one, else a new random one (Mistral's 9 alphanumerics)."""
+    if re.fullmatch(r"[A-Za-z0-9]{9}", given or ""):
+        return given
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
+def _load_mistral(path: Path) -> MistralTokenizer:
+    """mistral-common's tokenizer for a file. A SentencePiece model whose file name does not say
+    its version (tokenizer.model, tokenizer.json) is V3 when [INST] is a control token, else V1."""
+    if is_tekken(path):
+        try:
+            return MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
+        except (OSError, ValueError, KeyError, AssertionError, MistralCommonException) as e:
+            raise MistralError(f"{path}: not a Tekken tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
+    if path.name == "tokenizer.json":
+        sp = _SentencePieceJson(path)
+    else:
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.load(str(path))
+        except (OSError, RuntimeError) as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise MistralError(f"{path}: not a SentencePiece tokenizer model ({reason})") from None
+        if re.search(r"\.v\d+$", path.name):
+            return MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
+    v3 = sp.vocab_size() > 4 and sp.id_to_piece(3) == "[INST]" and sp.is_control(3)
+    version = TokenizerVersion.v3 if v3 else TokenizerVersion.v1
+    raw = (_JsonSentencePieceTokenizer(path, sp, version) if isinstance(sp, _SentencePieceJson)
+           else SentencePieceTokenizer(path, tokenizer_version=version))
+    instruct = (InstructTokenizerV3 if v3 else InstructTokenizerV1)(raw)
+    return MistralTokenizer(instruct, validator=get_validator(version, mode=ValidationMode.test),
+                            request_normalizer=get_normalizer(version, raw.model_settings_builder))
+
+
+class _SentencePieceJson:
+    """A tokenizer.json converted from a SentencePiece BPE model (what transformers and mlx-lm
+    write), run by Hugging Face `tokenizers` with SentencePiece's rules so that the ids are
+    SentencePiece's, behind the methods mistral-common calls on a SentencePieceProcessor."""
+
+    def __init__(self, path: Path):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            model = data["model"]
+            sentencepiece_like = model["type"] == "BPE" and model.get("byte_fallback") and "\u2581" in model["vocab"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MistralError(f"{path}: not a Hugging Face tokenizer.json ({type(e).__name__}: {e})") from None
+        if not sentencepiece_like:
+            raise MistralError(f"{path}: not a SentencePiece-style BPE (byte fallback, '\u2581' spaces); "
+                               "a Tekken model needs its tekken.json")
+
+        def spaces_only(merge: str | list[str]) -> bool:
+            return set("".join(merge.split(" ") if isinstance(merge, str) else merge)) == {"\u2581"}
+
+        # SentencePiece scores the pieces made only of spaces lowest: it merges them last.
+        model["merges"] = sorted(model["merges"], key=spaces_only)
+        data["normalizer"] = data["pre_tokenizer"] = None
+        self._hf = tokenizers.Tokenizer.from_str(json.dumps(data))
+        n = tokenizers.normalizers
+        self._hf.normalizer = n.Sequence([n.Prepend("\u2581"), n.Replace(" ", "\u2581")])  # its dummy prefix
+        # its words: a run of spaces with the text after it (a space run at the end stands alone)
+        self._hf.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+            tokenizers.Regex("\u2581*[^\u2581]+|\u2581+"), behavior="isolated")
+        self._hf.encode_special_tokens = True  # "[INST]" typed in text stays text
+        self._unk = self._hf.token_to_id("<unk>")
+        self._control = {t["id"] for t in data.get("added_tokens", []) if t.get("special")} - {self._unk}
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, skip_special_tokens=True)
+
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size()
+
+    get_piece_size = vocab_size
+
+    def id_to_piece(self, i: int) -> str:
+        return self._hf.id_to_token(i)
+
+    def piece_to_id(self, piece: str) -> int:
+        found = self._hf.token_to_id(piece)
+        return self._unk if found is None else found
+
+    def is_control(self, i: int) -> bool:
+        return i in self._control
+
+    IsControl = is_control
+
+    def is_unknown(self, i: int) -> bool:
+        return i == self._unk
+
+    def is_byte(self, i: int) -> bool:
+        return re.fullmatch(r"<0x[0-9A-F]{2}>", self.id_to_piece(i)) is not None
+
+    def bos_id(self) -> int:
+        return self.piece_to_id("<s>")
+
+    def eos_id(self) -> int:
+        return self.piece_to_id("</s>")
+
+    def unk_id(self) -> int:
+        return self._unk
+
+    def pad_id(self) -> int:
+        return -1
+
+
+class _JsonSentencePieceTokenizer(SentencePieceTokenizer):
+    """mistral-common's SentencePieceTokenizer on a _SentencePieceJson instead of a .model file."""
+
+    def __init__(self, path: Path, model: _SentencePieceJson, version: TokenizerVersion):
+        # what SentencePieceTokenizer.__init__ sets, without its SentencePieceProcessor
+        self._logger = logging.getLogger(self.__class__.__name__)
+        self._model = model
+        self._vocab = [model.id_to_piece(i) for i in range(model.vocab_size())]
+        self._version = version
+        self._file_path = path
 
 
 class StreamingDetokenizer:
     """Turns ids into text piece by piece, never splitting a UTF-8 character.
 
     Joining everything it returns gives tokenizer.decode(ids): SentencePiece's
-    leading space is dropped once at the start of the stream, and kept elsewhere.
+    leading space is dropped once at the start of the stream, and kept elsewhere
+    (Tekken keeps every space).
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self._pieces = tokenizer.piece_bytes
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._at_start = True
+        self._at_start = not tokenizer.tekken
 
     def add(self, token: int) -> str:
         text = self._utf8.decode(self._pieces[token])

@@ -13,6 +13,7 @@ from transformers import MistralConfig, MistralForCausalLM
 DATA = Path(os.path.dirname(mistral_common.__file__)) / "data"
 TOKENIZER_V1 = DATA / "tokenizer.model.v1"
 TOKENIZER_V3 = DATA / "mistral_instruct_tokenizer_240323.model.v3"
+TOKENIZER_TEKKEN = DATA / "tekken_240911.json"  # Mistral NeMo's
 
 
 def tiny_config(sliding_window: int | None = 8, **overrides) -> dict:
@@ -35,7 +36,7 @@ def write_hf(path: Path, config: dict, seed: int = 0, tokenizer: Path = TOKENIZE
             if "norm" not in name:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path, safe_serialization=True)
-    shutil.copy(tokenizer, path / "tokenizer.model")
+    shutil.copy(tokenizer, path / ("tekken.json" if tokenizer.suffix == ".json" else "tokenizer.model"))
     return model
 
 
@@ -74,6 +75,6 @@ def to_original(hf: MistralForCausalLM, path: Path, tokenizer: Path = TOKENIZER_
 
 
 def oracle_logits(hf: MistralForCausalLM, ids: list[int]):
-    """Full-sequence float32 logits [L, vocab] as numpy (no HF cache)."""
+    """Full-sequence logits [L, vocab] as float32 numpy (no HF cache), in the model's dtype."""
     with torch.no_grad():
-        return hf(torch.tensor([ids]), use_cache=False).logits[0].numpy()
+        return hf(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()

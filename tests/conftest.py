@@ -22,3 +22,28 @@ def windowless(tmp_path_factory):
     """(directory, torch oracle) of a tiny model without a sliding window, in HF layout."""
     path = tmp_path_factory.mktemp("windowless")
     return path, write_hf(path, tiny_config(sliding_window=None), seed=1)
+
+
+@pytest.fixture(params=["cpu paths on", "cpu paths off"])
+def loader(request, monkeypatch):
+    """`load` under MLX_MISTRAL_CPU_PATHS=1 (cpu.py's swaps, the Linux default) and =0 (the
+    path a Mac runs: plain nn.Linear, unfolded attention), asserting that the model took it."""
+    from mlx_mistral import load  # first: it preloads OpenBLAS before MLX
+    from mlx_mistral.cpu import TransposedLinear
+    from mlx_mistral.model import Attention
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    on = request.param == "cpu paths on"
+    if on and mx.default_device() != mx.cpu:
+        pytest.skip("cpu.py's paths exist only on the CPU backend")
+    monkeypatch.setenv("MLX_MISTRAL_CPU_PATHS", "1" if on else "0")
+
+    def load_on_path(path, dtype=None):
+        model, tokenizer = load(str(path), dtype)
+        kinds = {type(m) for m in model.modules()}
+        folded = {m.fold_gqa for m in model.modules() if isinstance(m, Attention)}
+        assert (TransposedLinear in kinds, nn.Linear in kinds, folded) == (on, not on, {on})
+        return model, tokenizer
+    return load_on_path

@@ -1,9 +1,15 @@
 """The app's session logic on the `demo` model (window 64): prompts, cache reuse, Stop, regenerate."""
 
 import gc
+import ipaddress
+import os
+import queue
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -247,7 +253,7 @@ def test_long_message_far_past_the_window_answers_in_flat_memory(engine):
     session = ChatSession(engine)
     answer(session, [user("short")])
     short = session.stats
-    text, generated = answer(session, [user("word " * 3000)])
+    text, generated = answer(session, [user("word " * 3000 + "NUL \0 and emoji 🎉\0")])
     long = session.stats
     assert long.prompt_tokens > 40 * engine.window and generated
     assert long.kv_bytes == short.kv_bytes and long.kv_tokens == engine.window
@@ -336,8 +342,86 @@ def test_missing_model_refuses_to_start():
     assert "Running on" not in run.stdout
 
 
-def test_non_loopback_host_warns():
-    from app.__main__ import is_loopback
+def test_non_loopback_host_warns(capsys):
+    from app.__main__ import is_loopback, main
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    assert main(["--host", "0.0.0.0", "--model", "/no/such/model"]) == 2  # the warning, then no server
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("warning: listening on 0.0.0.0: anyone who can reach this address")
+    assert main(["--model", "/no/such/model"]) == 2
+    assert not any(line.startswith("warning") for line in capsys.readouterr().err.splitlines())
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets process `pid` listens on: from /proc on Linux, else lsof."""
+    if not Path("/proc/net/tcp").exists():  # macOS
+        out = subprocess.run(["lsof", "-a", "-p", str(pid), "-iTCP", "-sTCP:LISTEN", "-P", "-n", "-Fn"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return {(host.strip("[]"), int(port)) for host, port in
+                (line[1:].rsplit(":", 1) for line in out.splitlines() if line.startswith("n"))}
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                host, port = fields[1].split(":")
+                raw = bytes.fromhex(host)  # little-endian 32-bit words
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add((str(ipaddress.ip_address(words)), int(port, 16)))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("moment", ["loading", "serving"])
+def test_ctrl_c_exits_130_and_serves_on_loopback_only(moment):
+    """A real `python -m app` and a real SIGINT, while the model loads and while it serves:
+    exit 130, one `[interrupted]` line, no traceback, no share link; it listens on 127.0.0.1 only."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "app", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    out, err = [], []
+    for stream, sink in ((proc.stdout, out), (proc.stderr, err)):
+        threading.Thread(target=lambda s=stream, k=sink: [(k.append(x), lines.put(x)) for x in s],
+                         daemon=True).start()
+    try:
+        marker = "loading demo..." if moment == "loading" else "Running on local URL"
+        deadline = time.monotonic() + 120
+        while marker not in "".join(out + err):
+            lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+        if moment == "serving":
+            assert listening_addresses(proc.pid) == {("127.0.0.1", port)}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    time.sleep(0.2)  # the reader threads see the end of the pipes
+    stdout, stderr = "".join(out), "".join(err)
+    assert "Traceback" not in stderr and "Keyboard interruption" not in stdout
+    assert stderr.strip().splitlines()[-1] == "[interrupted]" and stderr.count("[interrupted]") == 1
+    assert "gradio.live" not in stdout and "public URL" not in stdout
+    assert ("Running on" in stdout) == (moment == "serving")
+
+
+def test_at_most_four_idle_caches_with_six_sessions(engine):
+    """The default store: six sessions answer in turn; only the four most recent keep a cache,
+    and the two older caches are freed (no reference left)."""
+    store = SessionStore(engine)
+    assert store.max_caches == 4
+    caches = []
+    for name in "abcdef":
+        answer(store.get(name), [user("hi")])
+        caches.append(weakref.ref(store.sessions[name].cache))
+    gc.collect()
+    assert [name for name, s in store.sessions.items() if s.cache is not None] == list("cdef")
+    assert [c() is None for c in caches] == [True, True, False, False, False, False]

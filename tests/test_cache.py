@@ -85,3 +85,14 @@ def test_ragged_decode_mask():
     mask = np.array(cache.mask(1))
     assert mask.shape == (2, 1, 1, 4)
     assert mask[0, 0, 0].tolist() == [True, True, False, False] and mask[1, 0, 0].all()
+
+
+@pytest.mark.parametrize("offsets", [[0, 5], [0, 3, 11], [1, 2], [2, 9, 30], [0, 0, 4]])
+def test_ragged_decode_mask_has_no_fully_masked_row(offsets):
+    """However far apart the rows are, each sees its own new token (slot offset % C), so
+    no row of the mask is all False (where GPU attention kernels may return NaN)."""
+    cache = RollingKVCache(ARGS, 4, batch_size=len(offsets))
+    cache.offsets = offsets
+    mask = np.array(cache.mask(1))[:, 0, 0]
+    assert mask[np.arange(len(offsets)), [o % 4 for o in offsets]].all()
+    assert mask.sum(axis=1).tolist() == [min(o + 1, 4) for o in offsets]  # all it holds, no more

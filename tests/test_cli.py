@@ -1,5 +1,6 @@
 """python -m mlx_mistral.generate end to end, and one-line errors for bad input."""
 
+import io
 import json
 import os
 import re
@@ -7,8 +8,11 @@ import shutil
 import subprocess
 import sys
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
+from checkpoints import TOKENIZER_V3
 from mlx_mistral.generate.__main__ import main
 
 
@@ -74,7 +78,30 @@ BREAKAGES = {
     "missing tensor": (lambda p: edit_config(p, num_hidden_layers=3), "missing tensor 'model.layers.2"),
     "truncated weights": (lambda p: (p / "model.safetensors").write_bytes(
         (p / "model.safetensors").read_bytes()[:100_000]), "model.safetensors: not a valid safetensors"),
+    "a file, not a directory": (lambda p: (shutil.rmtree(p), p.write_text("x")),
+                                "expected a directory, found a file"),
+    "config not an object": (lambda p: (p / "config.json").write_text("[1, 2]"),
+                             "expected a JSON object, got list"),
+    "rope scaling": (lambda p: edit_config(p, rope_scaling={"type": "linear", "factor": 2.0}),
+                     "only default RoPE"),
+    "not silu": (lambda p: edit_config(p, hidden_act="gelu"), "hidden_act must be 'silu', got 'gelu'"),
+    "rope_parameters not an object": (lambda p: edit_config(p, rope_parameters=[1]),
+                                      "rope_parameters must be an object"),
+    "bad quantization": (lambda p: edit_config(p, quantization={"bits": 7, "group_size": 64}),
+                         "quantization must have bits in 2-6 or 8 and group_size 32/64/128"),
+    "tokenizer too large": (lambda p: shutil.copy(TOKENIZER_V3, p / "tokenizer.model"),
+                            "tokenizer has 32768 tokens, model vocab_size is 32000"),
+    "unexpected tensor": (lambda p: edit_weights(p, lambda w: {**w, "extra.weight": mx.zeros((2,))}),
+                          "unexpected tensor 'extra.weight'"),
+    "integer weights": (lambda p: edit_weights(p, lambda w: {**w, "model.norm.weight":
+                                                             w["model.norm.weight"].astype(mx.int32)}),
+                        r"tensor 'model.norm.weight' has dtype .*int32, expected a float dtype"),
 }
+
+
+def edit_weights(path, change):
+    file = str(path / "model.safetensors")
+    mx.save_safetensors(file, change(mx.load(file)))
 
 
 @pytest.mark.parametrize("case", BREAKAGES)
@@ -148,3 +175,104 @@ def test_ctrl_c_stops_cleanly_with_stats():
     assert proc.returncode == 130
     err = err.decode()
     assert "[interrupted] prompt:" in err and "generation:" in err and "Traceback" not in err
+
+
+# Each flag's observable effect, in-process on the tiny checkpoint (W = 8).
+def json_run(capsys, *argv):
+    code = main(["--json", *argv])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_stop_cuts_the_text_before_the_stop_string(capsys, hf_checkpoint):
+    base = ["--model", str(hf_checkpoint[0]), "--prompt", "Tell me about caches", "--max-tokens", "24"]
+    full = json_run(capsys, *base)["text"]
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    cut = full.find(stop)
+    assert cut > 0 and stop.strip(), full
+    stopped = json_run(capsys, *base, "--stop", "not in it", "--stop", stop)
+    assert stopped["text"] == full[:cut] and stopped["finish_reason"] == "stop"
+    assert stopped["generation_tokens"] < len(json_run(capsys, *base)["tokens"])
+
+
+def test_system_prompt_gives_mistral_commons_tokens(capsys, monkeypatch, hf_checkpoint):
+    from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    cli_module = sys.modules[main.__module__]
+    seen = []
+    real = cli_module.stream_generate
+    monkeypatch.setattr(cli_module, "stream_generate",
+                        lambda m, t, tokens, **kw: seen.append(tokens) or real(m, t, tokens, **kw))
+    base = ["--model", str(hf_checkpoint[0]), "--prompt", "hello", "--max-tokens", "1"]
+    json_run(capsys, *base)
+    json_run(capsys, *base, "--system", "Be brief.")
+    oracle = MistralTokenizer.from_file(str(hf_checkpoint[0] / "tokenizer.model"))
+    expected = oracle.encode_chat_completion(ChatCompletionRequest(
+        messages=[SystemMessage(content="Be brief."), UserMessage(content="hello")])).tokens
+    assert seen[1] == expected != seen[0]
+
+
+def test_min_p_removes_the_tokens_below_it(capsys, hf_checkpoint):
+    """At temp 1 the tiny model's draws differ from greedy; min-p 0.999 keeps only the most likely
+    token (every other one is less than 0.999 times as likely), so the draws become greedy."""
+    base = ["--model", str(hf_checkpoint[0]), "--prompt", "hello", "--max-tokens", "16", "--seed", "0"]
+    greedy = json_run(capsys, *base)["tokens"]
+    assert json_run(capsys, *base, "--temp", "1")["tokens"] != greedy
+    assert json_run(capsys, *base, "--temp", "1", "--min-p", "0.999")["tokens"] == greedy
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dtype_sets_the_model_dtype(capsys, hf_checkpoint, dtype):
+    base = ["--model", str(hf_checkpoint[0]), "--prompt", "hello", "--max-tokens", "2"]
+    float32 = json_run(capsys, *base)["kv_cache_bytes"]  # the CPU default
+    assert json_run(capsys, *base, "--dtype", dtype)["kv_cache_bytes"] * 2 == float32  # 2 bytes per value
+
+
+def test_prefill_chunk_changes_the_calls_not_the_logits(capsys, monkeypatch, hf_checkpoint):
+    from mlx_mistral import Mistral
+
+    generation = sys.modules["mlx_mistral.generate"]  # the package (its name is also a function's)
+
+    calls, logits = [], []
+    model_call, real_prefill = Mistral.__call__, generation.prefill
+    monkeypatch.setattr(Mistral, "__call__",
+                        lambda self, x, cache: calls.append(x.shape[1]) or model_call(self, x, cache))
+    monkeypatch.setattr(generation, "prefill",
+                        lambda *a, **k: logits.append(real_prefill(*a, **k)) or logits[-1])
+    prompt = "The rolling buffer keeps the last window of keys and values, so memory stays flat."
+    counts = {}
+    for chunk in ("512", "3"):
+        calls.clear()
+        out = json_run(capsys, "--model", str(hf_checkpoint[0]), "--prompt", prompt, "--raw",
+                       "--max-tokens", "1", "--prefill-chunk", chunk)
+        n = out["prompt_tokens"]
+        counts[chunk] = len(calls) - 1  # the last call is the first decode step (scheduled ahead)
+        step = min(int(chunk), 8)  # chunks are at most the cache's capacity, the window
+        assert counts[chunk] == -(-(n - 1) // step) + 1  # chunks of the first n - 1 tokens, then the last one
+    assert counts["3"] > counts["512"]
+    np.testing.assert_allclose(np.array(logits[0]), np.array(logits[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_debug_prints_a_traceback_and_the_same_exit_code(capsys, broken):
+    (broken / "config.json").write_text("{oops")
+    code, errors = cli(capsys, "--model", str(broken), "--prompt", "hi")
+    assert main(["--model", str(broken), "--prompt", "hi", "--debug"]) == code == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1] == errors[0]
+
+
+def test_unknown_config_keys_warn_in_one_line(capsys, broken):
+    edit_config(broken, brand_new_key=1)
+    assert main(["--model", str(broken), "--prompt", "hi", "--max-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: config.json: ignoring unknown keys ['brand_new_key']" in err.splitlines()
+
+
+def test_invalid_utf8_on_stdin(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
+    code, errors = cli(capsys, "--model", "demo", "--prompt", "-")
+    assert code == 2
+    assert errors == ["error: prompt from stdin is not valid UTF-8 (invalid continuation byte at byte 3)"]

@@ -19,14 +19,16 @@ import torch
 from mlx_lm.convert import convert as mlx_lm_convert
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 import mlx_mistral.convert as convert_module
-from checkpoints import oracle_logits
+from checkpoints import TOKENIZER_TEKKEN, TOKENIZER_V1, TOKENIZER_V3, oracle_logits
 from convert.__main__ import main
-from mlx_mistral import Mistral, MistralError, load, make_cache
+from mlx_mistral import Mistral, MistralError, Tokenizer, load, make_cache
 from mlx_mistral.config import Quantization
 from mlx_mistral.convert import convert
 from mlx_mistral.loading import read_checkpoint
+from test_tokenizer import CONVERSATIONS, TOOL_REQUESTS
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = np.random.default_rng(0).integers(3, 32000, 40).tolist()
@@ -57,7 +59,7 @@ def test_fp32_round_trip_is_exact(hf_checkpoint, tmp_path):
     src, hf = hf_checkpoint
     dst = converted(src, tmp_path)
     assert sorted(p.name for p in dst.iterdir()) == [
-        "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.model"]
+        "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.model", "tokenizer_config.json"]
     ours = logits(load(str(dst))[0], IDS)
     assert np.array_equal(ours, logits(load(str(src))[0], IDS))
     assert np.abs(ours - oracle_logits(hf, IDS)).max() <= 1e-4
@@ -122,6 +124,17 @@ def test_original_pth_bfloat16(hf_checkpoint, original_checkpoint, tmp_path):
         assert mx.array_equal(stored[name], w.astype(mx.bfloat16)).item(), name
 
 
+def test_pth_without_torch_is_one_line(original_checkpoint, tmp_path, monkeypatch):
+    src = tmp_path / "pth"
+    src.mkdir()
+    for name in ("params.json", "tokenizer.model"):
+        shutil.copy(original_checkpoint / name, src / name)
+    torch.save(load_file(str(original_checkpoint / "consolidated.safetensors")), src / "consolidated.00.pth")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(MistralError, match=r"consolidated\.00\.pth: reading \.pth needs PyTorch: pip install"):
+        load(str(src))
+
+
 # 2. Quantization quality
 
 
@@ -177,7 +190,7 @@ def mlx_lm_dirs(windowless, tmp_path_factory):
     mlx_lm_convert(str(src), str(dirs["float16"]), dtype="float16")
     mlx_lm_convert(str(src), str(dirs["4-bit"]), quantize=True, q_group_size=64, q_bits=4, dtype="float32")
     for path in dirs.values():  # mlx-lm 0.32 with transformers 5 writes tokenizer.json only
-        shutil.copy(src / "tokenizer.model", path)
+        assert (path / "tokenizer.json").exists() and not list(path.glob("tokenizer.model*"))
     return dirs
 
 
@@ -186,8 +199,12 @@ def test_we_load_mlx_lm_output(mlx_lm_dirs, kind):
     path = mlx_lm_dirs[kind]
     theirs = mlx_lm.load(str(path))[0]
     theirs.set_dtype(mx.float32)  # fp16 weights, fp32 compute on both sides (what we do on CPU)
-    diff = np.abs(mlx_lm_logits(theirs, IDS) - logits(load(str(path))[0], IDS)).max()
+    model, tokenizer = load(str(path))
+    diff = np.abs(mlx_lm_logits(theirs, IDS) - logits(model, IDS)).max()
     print(f"our load of mlx_lm.convert {kind}: max abs logit diff {diff:.2e}")
+    messages = [{"role": "user", "content": "Hello  there, 1234 🎉"}]
+    assert tokenizer.path.name == "tokenizer.json"
+    assert tokenizer.chat_tokens(messages) == Tokenizer(TOKENIZER_V1).chat_tokens(messages)
     assert diff == 0 if kind == "4-bit" else diff <= 1e-4  # measured: 0 for both
 
 
@@ -347,3 +364,83 @@ def test_cli(hf_checkpoint, tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert again.stderr.strip().splitlines()[-1].startswith("error: output directory")
+
+
+# A real process, killed with SIGKILL between two shards (after the first is written, it sleeps).
+KILLED_RUN = """
+import sys, time
+import mlx_mistral.convert as c
+real = c.write_safetensors
+def slow(path, shard, on_tensor):
+    real(path, shard, on_tensor)
+    print(path, flush=True)
+    time.sleep(120)
+c.write_safetensors = slow
+c.convert(sys.argv[1], sys.argv[2], force=sys.argv[3] == "True", shard_bytes=3 * 2**20)
+"""
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_killed_runs_partial_dir_is_removed_by_the_next_run(hf_checkpoint, tmp_path, force):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    dst = tmp_path / "out"
+    if force:
+        dst.mkdir()
+        (dst / "old.txt").write_text("replaced by the --force run")
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(hf_checkpoint[0]), str(dst), str(force)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        shard = Path(killed.stdout.readline().strip())  # the first shard is written: kill it mid-run
+        killed.kill()
+        killed.wait(timeout=30)
+    finally:
+        killed.kill()
+        killed.wait()
+    assert shard.parent.name.endswith(".partial") and shard.exists()  # what SIGKILL leaves behind
+    cmd = [sys.executable, "-m", "convert", "--model", str(hf_checkpoint[0]), "--out", str(dst)]
+    again = subprocess.run(cmd + ["--force"] * force, cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"warning: removed {shard.parent}: left by a convert run that was killed" in again.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (dst / "model.safetensors").exists() and not (dst / "old.txt").exists()
+
+
+def test_a_live_runs_partial_dir_is_kept(tmp_path):
+    live = tmp_path / f".other.{os.getpid()}-0123abcd.partial"
+    live.mkdir()
+    convert_module.remove_killed_runs(tmp_path)
+    assert live.exists()
+
+
+def test_mlx_lm_tokenizes_our_original_layout_output_like_us(original_checkpoint, tmp_path):
+    dst = converted(original_checkpoint, tmp_path)
+    ours = load(str(dst))[1]
+    theirs = mlx_lm.load(str(dst))[1]
+    assert theirs.encode("Hello") == ours.encode("Hello", bos=True)  # BOS, as Mistral was trained
+    for messages in CONVERSATIONS:
+        assert theirs.apply_chat_template(messages, tokenize=True, return_dict=False) == ours.chat_tokens(messages)
+
+
+@pytest.mark.parametrize("tokenizer", [TOKENIZER_V1, TOKENIZER_V3], ids=["v1", "v3"])
+def test_tokenizer_config_in_transformers(tmp_path, tokenizer):
+    """The tokenizer_config.json convert writes, read by transformers beside tokenizer.model."""
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    config = convert_module.hf_tokenizer_config(tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text('{"model_type": "mistral"}')  # as in our output: it picks the class
+    ours, theirs = Tokenizer(tokenizer), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert theirs.encode("Hello") == ours.encode("Hello", bos=True)
+    requests = [(m, None) for m in CONVERSATIONS]
+    if ours.version == "v3":  # tool results that are JSON: mistral-common's encoder inlines them as
+        # JSON, its own Jinja template as a string, so those two cases differ between its two halves
+        requests += [r for r in TOOL_REQUESTS.values() if not any(m["role"] == "tool" and m["content"].startswith("{")
+                                                                 for m in r[0])]
+    for messages, tools in requests:
+        rendered = theirs.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False)
+        assert rendered == ours.chat_tokens(messages, tools=tools)
+    assert len(requests) == (6 if ours.version == "v3" else 3)
+
+
+def test_no_tokenizer_config_for_tekken(tmp_path):
+    assert convert_module.hf_tokenizer_config(TOKENIZER_TEKKEN) is None

@@ -102,3 +102,9 @@ def test_bad_arguments(tiny, kwargs, match):
     kwargs = {"prompt": PROMPT, **kwargs}
     with pytest.raises(MistralError, match=match):
         list(stream_generate(model, tok, **kwargs))
+
+
+def test_prompt_past_a_windowless_models_context(windowless):
+    model, tok = load(str(windowless[0]))  # max_position_embeddings 512, no window
+    with pytest.raises(MistralError, match="prompt is 601 tokens, past the model's context of 512 tokens"):
+        list(stream_generate(model, tok, [1] + [100] * 600))

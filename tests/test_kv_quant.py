@@ -4,12 +4,12 @@ ragged batches, quality against the float cache, memory, and bad input."""
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache
 
-import mlx_mistral.loading
 from checkpoints import tiny_config, write_hf
 from mlx_mistral import MistralError, batch_stream_generate, load, make_cache, stream_generate
 from mlx_mistral.cache import RollingKVCache
@@ -40,11 +40,15 @@ def windowed_dir(tmp_path_factory):
 
 @pytest.fixture(params=["cpu paths", "mac path"])
 def load_model(request, monkeypatch):
-    """load(), with the CPU backend's swaps (cpu.py), or without them: the plain
-    nn.Linear model a Mac runs."""
-    if request.param == "mac path":
-        monkeypatch.setattr(mlx_mistral.loading, "prepare_for_cpu", lambda model: None)
-    return lambda path: load(str(path))
+    """load(), with the CPU backend's swaps (cpu.py), or without them (MLX_MISTRAL_CPU_PATHS=0):
+    the plain nn.Linear model a Mac runs."""
+    monkeypatch.setenv("MLX_MISTRAL_CPU_PATHS", "0" if request.param == "mac path" else "1")
+
+    def load_it(path):
+        model, tokenizer = load(str(path))
+        assert (type(model.lm_head) is nn.Linear) == (request.param == "mac path")
+        return model, tokenizer
+    return load_it
 
 
 def run_chunks(model, cache, ids, sizes):
@@ -244,7 +248,7 @@ def test_quality_against_the_float_cache(windowless_dir, bits):
 
 def test_float16_mac_path_matches_mlx_lm(windowless_dir, monkeypatch):
     """A Mac's model: float16, plain nn.Linear (no cpu.py swaps); scales and biases in float16."""
-    monkeypatch.setattr(mlx_mistral.loading, "prepare_for_cpu", lambda model: None)
+    monkeypatch.setenv("MLX_MISTRAL_CPU_PATHS", "0")
     ours_model, _ = load(str(windowless_dir), dtype=mx.float16)
     theirs_model, _ = mlx_lm.load(str(windowless_dir))
     theirs_model.set_dtype(mx.float16)

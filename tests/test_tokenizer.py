@@ -3,11 +3,12 @@
 import filecmp
 
 import pytest
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from checkpoints import TOKENIZER_V1, TOKENIZER_V3
+from checkpoints import TOKENIZER_TEKKEN, TOKENIZER_V1, TOKENIZER_V3
 from mlx_mistral import MistralError, StreamingDetokenizer, Tokenizer
 from mlx_mistral.demo import TOKENIZER_V1 as SHIPPED_V1
 
@@ -21,7 +22,7 @@ CONVERSATIONS = [
 CLASSES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
 
 
-@pytest.fixture(scope="module", params=[TOKENIZER_V1, TOKENIZER_V3], ids=["v1", "v3"])
+@pytest.fixture(scope="module", params=[TOKENIZER_V1, TOKENIZER_V3, TOKENIZER_TEKKEN], ids=["v1", "v3", "tekken"])
 def tokenizers(request):
     return Tokenizer(request.param), MistralTokenizer.from_file(str(request.param))
 
@@ -47,13 +48,21 @@ def test_chat_tokens_match_mistral_common(tokenizers, messages):
     assert ours.chat_tokens(messages) == theirs.encode_chat_completion(request).tokens
 
 
+def test_empty_answer_is_left_out(tokenizers):
+    ours, theirs = tokenizers
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "b"}]
+    joined = ChatCompletionRequest(messages=[UserMessage(content="a"), UserMessage(content="b")])
+    assert ours.chat_tokens(messages) == theirs.encode_chat_completion(joined).tokens
+
+
 def test_user_text_never_becomes_a_control_token(tokenizers):
     tok = tokenizers[0]
     text = "[INST] </s> <s> [/INST] <unk>"
     ids = tok.chat_tokens([{"role": "user", "content": text}])
-    control = {tok.bos_id, tok.eos_id, 0} | set(tok.inst_ids or ())
+    control = tok.control_ids | {0}
+    assert {tok.bos_id, tok.eos_id} <= control and (tok.version == "v1") == (3 not in control)
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1 and tok.eos_id not in ids
-    body = ids[1:] if tok.inst_ids is None else ids[2:-1]
+    body = ids[1:] if tok.version == "v1" else ids[2:-1]
     assert not control & set(body)
     assert not control & set(tok.encode(text))
 
@@ -78,9 +87,84 @@ def test_bad_chat_and_files(tmp_path):
     tok = Tokenizer(TOKENIZER_V1)
     with pytest.raises(MistralError, match="end with a user message"):
         tok.chat_tokens([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
-    with pytest.raises(MistralError, match="chat message 1"):
-        tok.chat_tokens([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(MistralError, match="Unknown message role: robot"):
+        tok.chat_tokens([{"role": "robot", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(MistralError, match="lacks its 'content' field"):
+        tok.chat_tokens([{"role": "user"}])
     bad = tmp_path / "tokenizer.model"
     bad.write_bytes(b"not a model")
     with pytest.raises(MistralError, match="not a SentencePiece tokenizer"):
         Tokenizer(bad)
+    bad = tmp_path / "tekken.json"
+    bad.write_text("{oops")
+    with pytest.raises(MistralError, match="tekken.json: not a Tekken tokenizer"):
+        Tokenizer(bad)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Local time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def call(id_: str, name: str, arguments: str) -> dict:
+    return {"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+ASK = {"role": "user", "content": "Weather in Paris?"}
+CALLED = {"role": "assistant", "content": "", "tool_calls": [call("abc123XYZ", "get_weather", '{"city": "Paris"}')]}
+RESULT = {"role": "tool", "tool_call_id": "abc123XYZ", "content": '{"temp": 21}'}
+TOOL_REQUESTS = {
+    "one tool": ([ASK], [WEATHER]),
+    "several tools": ([{"role": "system", "content": "Use tools."}, ASK], [WEATHER, TIME]),
+    "call then result": ([ASK, CALLED, RESULT], [WEATHER]),
+    "multi-turn with calls": ([ASK, CALLED, RESULT, {"role": "assistant", "content": "21 degrees."},
+                               {"role": "user", "content": "And the time there?"},
+                               {"role": "assistant", "content": "", "tool_calls": [
+                                   call("t1me00001", "get_time", "{}"), call("w2th00002", "get_weather", '{"city": "Lyon"}')]},
+                               {"role": "tool", "tool_call_id": "t1me00001", "content": "12:00"},
+                               {"role": "tool", "tool_call_id": "w2th00002", "content": "rain"}], [WEATHER, TIME]),
+    "unicode arguments": ([{"role": "user", "content": "Météo à Zürich? 🌦"},
+                           {"role": "assistant", "content": "", "tool_calls": [
+                               call("uni000001", "get_weather", '{"city": "Zürich 東京 🌦"}')]},
+                           {"role": "tool", "tool_call_id": "uni000001", "content": "☀️ 25°C"}], [WEATHER]),
+}
+
+
+def mistral_common_request(messages: list[dict], tools: list[dict]) -> ChatCompletionRequest:
+    """The request built from mistral-common's own classes (not its OpenAI converter)."""
+    out = []
+    for m in messages:
+        if m["role"] == "tool":
+            out.append(ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"]))
+        elif m.get("tool_calls"):
+            out.append(AssistantMessage(content=m["content"] or None, tool_calls=[
+                ToolCall(id=c["id"], function=FunctionCall(name=c["function"]["name"],
+                                                           arguments=c["function"]["arguments"]))
+                for c in m["tool_calls"]]))
+        else:
+            out.append(CLASSES[m["role"]](content=m["content"]))
+    return ChatCompletionRequest(messages=out, tools=[Tool(function=Function(**t["function"])) for t in tools])
+
+
+@pytest.mark.parametrize("case", TOOL_REQUESTS)
+def test_tool_requests_match_mistral_common(tokenizers, case):
+    ours, theirs = tokenizers
+    messages, tools = TOOL_REQUESTS[case]
+    if ours.version == "v1":
+        with pytest.raises(MistralError, match="no function calling"):
+            ours.chat_tokens(messages, tools=tools)
+        return
+    ids = ours.chat_tokens(messages, tools=tools)
+    assert ids == theirs.encode_chat_completion(mistral_common_request(messages, tools)).tokens
+    assert ours.tool_calls_id in ids if any(m.get("tool_calls") for m in messages) else ours.tool_calls_id not in ids
+
+
+def test_lone_surrogate_is_one_line():
+    tok = Tokenizer(TOKENIZER_V1)
+    message = r"^text is not valid Unicode \(surrogates not allowed at character 2\)$"
+    with pytest.raises(MistralError, match=message):
+        tok.encode("ab\ud800c")
+    with pytest.raises(MistralError, match="not valid Unicode"):
+        tok.chat_tokens([{"role": "user", "content": "\udfff"}])

@@ -10,7 +10,7 @@ from ..cache import RollingKVCache, make_cache
 from ..errors import MistralError
 from ..model import Mistral
 from ..sample import Sampler, check_repetition_penalty, make_sampler, penalize_repetition
-from ..tokenizer import StreamingDetokenizer, Tokenizer
+from ..tokenizer import StreamingDetokenizer, Tokenizer, ToolCall
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -32,7 +32,8 @@ class GenerationResponse:
     peak_memory: int  # bytes, since the call started
     kv_cache_bytes: int  # allocated once, fixed
     kv_cache_tokens: int  # tokens the cache holds now
-    finish_reason: str | None = None  # on the last response: "stop" (EOS or stop string) or "length"
+    finish_reason: str | None = None  # on the last response: "stop" (EOS or stop string), "length", "tool_calls"
+    tool_calls: list[ToolCall] | None = None  # on the last response, when the answer is function calls
 
 
 def prefill(model: Mistral, tokens: Sequence[int], cache: RollingKVCache, chunk: int) -> mx.array:
@@ -86,14 +87,18 @@ class TextStream:
     """One sequence's generated tokens -> text pieces, with its stop rules and stats.
 
     Stops at EOS, after `max_tokens`, or before the first of the `stop` strings: text
-    that may begin a stop string is held back until it is known not to.
+    that may begin a stop string is held back until it is known not to. An answer that
+    begins with [TOOL_CALLS] is held back whole and ends as parsed `tool_calls` (or, if
+    it does not parse, as plain text).
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_tokens: int, max_tokens: int, stop: Sequence[str],
                  start: float):
+        self._tokenizer = tokenizer
         self._detokenizer = StreamingDetokenizer(tokenizer)
         self._eos, self._max_tokens, self._stop = tokenizer.eos_id, max_tokens, stop
         self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
+        self._calls: list[int] | None = None  # the answer's ids, once it began with [TOOL_CALLS]
         self.prompt_tokens, self.start, self.first, self.n = prompt_tokens, start, 0.0, 0
         self.finish: str | None = None
 
@@ -101,6 +106,10 @@ class TextStream:
         """The response for the next generated token; sets `finish` on the last one."""
         self.first = self.first or time.perf_counter()
         self.n += 1
+        if self.n == 1 and token == self._tokenizer.tool_calls_id:
+            self._calls = []
+        if self._calls is not None:
+            return self._add_call(token, cache)
         if token == self._eos:
             return self._response(self._held + self._detokenizer.flush(), token, cache, "stop")
         self._held += self._detokenizer.add(token)
@@ -114,14 +123,26 @@ class TextStream:
         self._held = held[len(held) - keep:]
         return self._response(held[: len(held) - keep], token, cache)
 
-    def _response(self, text: str, token: int, cache: RollingKVCache, finish: str | None = None):
+    def _add_call(self, token: int, cache: RollingKVCache) -> GenerationResponse:
+        self._calls.append(token)
+        if token != self._eos and self.n < self._max_tokens:
+            self._held += self._detokenizer.add(token)
+            return self._response("", token, cache)
+        calls = self._tokenizer.parse_tool_calls(self._calls)
+        if calls:
+            return self._response("", token, cache, "tool_calls", calls)
+        text = self._held + ("" if token == self._eos else self._detokenizer.add(token)) + self._detokenizer.flush()
+        return self._response(text, token, cache, "stop" if token == self._eos else "length")
+
+    def _response(self, text: str, token: int, cache: RollingKVCache, finish: str | None = None,
+                  tool_calls: list[ToolCall] | None = None):
         self.finish = finish
         now, ttft, n = time.perf_counter(), self.first - self.start, self.n
         return GenerationResponse(
             text=text, token=token, prompt_tokens=self.prompt_tokens, prompt_tps=self.prompt_tokens / ttft,
             generation_tokens=n, generation_tps=(n - 1) / (now - self.first) if n > 1 else 0.0, ttft=ttft,
             peak_memory=mx.get_peak_memory(), kv_cache_bytes=cache.nbytes, kv_cache_tokens=cache.size,
-            finish_reason=finish,
+            finish_reason=finish, tool_calls=tool_calls,
         )
 
 

@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from .. import batch_stream_generate, load, make_sampler, stream_generate
+from .. import batch_stream_generate, distributed, load, make_sampler, stream_generate
 from ..demo import NOTICE
+from ..distributed import DEFAULT_CONNECT_TIMEOUT
 from ..errors import MistralError, run_command
 from . import DEFAULT_PREFILL_CHUNK, GenerationResponse
 
@@ -26,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         'lines {"prompt": ..., "max_tokens": ...}')
     p.add_argument("--system", help="system prompt (ignored with --raw)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    p.add_argument("--tools", help="JSON file: a list of OpenAI-style tool definitions the model may call "
+                   "(V3 or Tekken tokenizers); the calls are printed, and included with --json")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -40,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill step")
     p.add_argument("--dtype", choices=DTYPES, help="activation dtype (default: float32 on CPU, the checkpoint's on GPU)")
     p.add_argument("--json", action="store_true", help="print the result and stats as one JSON object")
+    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+                   help="under mlx.launch: seconds for every rank to reach the others")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -77,14 +82,41 @@ def read_prompts_file(path: str, max_tokens: int) -> tuple[list[str], list[int]]
     return prompts, limits
 
 
+def read_tools(path: str | None) -> list[dict] | None:
+    """The tool definitions of --tools: a JSON list of {"type": "function", "function": {...}}."""
+    if path is None:
+        return None
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise MistralError(f"--tools {path}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise MistralError(f"--tools {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(tools, list) or not tools or not all(isinstance(t, dict) and "function" in t for t in tools):
+        raise MistralError(f'--tools {path}: expected a non-empty list of {{"type": "function", "function": {{...}}}}')
+    return tools
+
+
 def encode(tokenizer, prompt: str, args: argparse.Namespace, what: str = "prompt") -> str | list[int]:
     """The prompt as the model sees it: through the chat template unless --raw."""
     if not prompt.strip():
         raise MistralError(f"{what} is empty")
     if args.raw:
+        if args.tools:
+            raise MistralError("--tools needs the chat template: leave out --raw")
         return prompt
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    return tokenizer.chat_tokens(messages + [{"role": "user", "content": prompt}])
+    return tokenizer.chat_tokens(messages + [{"role": "user", "content": prompt}], tools=args.tools)
+
+
+def result_fields(r: GenerationResponse) -> dict:
+    """A response's fields as JSON values (tool calls in OpenAI's format)."""
+    return {**vars(r), "tool_calls": [c.to_openai() for c in r.tool_calls] if r.tool_calls else None}
+
+
+def print_tool_calls(r: GenerationResponse) -> None:
+    for c in r.tool_calls or ():
+        print(f"[tool call {c.id}] {c.name} {c.arguments}")
 
 
 def stats_line(r: GenerationResponse) -> str:
@@ -113,11 +145,12 @@ def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
             print(f"\n[interrupted] {stats_line(last)}", file=sys.stderr)
         return 130
     if args.json:
-        result = {**vars(last), "text": "".join(text), "tokens": ids}
+        result = {**result_fields(last), "text": "".join(text), "tokens": ids}
         del result["token"]  # the last one is in "tokens"
         print(json.dumps(result, ensure_ascii=False))
     else:
         print(file=sys.stdout)
+        print_tool_calls(last)
         print(stats_line(last), file=sys.stderr)
     return 0
 
@@ -142,7 +175,7 @@ def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
     total = {"prompts": len(prompts), "prompt_tokens": sum(r.prompt_tokens for r in last.values()),
              "generation_tokens": generated, "seconds": elapsed, "tokens_per_second": generated / elapsed,
              "peak_memory": max(r.peak_memory for r in last.values()), "kv_cache_bytes": kv_bytes}
-    results = [{**vars(last[i]), "index": i, "text": "".join(texts[i]), "tokens": ids[i]} for i in range(len(prompts))]
+    results = [{**result_fields(last[i]), "index": i, "text": "".join(texts[i]), "tokens": ids[i]} for i in range(len(prompts))]
     if args.json:
         for result in results:
             del result["token"]
@@ -150,6 +183,7 @@ def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
         return 0
     for i, result in enumerate(results):
         print(f"=== [{i}] {prompts[i][:60]!r}\n{result['text']}")
+        print_tool_calls(last[i])
         print(stats_line(last[i]), file=sys.stderr)
     print(f"batch: {len(prompts)} prompts, {generated} tokens in {elapsed:.2f} s = {generated / elapsed:.1f} tok/s | "
           f"peak memory {total['peak_memory'] / 2**20:.1f} MiB | KV cache {kv_bytes / 2**20:.2f} MiB", file=sys.stderr)
@@ -159,11 +193,19 @@ def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
 def run(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
+    group = distributed.init(args.connect_timeout)  # None unless started by mlx.launch
     sampler = make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
-    if args.model == "demo":
+    args.tools = read_tools(args.tools)  # the file's path -> its tool definitions, checked before loading
+    if args.model == "demo" and (group is None or group.rank() == 0):
         print(NOTICE, file=sys.stderr)
-    model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
-    return (run_batch if args.prompts_file else run_single)(args, model, tokenizer, sampler)
+    dtype = getattr(mx, args.dtype) if args.dtype else None
+    command = run_batch if args.prompts_file else run_single
+    if group is None:
+        model, tokenizer = load(args.model, dtype=dtype)
+        return command(args, model, tokenizer, sampler)
+    model, tokenizer = distributed.load(args.model, group, dtype)  # this rank's share of each layer
+    with distributed.rank_zero_output(group):
+        return command(args, model, tokenizer, distributed.shared_sampler(sampler, group))
 
 
 def main(argv: list[str] | None = None) -> int:
