@@ -13,6 +13,7 @@ peak is flat after the window fills, and plots memory vs tokens to a PNG.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,8 +125,8 @@ def main() -> None:
     tokens = a.tokens or 8 * a.window
     kv_bits = [int(b) for b in a.kv_bits.split(",") if b]
     if a.worker:
-        print(json.dumps(worker(a.worker, a.model, tokens, a.every, kv_bits[0] if kv_bits else None)))
-        return
+        print(json.dumps(worker(a.worker, a.model, tokens, a.every, kv_bits[0] if kv_bits else None)), flush=True)
+        os._exit(0)  # skip exit handlers: OpenBLAS's shutdown sometimes hangs a process at exit (seen here)
     if not tokens:
         p.error("--tokens is needed with --window 0")
 
