@@ -55,7 +55,8 @@ def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, 
     become rows of one query against their K/V head, so K/V are never repeated. A head's
     slots [:S] of a one-row buffer are contiguous, so quantized_matmul reads the cache in
     place (all heads at once, the strided view would be copied: a layer's K/V per step).
-    What grows with the context is one head's score matrix [B, H / n_kv * L, S].
+    What grows with the context is the score matrix: [B, H / n_kv * L, S] per head, though
+    MLX may hold every head's at once (measured: H * L float32 per token of context).
     """
     B, H, L, hd = q.shape
     n_kv = k[0].shape[1]
