@@ -18,6 +18,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-kv-size", type=int,
                    help="KV cache slots per session (default: the sliding window, or 8192 without one)")
+    p.add_argument("--kv-bits", type=int, help="store the KV cache quantized to 8 or 4 bits (default: float)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group along head_dim")
     return p.parse_args(argv)
 
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from .chat import Engine
 
     print(f"loading {args.model}...", file=sys.stderr, flush=True)
-    engine = Engine(args.model, args.max_kv_size)
+    engine = Engine(args.model, args.max_kv_size, args.kv_bits, args.kv_group_size)
     try:
         from .ui import build, serve
 

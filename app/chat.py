@@ -12,6 +12,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 from mlx_mistral import MistralError, RollingKVCache, load, make_cache, make_sampler, stream_generate
+from mlx_mistral.cache import check_kv_quantization
 
 # KV cache slots for a model without a sliding window (v0.2, v0.3), unless --max-kv-size says otherwise.
 DEFAULT_MAX_KV_SIZE = 8192
@@ -32,13 +33,16 @@ class Engine:
     (seen with MLX 0.32.4 on Linux; ml-explore/mlx#3126 is alike).
     """
 
-    def __init__(self, model: str = "demo", max_kv_size: int | None = None):
+    def __init__(self, model: str = "demo", max_kv_size: int | None = None, kv_bits: int | None = None,
+                 kv_group_size: int = 64):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="mlx", daemon=True).start()
         self.lock = threading.Lock()
         self.name = model
         self.model, self.tokenizer = self.call(load, model)
         atexit.register(self.close)
+        check_kv_quantization(self.model.args, kv_bits, kv_group_size, self.model.dtype)
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.window = self.model.args.sliding_window
         if max_kv_size is None and self.window is None:
             max_kv_size = DEFAULT_MAX_KV_SIZE
@@ -66,7 +70,8 @@ class Engine:
             raise
 
     def new_cache(self) -> RollingKVCache:
-        return self.call(make_cache, self.model.args, self.max_kv_size, dtype=self.model.dtype)
+        return self.call(make_cache, self.model.args, self.max_kv_size, dtype=self.model.dtype,
+                         kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
 
     def close(self) -> None:
         """Free the model (at exit at the latest); its thread stays, idle, until the process ends."""

@@ -7,6 +7,8 @@ first / their time (greedy). On Linux both processes use OpenBLAS (preloaded by
 mlx_mistral before mlx is imported) and float32, the CPU backend's fast dtype.
 
     python benchmarks/bench_generate.py --preset small [--quantize 4] [--reps 3] [--json]
+    python benchmarks/bench_generate.py --window 0 --prompts 1024,4096,16384 --kv-bits 8
+        # the KV cache quantized in both runtimes (mlx-lm: from the first token)
     python benchmarks/bench_generate.py --model DIR     # any MLX/HF checkpoint directory
 """
 
@@ -40,7 +42,8 @@ def timed_generation(step_fn, n_decode: int) -> tuple[float, float, int]:
     return first - start, (n_decode - 1) / (end - first), mx.get_peak_memory()
 
 
-def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, dtype: str | None) -> dict:
+def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, dtype: str | None,
+           kv_bits: int | None = None) -> dict:
     import numpy as np
 
     t = time.perf_counter()
@@ -53,7 +56,7 @@ def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, 
         greedy = make_sampler()
 
         def steps(prompt):
-            cache = make_cache(model.args, len(prompt) + n_decode, dtype=model.dtype)
+            cache = make_cache(model.args, len(prompt) + n_decode, dtype=model.dtype, kv_bits=kv_bits)
             return lambda: generate_step(model, prompt, cache, greedy)
     else:
         from mlx_lm import load
@@ -62,7 +65,8 @@ def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, 
         model, _ = load(model_dir)
 
         def steps(prompt):
-            return lambda: (tok for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n_decode + 1))
+            kv = dict(kv_bits=kv_bits, quantized_kv_start=0) if kv_bits else {}
+            return lambda: (tok for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n_decode + 1, **kv))
     load_s = time.perf_counter() - t
     weights = mx.get_active_memory()
     rng = np.random.default_rng(0)
@@ -81,6 +85,8 @@ def main() -> None:
     p.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the preset with mlx-lm first")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="checkpoint/activation dtype (default: float32 on CPU, float16 on GPU)")
+    p.add_argument("--window", type=int, default=4096, help="the preset's sliding window (0 = none)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache (group 64), both runtimes")
     p.add_argument("--prompts", default="128,1024,4096", help="prompt lengths")
     p.add_argument("--decode", type=int, default=128, help="tokens to generate")
     p.add_argument("--reps", type=int, default=3)
@@ -90,17 +96,18 @@ def main() -> None:
     prompt_lens = [int(x) for x in args.prompts.split(",")]
     dtype = args.dtype or ("float32" if mx.default_device() == mx.cpu else "float16")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, prompt_lens, args.decode, dtype)))
+        print(json.dumps(worker(args.worker, args.model, prompt_lens, args.decode, dtype, args.kv_bits)))
         return
 
     from presets import make_checkpoint
 
-    model_dir = args.model or str(make_checkpoint(args.preset, dtype, args.quantize))
+    model_dir = args.model or str(make_checkpoint(args.preset, dtype, args.quantize, args.window or None))
     results = {r: [] for r in RUNTIMES}
     for rep in range(args.reps):
         for runtime in RUNTIMES:
             cmd = [sys.executable, __file__, "--worker", runtime, "--model", model_dir, "--prompts",
-                   args.prompts, "--decode", str(args.decode), "--dtype", dtype]
+                   args.prompts, "--decode", str(args.decode), "--dtype", dtype] + \
+                (["--kv-bits", str(args.kv_bits)] if args.kv_bits else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[runtime].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"rep {rep + 1}/{args.reps} {runtime} done", file=sys.stderr)
@@ -116,7 +123,7 @@ def main() -> None:
             scale = 2**-20 if key == "peak_bytes" else 1
             rows.append({"metric": label, "mlx_mistral": a * scale, "mlx_lm": b * scale, "ratio": a / b})
     setup = {"model": model_dir, "preset": None if args.model else args.preset, "quantize": args.quantize,
-             "dtype": dtype, "device": str(mx.default_device()), "openblas": mlx_mistral._blas.ACTIVE,
+             "window": args.window, "kv_bits": args.kv_bits, "dtype": dtype, "device": str(mx.default_device()), "openblas": mlx_mistral._blas.ACTIVE,
              "reps": args.reps, "decode_tokens": args.decode}
     if args.json:
         print(json.dumps({"setup": setup, "rows": rows, "raw": results}))

@@ -3,13 +3,45 @@
 import warnings
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
 
 from .config import ModelArgs
 from .errors import MistralError
 
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)  # those mx.quantize supports
+KV_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+
+# One layer's keys (or values): a float array, or MLX's affine quantized triple
+# (codes packed in uint32, scales, biases: one scale and bias per group along head_dim).
+Buffer = mx.array | tuple[mx.array, mx.array, mx.array]
+
+
+def check_kv_quantization(args: ModelArgs, bits: int | None, group_size: int, dtype: mx.Dtype) -> None:
+    """One clear error for a quantized-cache setting MLX cannot do."""
+    if bits is None:
+        return
+    if bits not in KV_BITS or isinstance(bits, bool):
+        raise MistralError(f"kv_bits must be 4 or 8 (or None for a float cache), got {bits!r}")
+    if group_size not in KV_GROUP_SIZES or args.head_dim % group_size:
+        raise MistralError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))} and divide "
+                           f"head_dim ({args.head_dim}), got {group_size!r}")
+    if dtype not in KV_DTYPES:
+        raise MistralError(f"a quantized KV cache keeps its scales in float16, bfloat16 or float32, got {dtype}")
+
+
+def _leaves(buffer: Buffer) -> tuple[mx.array, ...]:
+    return buffer if isinstance(buffer, tuple) else (buffer,)
+
 
 class RollingKVCache:
     """K/V buffers of shape [B, n_kv_heads, C, head_dim] for every layer, C = capacity.
+
+    With `bits` (8 or 4) each buffer is quantized instead, as mx.quantize lays it out:
+    codes [B, n_kv_heads, C, head_dim * bits / 32] (uint32) plus scales and biases
+    [B, n_kv_heads, C, head_dim / group_size] in `dtype`. Every operation below treats
+    the three arrays of a quantized buffer exactly as the one array of a float buffer
+    (they share the slot axis), so the slot arithmetic and masks are the same.
 
     Position p lives in slot p % C, so after `offset` tokens slot s holds position
         offset - 1 - ((offset - 1 - s) mod C)      (empty while that is < 0).
@@ -22,23 +54,41 @@ class RollingKVCache:
     """
 
     def __init__(self, args: ModelArgs, capacity: int, batch_size: int = 1,
-                 dtype: mx.Dtype = mx.float32, warn_on_roll: bool = False):
-        shape = (batch_size, args.n_kv_heads, capacity, args.head_dim)
-        self.keys = [mx.zeros(shape, dtype) for _ in range(args.n_layers)]
-        self.values = [mx.zeros(shape, dtype) for _ in range(args.n_layers)]
+                 dtype: mx.Dtype = mx.float32, warn_on_roll: bool = False,
+                 bits: int | None = None, group_size: int = 64):
+        check_kv_quantization(args, bits, group_size, dtype)
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        shape = (batch_size, args.n_kv_heads, capacity)
+        self.keys = [self._zeros(shape, args.head_dim) for _ in range(args.n_layers)]
+        self.values = [self._zeros(shape, args.head_dim) for _ in range(args.n_layers)]
         mx.eval(self.keys, self.values)
         self.capacity = capacity
         self.offsets = [0] * batch_size  # absolute position of each row's next token
         self._warn_on_roll = warn_on_roll
 
+    def _zeros(self, shape: tuple[int, ...], head_dim: int) -> Buffer:
+        if self.bits is None:
+            return mx.zeros((*shape, head_dim), self.dtype)
+        groups = head_dim // self.group_size
+        return (mx.zeros((*shape, head_dim * self.bits // 32), mx.uint32),
+                mx.zeros((*shape, groups), self.dtype), mx.zeros((*shape, groups), self.dtype))
+
+    def quantize(self, x: mx.array) -> Buffer:
+        """New keys or values [B, n_kv_heads, L, head_dim] in this cache's storage format."""
+        if self.bits is None:
+            return x
+        return tuple(mx.quantize(x.astype(self.dtype), group_size=self.group_size, bits=self.bits))
+
     @classmethod
     def stack(cls, caches: "list[RollingKVCache]") -> "RollingKVCache":
         """One batch cache from single-row caches (a ragged batch: rows keep their positions)."""
-        if len({(c.capacity, c.keys[0].dtype) for c in caches}) != 1:
-            raise ValueError("caches to stack must have the same capacity and dtype")
+        if len({(c.capacity, c.dtype, c.bits, c.group_size) for c in caches}) != 1:
+            raise ValueError("caches to stack must have the same capacity, dtype and quantization")
         out = cls.__new__(cls)
-        out.keys = [mx.concatenate(layer, axis=0) for layer in zip(*(c.keys for c in caches))]
-        out.values = [mx.concatenate(layer, axis=0) for layer in zip(*(c.values for c in caches))]
+        out.bits, out.group_size, out.dtype = caches[0].bits, caches[0].group_size, caches[0].dtype
+        rows = lambda *xs: mx.concatenate(xs, axis=0)  # noqa: E731
+        out.keys = tree_map(rows, *(c.keys for c in caches))
+        out.values = tree_map(rows, *(c.values for c in caches))
         out.capacity, out._warn_on_roll = caches[0].capacity, any(c._warn_on_roll for c in caches)
         out.offsets = [o for c in caches for o in c.offsets]
         return out
@@ -46,8 +96,7 @@ class RollingKVCache:
     def keep(self, rows: list[int]) -> None:
         """Drop every batch row not in `rows` (finished sequences)."""
         index = mx.array(rows, dtype=mx.int32)
-        self.keys = [k[index] for k in self.keys]
-        self.values = [v[index] for v in self.values]
+        self.keys, self.values = tree_map(lambda x: x[index], (self.keys, self.values))
         self.offsets = [self.offsets[r] for r in rows]
 
     @property
@@ -68,8 +117,9 @@ class RollingKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for keys and values (fixed for the cache's lifetime)."""
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+        """Bytes allocated for keys and values (codes, scales and biases when quantized),
+        fixed for the cache's lifetime."""
+        return sum(x.nbytes for _, x in tree_flatten((self.keys, self.values)))
 
     @property
     def size(self) -> int:
@@ -119,35 +169,43 @@ class RollingKVCache:
         """Slots that hold a token once the next `length` tokens are written (fullest row)."""
         return min(max(self.offsets) + length, self.capacity)
 
-    def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Store this step's keys/values (already RoPE'd) and return what to attend to."""
+    def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> tuple[Buffer, Buffer]:
+        """Store this step's keys/values (already RoPE'd) and return what to attend to:
+        float arrays, or quantized triples (the new tokens too, as they are stored)."""
         length = k.shape[2]
+        k, v = self.quantize(k), self.quantize(v)
         if length == 1:
             if self.ragged:  # each row writes its own slot
                 rows, slots = mx.arange(len(self.offsets)), mx.array(self.offsets) % self.capacity
-                self.keys[layer][rows, :, slots] = k[:, :, 0]
-                self.values[layer][rows, :, slots] = v[:, :, 0]
+                for buf, x in self._pairs(layer, k, v):
+                    buf[rows, :, slots] = x[:, :, 0]
             else:
                 self._write(layer, k, v, self.offset)
             n = self._in_use(1)
-            return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
+            return tree_map(lambda x: x[:, :, :n], (self.keys[layer], self.values[layer]))
         keys, values = k, v
         if self.offset:  # attend before writing: a wrapping chunk would overwrite its own past
             n = self._in_use(0)
-            keys = mx.concatenate([self.keys[layer][:, :, :n], k], axis=2)
-            values = mx.concatenate([self.values[layer][:, :, :n], v], axis=2)
+            keys, values = tree_map(lambda held, new: mx.concatenate([held[:, :, :n], new], axis=2),
+                                    (self.keys[layer], self.values[layer]), (k, v))
         C = self.capacity
-        self._write(layer, k[:, :, -C:], v[:, :, -C:], self.offset + max(0, length - C))
+        last = tree_map(lambda x: x[:, :, -C:], (k, v))
+        self._write(layer, *last, self.offset + max(0, length - C))
         return keys, values
 
-    def _write(self, layer: int, k: mx.array, v: mx.array, position: int) -> None:
+    def _write(self, layer: int, k: Buffer, v: Buffer, position: int) -> None:
         """Write len <= C tokens starting at absolute `position` into their slots, in place."""
         start = position % self.capacity
-        n = min(k.shape[2], self.capacity - start)  # before the wrap
-        for buf, x in ((self.keys[layer], k), (self.values[layer], v)):
+        length = _leaves(k)[0].shape[2]
+        n = min(length, self.capacity - start)  # before the wrap
+        for buf, x in self._pairs(layer, k, v):
             buf[:, :, start:start + n] = x[:, :, :n]
-            if n < x.shape[2]:
-                buf[:, :, : x.shape[2] - n] = x[:, :, n:]
+            if n < length:
+                buf[:, :, : length - n] = x[:, :, n:]
+
+    def _pairs(self, layer: int, k: Buffer, v: Buffer) -> zip:
+        """(stored array, new array) for each array of a layer: 2 floats, or 2 x 3 quantized."""
+        return zip(_leaves(self.keys[layer]) + _leaves(self.values[layer]), _leaves(k) + _leaves(v))
 
     def advance(self, length: int) -> None:
         """Called by the model once all layers have stored `length` new tokens."""
@@ -162,8 +220,12 @@ class RollingKVCache:
 
 
 def make_cache(args: ModelArgs, max_kv_size: int | None = None, batch_size: int = 1,
-               dtype: mx.Dtype = mx.float32) -> RollingKVCache:
+               dtype: mx.Dtype = mx.float32, kv_bits: int | None = None,
+               kv_group_size: int = 64) -> RollingKVCache:
     """A cache for `args`: the sliding window, or fewer slots when max_kv_size is smaller.
+
+    kv_bits (8 or 4) stores keys and values quantized in groups of kv_group_size along
+    head_dim (None: `dtype` floats).
 
     A windowless model gets max_kv_size slots (default: max_position_embeddings) and rolls
     past them with a one-time warning, since that changes its output.
@@ -173,4 +235,5 @@ def make_cache(args: ModelArgs, max_kv_size: int | None = None, batch_size: int 
         raise MistralError(f"max_kv_size must be a positive integer, got {max_kv_size!r}")
     capacity = min(window, max_kv_size or window)
     warn = args.sliding_window is None or capacity < args.sliding_window
-    return RollingKVCache(args, capacity, batch_size, dtype, warn_on_roll=warn)
+    return RollingKVCache(args, capacity, batch_size, dtype, warn_on_roll=warn, bits=kv_bits,
+                          group_size=kv_group_size)

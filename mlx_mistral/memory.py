@@ -2,9 +2,9 @@
 
 Reproduces the memory arithmetic of the Mistral 7B paper for any config: KV cache
 of multi-head attention (MHA) vs grouped-query attention (GQA) vs GQA with the
-rolling buffer, per token, per sequence length and per batch size, and weights at
-fp16 / 8-bit / 4-bit. The cache figures are cross-checked against the bytes a
-RollingKVCache really allocates.
+rolling buffer, per token, per sequence length and per batch size, with the cache in
+fp16 or quantized to 8 / 4 bits (--kv-bits), and weights at fp16 / 8-bit / 4-bit.
+The cache figures are cross-checked against the bytes a RollingKVCache really allocates.
 """
 
 import argparse
@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 
-from .cache import RollingKVCache
+from .cache import RollingKVCache, check_kv_quantization
 from .config import ModelArgs
 from .errors import MistralError, run_command
 
@@ -34,19 +34,24 @@ MODELS = {
 USABLE = 0.75  # share of a Mac's memory the GPU may use by default (macOS's working-set limit)
 
 
-def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, heads: int | None = None) -> int:
-    """2 (K and V) x layers x KV heads x head_dim x bytes; heads=n_heads gives MHA."""
-    return 2 * args.n_layers * (heads or args.n_kv_heads) * args.head_dim * dtype_bytes
+def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, heads: int | None = None,
+                       bits: int | None = None, group: int = GROUP) -> int:
+    """2 (K and V) x layers x KV heads x bytes per head vector; heads=n_heads gives MHA.
+
+    A head vector is head_dim x dtype_bytes, or quantized to `bits`: head_dim x bits / 8
+    bytes of codes plus a scale and a bias (dtype_bytes each) per `group` values.
+    """
+    per_head = args.head_dim * dtype_bytes if bits is None else \
+        args.head_dim * bits // 8 + 2 * (args.head_dim // group) * dtype_bytes
+    return 2 * args.n_layers * (heads or args.n_kv_heads) * per_head
 
 
-def kv_bytes(args: ModelArgs, tokens: int, batch: int = 1, dtype_bytes: int = 2) -> dict[str, int]:
+def kv_bytes(args: ModelArgs, tokens: int, batch: int = 1, dtype_bytes: int = 2, bits: int | None = None,
+             group: int = GROUP) -> dict[str, int]:
     """KV cache bytes for `batch` sequences of `tokens`: MHA, GQA, GQA + rolling buffer."""
     held = min(tokens, args.sliding_window or tokens)
-    return {
-        "mha": batch * tokens * kv_bytes_per_token(args, dtype_bytes, heads=args.n_heads),
-        "gqa": batch * tokens * kv_bytes_per_token(args, dtype_bytes),
-        "gqa_rolling": batch * held * kv_bytes_per_token(args, dtype_bytes),
-    }
+    gqa, mha = (kv_bytes_per_token(args, dtype_bytes, heads, bits, group) for heads in (None, args.n_heads))
+    return {"mha": batch * tokens * mha, "gqa": batch * tokens * gqa, "gqa_rolling": batch * held * gqa}
 
 
 def parameter_counts(args: ModelArgs) -> tuple[int, int]:
@@ -113,35 +118,42 @@ def print_ranks_report(r: dict) -> None:
                                              for k, b in fit.items()))
 
 
-def measured_kv_bytes(args: ModelArgs, capacity: int, batch: int = 1) -> int:
-    """Bytes a real RollingKVCache allocates (float16) for `capacity` slots."""
-    cache = RollingKVCache(args, capacity, batch, mx.float16)
+def measured_kv_bytes(args: ModelArgs, capacity: int, batch: int = 1, bits: int | None = None,
+                      group: int = GROUP) -> int:
+    """Bytes a real RollingKVCache allocates (float16, or quantized) for `capacity` slots."""
+    cache = RollingKVCache(args, capacity, batch, mx.float16, bits=bits, group_size=group)
     nbytes = cache.nbytes
     del cache
     return nbytes
 
 
-def report(args: ModelArgs, lengths: list[int], batches: list[int], budget_gb: float | None) -> dict:
-    per_token_gqa, per_token_mha = kv_bytes_per_token(args), kv_bytes_per_token(args, heads=args.n_heads)
+def report(args: ModelArgs, lengths: list[int], batches: list[int], budget_gb: float | None,
+           bits: int | None = None, group: int = GROUP) -> dict:
+    """The tables, with the KV cache in fp16 or quantized to `bits` in groups of `group`."""
+    q = dict(bits=bits, group=group)
+    per_token_gqa, per_token_mha = kv_bytes_per_token(args, **q), kv_bytes_per_token(args, heads=args.n_heads, **q)
     window = args.sliding_window
     check_capacity = min(window or 4096, 4096)  # keep the real allocation modest
-    measured = measured_kv_bytes(args, check_capacity)
+    measured = measured_kv_bytes(args, check_capacity, **q)
     expected = check_capacity * per_token_gqa
     if measured != expected:
         raise MistralError(f"cache cross-check failed: allocated {measured} bytes, formula says {expected}")
     out = {
         "config": {k: v for k, v in vars(args).items() if k != "quantization"},
+        "kv_bits": bits, "kv_group_size": group,
         "kv_per_token": {"mha": per_token_mha, "gqa": per_token_gqa, "ratio": per_token_mha / per_token_gqa},
         "cross_check": {"capacity": check_capacity, "allocated": measured, "formula": expected},
-        "by_length": {n: kv_bytes(args, n) for n in lengths},
-        "by_batch": {b: kv_bytes(args, max(lengths), b) for b in batches},
+        "by_length": {n: kv_bytes(args, n, **q) for n in lengths},
+        "by_batch": {b: kv_bytes(args, max(lengths), b, **q) for b in batches},
+        "by_kv_bits": {n: {name: kv_bytes(args, n, bits=b, group=group)["gqa_rolling"]
+                           for name, b in (("fp16", None), ("8bit", 8), ("4bit", 4))} for n in lengths},
         "weights": {"fp16": weight_bytes(args), "8bit": weight_bytes(args, 8), "4bit": weight_bytes(args, 4)},
         "parameters": sum(parameter_counts(args)),
     }
     if budget_gb:
         budget, n = budget_gb * 1e9, max(lengths)
         out["max_batch"] = {
-            w: {kind: max(0, int((budget - wb) // per_seq)) for kind, per_seq in kv_bytes(args, n).items()}
+            w: {kind: max(0, int((budget - wb) // per_seq)) for kind, per_seq in kv_bytes(args, n, **q).items()}
             for w, wb in out["weights"].items()
         }
     return out
@@ -155,7 +167,8 @@ def print_report(r: dict, budget_gb: float | None) -> None:
     c, kv = r["config"], r["kv_per_token"]
     print(f"config: {c['n_layers']} layers, {c['n_heads']} heads, {c['n_kv_heads']} KV heads, head_dim "
           f"{c['head_dim']}, window {c['sliding_window']}; {r['parameters'] / 1e9:.2f}B parameters")
-    print(f"KV cache per token (fp16): MHA {kv['mha'] / 1024:.0f} KiB, GQA {kv['gqa'] / 1024:.0f} KiB "
+    bits = f"{r['kv_bits']}-bit, group {r['kv_group_size']}" if r["kv_bits"] else "fp16"
+    print(f"KV cache per token ({bits}): MHA {kv['mha'] / 1024:.0f} KiB, GQA {kv['gqa'] / 1024:.0f} KiB "
           f"({kv['ratio']:.0f}x smaller)")
     x = r["cross_check"]
     print(f"cross-check: a RollingKVCache of {x['capacity']} slots allocates {x['allocated']} bytes "
@@ -164,6 +177,9 @@ def print_report(r: dict, budget_gb: float | None) -> None:
     for n, b in r["by_length"].items():
         print(f"{n:>8} {gib(b['mha']):>22} {gib(b['gqa']):>22} {gib(b['gqa_rolling']):>22} "
               f"{b['gqa'] / b['gqa_rolling']:>6.1f}x")
+    print(f"\n{'tokens':>8} {'GQA + rolling, fp16':>22} {'8-bit K/V':>22} {'4-bit K/V':>22}")
+    for n, b in r["by_kv_bits"].items():
+        print(f"{n:>8} {gib(b['fp16']):>22} {gib(b['8bit']):>22} {gib(b['4bit']):>22}")
     n = max(r["by_length"])
     print(f"\n{'batch':>8} {'MHA @' + str(n):>22} {'GQA @' + str(n):>22} {'GQA + rolling':>22}")
     for bsz, b in r["by_batch"].items():
@@ -193,13 +209,14 @@ def run(a: argparse.Namespace) -> int:
         raise MistralError(f"--lengths/--batches must be comma-separated integers ({e})") from None
     if min(lengths + batches) <= 0:
         raise MistralError("--lengths and --batches must be positive integers")
+    check_kv_quantization(args, a.kv_bits, a.kv_group_size, mx.float16)
     if a.ranks is not None:
         if a.ranks <= 0:
             raise MistralError(f"--ranks must be a positive integer, got {a.ranks}")
         r = ranks_report(args, a.ranks, max(lengths), a.mac_gb)
         print(json.dumps(r)) if a.json else print_ranks_report(r)
         return 0
-    r = report(args, lengths, batches, a.budget_gb)
+    r = report(args, lengths, batches, a.budget_gb, a.kv_bits, a.kv_group_size)
     if a.json:
         print(json.dumps(r))
     else:
@@ -213,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, help="override the sliding window (0 = none)")
     p.add_argument("--lengths", default="4096,8192,16384,32768")
     p.add_argument("--batches", default="1,4,8,16")
+    p.add_argument("--kv-bits", type=int, help="the KV cache quantized to 8 or 4 bits (default: fp16)")
+    p.add_argument("--kv-group-size", type=int, default=GROUP, help="KV quantization group along head_dim")
     p.add_argument("--budget-gb", type=float, help="also show the largest batch fitting this memory budget")
     p.add_argument("--ranks", type=int, help="machines the model is split over (mlx.launch): memory per machine")
     p.add_argument("--mac-gb", type=float, default=64, help="with --ranks: memory of each Mac, in GB")

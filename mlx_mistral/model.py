@@ -33,6 +33,9 @@ class Attention(nn.Module):
         q = self.rope(q, offset=cache.rope_offset)
         k = self.rope(k, offset=cache.rope_offset)
         k, v = cache.update_and_fetch(layer, k, v)
+        if cache.bits:
+            out = quantized_attention(q * self.scale, k, v, mask, cache.group_size, cache.bits)
+            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         # The fused kernel takes n_kv_heads < n_heads as is: K/V are never repeated.
         if self.fold_gqa and L == 1:
             # One token: the n_heads / n_kv_heads query heads of a group become rows of one
@@ -42,6 +45,36 @@ class Attention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.reshape(B, self.n_heads, L, -1)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, bits: int) -> mx.array:
+    """softmax(q K^T) V with K and V in mx.quantize's format, never dequantized.
+
+    q [B, H, L, hd] (already scaled); k, v (codes, scales, biases) of [B, n_kv, S, .].
+    One K/V head at a time, with the GQA fold: the H / n_kv query heads of the group
+    become rows of one query against their K/V head, so K/V are never repeated. A head's
+    slots [:S] of a one-row buffer are contiguous, so quantized_matmul reads the cache in
+    place (all heads at once, the strided view would be copied: a layer's K/V per step).
+    What grows with the context is the score matrix: [B, H / n_kv * L, S] per head, though
+    MLX may hold every head's at once (measured: H * L float32 per token of context).
+    """
+    B, H, L, hd = q.shape
+    n_kv = k[0].shape[1]
+    rep = H // n_kv
+    q = q.reshape(B, n_kv, rep * L, hd)  # rows: (query head in the group, position)
+    if isinstance(mask, str):  # "causal": a first chunk, keys = queries
+        mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+    elif mask is not None and mask.ndim == 4:  # [B, 1, 1, S] (ragged decode): one more axis for rep
+        mask = mask[:, :, None]
+    outs = []
+    for h in range(n_kv):
+        kh, vh = (tuple(x[:, h:h + 1] for x in kv) for kv in (k, v))
+        scores = mx.quantized_matmul(q[:, h:h + 1], *kh, transpose=True, group_size=group_size, bits=bits)
+        if mask is not None:
+            scores = mx.where(mask, scores.reshape(B, 1, rep, L, -1), -mx.inf).reshape(B, 1, rep * L, -1)
+        probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+        outs.append(mx.quantized_matmul(probs, *vh, transpose=False, group_size=group_size, bits=bits))
+    return mx.concatenate(outs, axis=1).reshape(B, H, L, hd)
 
 
 class MLP(nn.Module):

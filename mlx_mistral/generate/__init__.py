@@ -168,18 +168,22 @@ def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence
                     max_tokens: int = 256, sampler: Sampler | None = None,
                     repetition_penalty: float = 1.0, stop: Sequence[str] = (),
                     cache: RollingKVCache | None = None, max_kv_size: int | None = None,
-                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[GenerationResponse]:
+                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
+                    kv_group_size: int = 64) -> Iterator[GenerationResponse]:
     """Stream the answer to `prompt` (raw text, or token ids such as chat_tokens(...)).
 
     One response per generated token (see TextStream for the stop rules). Pass a `cache`
     to continue a conversation: the prompt is then the tokens that follow what it holds.
+    Otherwise a new cache is made, with keys and values quantized to kv_bits (8 or 4) in
+    groups of kv_group_size when kv_bits is given (see make_cache).
     """
     start = time.perf_counter()
     ids = _prompt_ids(tokenizer, prompt)
     _check_request(model, cache.offset if cache else 0, ids, max_tokens, stop)
     check_repetition_penalty(repetition_penalty)
     if cache is None:
-        cache = make_cache(model.args, max_kv_size or len(ids) + max_tokens, dtype=model.dtype)
+        cache = make_cache(model.args, max_kv_size or len(ids) + max_tokens, dtype=model.dtype,
+                           kv_bits=kv_bits, kv_group_size=kv_group_size)
     mx.reset_peak_memory()
     text = TextStream(tokenizer, len(ids), max_tokens, stop, start)
     for token in generate_step(model, ids, cache, sampler or make_sampler(), prefill_chunk, repetition_penalty):
@@ -196,12 +200,14 @@ def generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence[int], 
 def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
                           max_tokens: int | Sequence[int] = 256, sampler: Sampler | None = None,
                           stop: Sequence[str] = (), max_kv_size: int | None = None,
-                          prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[tuple[int, GenerationResponse]]:
+                          prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
+                          kv_group_size: int = 64) -> Iterator[tuple[int, GenerationResponse]]:
     """Answer many prompts at once, yielding (prompt index, response) as tokens come.
 
     Each prompt is prefilled into its own cache row, then all rows decode together as one
     batch: rows keep their own positions (no padding), each stops on its own, and finished
     rows leave the batch. With greedy sampling every row equals its single-prompt answer.
+    kv_bits and kv_group_size quantize the cache as in stream_generate.
     """
     start = time.perf_counter()
     if isinstance(prompts, str) or not prompts:
@@ -218,7 +224,8 @@ def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequenc
     caches, first = [], []
     streams = [TextStream(tokenizer, len(row), limit, stop, start) for row, limit in zip(ids, limits)]
     for row in ids:  # prefill row by row: peak memory stays that of one prompt chunk
-        caches.append(make_cache(model.args, capacity, dtype=model.dtype))
+        caches.append(make_cache(model.args, capacity, dtype=model.dtype, kv_bits=kv_bits,
+                                 kv_group_size=kv_group_size))
         first.append(sampler(prefill(model, row, caches[-1], prefill_chunk)))
         mx.async_eval(first[-1])
     cache, y = RollingKVCache.stack(caches), mx.concatenate(first)

@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-kv-size", type=int, help="KV cache slots (default: the window, or what the request needs)")
+    p.add_argument("--kv-bits", type=int, help="store the KV cache quantized to 8 or 4 bits (default: float)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group along head_dim")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill step")
     p.add_argument("--dtype", choices=DTYPES, help="activation dtype (default: float32 on CPU, the checkpoint's on GPU)")
     p.add_argument("--json", action="store_true", help="print the result and stats as one JSON object")
@@ -132,7 +134,8 @@ def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
     try:
         for last in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens, sampler=sampler,
                                     repetition_penalty=args.repetition_penalty, stop=args.stop,
-                                    max_kv_size=args.max_kv_size, prefill_chunk=args.prefill_chunk):
+                                    max_kv_size=args.max_kv_size, prefill_chunk=args.prefill_chunk,
+                                    kv_bits=args.kv_bits, kv_group_size=args.kv_group_size):
             text.append(last.text)
             ids.append(last.token)
             if not args.json:
@@ -162,7 +165,8 @@ def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
     last, kv_bytes = {}, 0
     for i, r in batch_stream_generate(model, tokenizer, tokens, max_tokens=limits, sampler=sampler,
                                       stop=args.stop, max_kv_size=args.max_kv_size,
-                                      prefill_chunk=args.prefill_chunk):
+                                      prefill_chunk=args.prefill_chunk, kv_bits=args.kv_bits,
+                                      kv_group_size=args.kv_group_size):
         texts[i].append(r.text)
         ids[i].append(r.token)
         last[i], kv_bytes = r, max(kv_bytes, r.kv_cache_bytes)
