@@ -50,6 +50,16 @@ class RollingKVCache:
         self.values = [v[index] for v in self.values]
         self.offsets = [self.offsets[r] for r in rows]
 
+    def row(self, b: int) -> "RollingKVCache":
+        """A one-row copy of row `b` (its own buffers: the batch's can go)."""
+        out = self.__class__.__new__(self.__class__)
+        index = mx.array([b], dtype=mx.int32)
+        out.keys = [k[index] for k in self.keys]
+        out.values = [v[index] for v in self.values]
+        mx.eval(out.keys, out.values)
+        out.capacity, out._warn_on_roll, out.offsets = self.capacity, self._warn_on_roll, [self.offsets[b]]
+        return out
+
     @property
     def offset(self) -> int:
         """The position of the next token, shared by all rows."""
