@@ -18,6 +18,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-kv-size", type=int,
                    help="KV cache slots per session (default: the sliding window, or 8192 without one)")
+    p.add_argument("--api", action="store_true",
+                   help="also serve the OpenAI-compatible API at /v1 on the same port, with the same model")
+    p.add_argument("--api-key", help="with --api: required as 'Authorization: Bearer KEY' on /v1")
     return p.parse_args(argv)
 
 
@@ -36,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     if not is_loopback(args.host):
         print(f"warning: listening on {args.host}: anyone who can reach this address can use the model "
               "and read the chats (there is no login)", file=sys.stderr)
+    if args.api:
+        from mlx_mistral.server import check_host
+
+        try:
+            check_host(args.host, args.api_key)
+        except MistralError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.model == "demo":
         print(NOTICE, file=sys.stderr)
     from .chat import Engine
@@ -47,8 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .ui import build, launch
 
-    launch(build(engine), args.host, args.port)
-    return 0
+    if not args.api:
+        launch(build(engine), args.host, args.port)
+        return 0
+    import gradio as gr
+
+    from mlx_mistral.server import create_app, serve
+
+    api = gr.mount_gradio_app(create_app(engine, args.api_key), build(engine), path="/", ssr_mode=False,
+                              footer_links=["api", "settings"])
+    try:
+        serve(api, args.host, args.port)  # the page at /, the API at /v1: one model, one scheduler
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

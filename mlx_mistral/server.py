@@ -290,24 +290,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_host(host: str, api_key: str | None) -> None:
+    if not is_loopback(host) and not api_key:
+        raise MistralError(f"--host {host} is reachable from other machines: pass --api-key KEY too")
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Run `app` with uvicorn until Ctrl-C (or SIGTERM) stops it, then raise KeyboardInterrupt."""
+    import uvicorn
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def serve() -> int:
-        if not is_loopback(args.host) and not args.api_key:
-            raise MistralError(f"--host {args.host} is reachable from other machines: pass --api-key KEY too")
-        import uvicorn
+    def run() -> int:
+        check_host(args.host, args.api_key)
         scheduler = Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue)
         try:
             print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-            config = uvicorn.Config(create_app(scheduler, args.api_key, args.cors_origin), host=args.host,
-                                    port=args.port, log_level="warning")
-            uvicorn.Server(config).run()
+            serve(create_app(scheduler, args.api_key, args.cors_origin), args.host, args.port)
         finally:
             scheduler.close()
-        raise KeyboardInterrupt  # uvicorn returns once Ctrl-C (or SIGTERM) has stopped it
 
-    return run_command(serve, args.debug, "[server stopped]")
+    return run_command(run, args.debug, "[server stopped]")
 
 
 if __name__ == "__main__":

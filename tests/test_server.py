@@ -30,11 +30,11 @@ def free_port() -> int:
 class Server:
     """`python -m mlx_mistral.server` in a subprocess on a free loopback port; always stopped."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, module: str = "mlx_mistral.server"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlx_mistral.server", "--model", "demo",
+        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "--model", "demo",
                                       "--port", str(self.port), *args],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -139,6 +139,18 @@ def test_stop_strings_completions_and_models(client, tok):
     seeded = [chat(client, "hi", max_tokens=6, temperature=0.9, seed=5).choices[0].message.content
               for _ in range(2)]
     assert seeded[0] == seeded[1]
+
+
+def test_next_chat_turn_reuses_the_held_cache(server, client, tok):
+    first = [{"role": "user", "content": "Name a colour."}]
+    answer = client.chat.completions.create(model="demo", messages=first, max_tokens=8, temperature=0)
+    before = server.metrics()["mlx_mistral_reused_tokens_total"]
+    second = first + [{"role": "assistant", "content": answer.choices[0].message.content},
+                      {"role": "user", "content": "Another one."}]
+    again = client.chat.completions.create(model="demo", messages=second, max_tokens=4, temperature=0)
+    assert again.choices[0].finish_reason == "length"
+    reused = server.metrics()["mlx_mistral_reused_tokens_total"] - before
+    assert reused == len(tok.chat_tokens(first)) + 7  # the prompt and the answer but its last token
 
 
 def test_sixteen_concurrent_streams_equal_solo_runs_in_one_batch(server, client):
@@ -284,3 +296,26 @@ def test_ctrl_c_exits_130(servers):
     small = servers[1]
     assert small.stop() == 130
     assert "[server stopped]" in small.proc.stderr.read()
+
+
+def test_app_with_api_serves_the_page_and_v1_from_one_model():
+    """python -m app --api: a chat tab (through gradio_client) and an API stream answer at once."""
+    from gradio_client import Client
+
+    app = Server("--api", module="app")
+    try:
+        app.wait()
+        assert "gradio" in httpx.get(app.url + "/", timeout=30).text.lower()
+        api = openai.OpenAI(base_url=app.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        streamed_text = {}
+        stream = threading.Thread(target=lambda: streamed_text.update(text=streamed(api, "hello", max_tokens=40)))
+        stream.start()
+        tab = Client(app.url + "/", verbose=False)
+        text, panel = tab.predict("hi", system="", temperature=0.0, top_p=1.0, max_tokens=16, repetition_penalty=1.0,
+                                  seed=0, api_name="/chat")
+        stream.join(60)
+        tab.close()
+        assert text and "16 tokens" in panel
+        assert streamed_text["text"][1] == "length" and streamed_text["text"][0]
+    finally:
+        assert app.stop() == 130
