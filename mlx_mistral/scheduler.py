@@ -145,6 +145,7 @@ class Scheduler:
         self._cache: RollingKVCache | None = None
         self._y: mx.array | None = None  # each row's last token, not yet fed
         self._idle: OrderedDict[int, _Held] = OrderedDict()  # least recently used first
+        self._outbox: list[tuple[Request, Event]] = []  # sent once the step's bookkeeping is done
         self.counters = dict(steps=0, rows=0, max_rows=0, generated_tokens=0, prefilled_tokens=0,
                              reused_tokens=0, stop=0, length=0, cancelled=0, error=0)
         self.tokens_per_second = 0.0  # the last decode step's rows / its time
@@ -229,6 +230,12 @@ class Scheduler:
                     self._step()
                 except Exception as e:  # an MLX failure: every row gets it, the scheduler goes on
                     self._fail_all(f"{type(e).__name__}: {e}")
+            self._send()
+
+    def _send(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for request, event in outbox:
+            request.sink(event)
 
     def _step(self) -> None:
         gone = [b for b, row in enumerate(self._rows) if row.request.cancelled]
@@ -256,7 +263,7 @@ class Scheduler:
                 request = self._waiting.popleft()
             if request.cancelled:
                 self.counters["cancelled"] += 1
-                request.sink(Event("", len(request.tokens), 0, finish_reason="cancelled"))
+                self._outbox.append((request, Event("", len(request.tokens), 0, finish_reason="cancelled")))
                 continue
             ids, cache, held = self._reuse(request.tokens)
             cache = cache or RollingKVCache(self.model.args, self.capacity, dtype=self.model.dtype)
@@ -331,13 +338,14 @@ class Scheduler:
         self.counters["generated_tokens"] += 1
         if r.finish_reason:
             self.counters[r.finish_reason] += 1
-        row.request.sink(Event(r.text, len(row.request.tokens), r.generation_tokens, token, r.finish_reason,
-                               reused_tokens=row.reused))
+        self._outbox.append((row.request, Event(r.text, len(row.request.tokens), r.generation_tokens, token,
+                                                r.finish_reason, reused_tokens=row.reused)))
         return r.finish_reason is not None
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
         self.counters[reason] += 1
-        row.request.sink(Event("", len(row.request.tokens), len(row.answer), None, reason, error, row.reused))
+        self._outbox.append((row.request, Event("", len(row.request.tokens), len(row.answer), None, reason, error,
+                                                row.reused)))
 
     def _leave(self, gone: list[int]) -> None:
         """Rows `gone` leave the batch; their caches become idle ones."""
@@ -372,11 +380,12 @@ class Scheduler:
             waiting, self._waiting = list(self._waiting), deque()
         for request in waiting:
             self.counters["error"] += 1
-            request.sink(Event("", len(request.tokens), 0, None, "error", message))
+            self._outbox.append((request, Event("", len(request.tokens), 0, None, "error", message)))
         self._rows, self._prefilling, self._cache, self._y = [], [], None, None
 
     def _free(self) -> None:
         self._fail_all("the model was closed")
+        self._send()
         self._idle.clear()
         self.model = self.tokenizer = None
         gc.collect()

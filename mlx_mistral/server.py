@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
 from .errors import MistralError, run_command
+from .generate import DEFAULT_PREFILL_CHUNK
 from .scheduler import Event, QueueFull, Request, Scheduler
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none (and the context allows)
@@ -284,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond them; past it, 429")
     p.add_argument("--max-kv-size", type=int, help="KV cache slots per row (default: the sliding window, or 8192)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens prefilled between two decode steps (default %(default)s)")
     p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (required off loopback)")
     p.add_argument("--cors-origin", help="allow browser pages from this origin (default: no CORS)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         check_host(args.host, args.api_key)
-        scheduler = Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue)
+        scheduler = Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue,
+                              prefill_chunk=args.prefill_chunk)
         try:
             print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
             serve(create_app(scheduler, args.api_key, args.cors_origin), args.host, args.port)

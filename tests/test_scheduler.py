@@ -137,3 +137,25 @@ def test_next_turn_reuses_the_cache_and_equals_a_fresh_run(sched):
     # the cache keeps the model's own answer tokens: the same tokens prefilled from scratch
     fresh = tok.chat_tokens(first) + answer_ids + tok.chat_tokens(second)[n + len(tok.encode(answer)):]
     assert got == solo(sched, fresh, 8)
+
+
+def test_long_prompt_is_prefilled_between_decode_steps(sched):
+    """A 300-token prompt goes in 32-token chunks: the running stream gets a token after each."""
+    order, done = [], threading.Event()
+
+    def sink(name):
+        def put(event):
+            order.append(name)
+            if event.finish_reason and name == "long":
+                done.set()
+        return put
+
+    ids = sched.tokenizer.encode(TEXT * 20, bos=True)[:300]
+    running = sched.submit(Request(ids[:5], max_tokens=60, sink=sink("running")))
+    while not order:
+        threading.Event().wait(0.01)
+    start = len(order)
+    sched.submit(Request(ids, max_tokens=1, sink=sink("long")))
+    assert done.wait(60)
+    running.cancel()
+    assert order[start:order.index("long")].count("running") >= 300 // 32 - 1  # a token per prefill chunk
