@@ -71,13 +71,13 @@ class Server:
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
+        """Ctrl-C (both servers stop on it), then kill if it lingers."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
                 self.proc.kill()
-                self.proc.wait()
 
 
 def prompt(i: int, tokens: int) -> str:
