@@ -72,6 +72,43 @@ class APIError(Exception):
         self.status, self.type, self.param, self.code, self.headers = status, type, param, code, headers
 
 
+class BodyLimitAndCount:
+    """ASGI middleware: 413 once a body passes max_body bytes (declared or streamed), and a count
+    of the response statuses for /metrics."""
+
+    def __init__(self, app, max_body: int, statuses: Counter):
+        self.app, self.max_body, self.statuses = app, max_body, statuses
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        received, too_large = 0, not length.isdigit() or int(length) > self.max_body
+
+        async def limited_receive():
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:  # the app sees an empty body end: its answer is replaced
+                too_large = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def counted_send(message):
+            if too_large:
+                return
+            if message["type"] == "http.response.start":
+                self.statuses[message["status"]] += 1
+            await send(message)
+
+        if not too_large:
+            await self.app(scope, limited_receive, counted_send)
+        if too_large:
+            too_large = False
+            await error_response(413, f"request body is larger than {self.max_body} bytes")(scope, receive,
+                                                                                            counted_send)
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -96,15 +133,7 @@ def create_app(scheduler: Scheduler, api_key: str | None = None, cors_origin: st
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["*"], allow_headers=["*"])
 
-    @app.middleware("http")
-    async def limit_and_count(request: HTTPRequest, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            response = error_response(413, f"request body is larger than {max_body} bytes")
-        else:
-            response = await call_next(request)
-        statuses[response.status_code] += 1
-        return response
+    app.add_middleware(BodyLimitAndCount, max_body=max_body, statuses=statuses)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):

@@ -19,6 +19,7 @@ from mlx_mistral.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
+KV_ROW_BYTES = 2 * 4 * 2 * 64 * 32 * 4  # demo: K and V, 4 layers, 2 KV heads, 64 slots, head_dim 32, float32
 
 
 def free_port() -> int:
@@ -195,6 +196,7 @@ def test_disconnect_mid_stream_frees_its_row(server, client):
     assert m['mlx_mistral_finished_requests_total{reason="cancelled"}'] == before + 1
     assert (m["mlx_mistral_running_rows"], m["mlx_mistral_prefilling_rows"], m["mlx_mistral_queue_depth"]) == (0, 0, 0)
     assert m["mlx_mistral_generated_tokens_total"] < 2000  # it stopped generating
+    assert m["mlx_mistral_kv_bytes"] == m["mlx_mistral_idle_caches"] * KV_ROW_BYTES  # only idle caches held
 
 
 GOOD = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -218,13 +220,15 @@ BAD = [  # (method, path, body or raw bytes, headers, status, param in the messa
     ("POST", "/v1/chat/completions", GOOD | {"stop": [""]}, None, 400, "stop"),
     ("POST", "/v1/completions", {"model": "demo", "prompt": ""}, None, 400, "prompt"),
     ("POST", "/v1/completions", {"model": "demo", "prompt": "x" * (2 << 20)}, None, 413, "larger than"),
+    ("POST", "/v1/completions", iter([b"{" + b" " * (1 << 20), b"}"]), None, 413, "larger than"),  # chunked
     ("GET", "/v1/nothing", None, None, 404, "unknown route"),
 ]
 
 
 @pytest.mark.parametrize("method, path, body, headers, status, says", BAD, ids=[b[5] + str(i) for i, b in enumerate(BAD)])
 def test_bad_request_gets_an_openai_error(server, method, path, body, headers, status, says):
-    content = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
+    content = body if isinstance(body, bytes) or hasattr(body, "__next__") else \
+        json.dumps(body).encode() if body is not None else None
     h = auth() | {"content-type": "application/json"} | (headers or {})
     r = httpx.request(method, server.url + path, content=content, headers=h, timeout=30)
     assert r.status_code == status, r.text
