@@ -10,9 +10,11 @@ import ipaddress
 import json
 import secrets
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import Future
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
@@ -122,12 +124,21 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(scheduler: Scheduler, api_key: str | None = None, cors_origin: str | None = None,
-               max_body: int = MAX_BODY_BYTES) -> FastAPI:
-    """The API over `scheduler` (the chat app mounts its page on the same app)."""
+def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_origin: str | None = None,
+               max_body: int = MAX_BODY_BYTES, name: str | None = None) -> FastAPI:
+    """The API over `scheduler` (the chat app mounts its page on the same app), or over the Future
+    of one still loading (503 until it is ready; `name` is then the model's id)."""
     app = FastAPI(title="mlx-mistral", docs_url=None, redoc_url=None, openapi_url=None)
     statuses: Counter = Counter()
-    model_id = scheduler.name
+    model_id = name or scheduler.name
+
+    def ready() -> Scheduler:
+        if isinstance(scheduler, Scheduler):
+            return scheduler
+        if not scheduler.done():
+            raise APIError(503, "the model is still loading; try again shortly", "server_error", code="loading",
+                           headers={"Retry-After": "5"})
+        return scheduler.result()
 
     if cors_origin:
         from fastapi.middleware.cors import CORSMiddleware
@@ -163,11 +174,13 @@ def create_app(scheduler: Scheduler, api_key: str | None = None, cors_origin: st
 
     @app.get("/health")
     async def health():
-        return {"status": "ok" if scheduler.model is not None else "closed"}
+        if isinstance(scheduler, Future) and not scheduler.done():
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+        return {"status": "ok" if ready().model is not None else "closed"}
 
     @app.get("/metrics", dependencies=[Depends(authorize)])
     async def metrics():
-        return PlainTextResponse(prometheus(scheduler.stats(), statuses))
+        return PlainTextResponse(prometheus(ready().stats(), statuses))
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
@@ -187,7 +200,7 @@ def create_app(scheduler: Scheduler, api_key: str | None = None, cors_origin: st
         if fmt not in (None, {"type": "text"}):
             raise APIError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
         if max_tokens is None:
-            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, scheduler.context - len(tokens)))
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, ready().context - len(tokens)))
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         return Request(tokens, max_tokens, body.temperature, body.top_p, body.seed, stop, echo)
 
@@ -203,7 +216,7 @@ def create_app(scheduler: Scheduler, api_key: str | None = None, cors_origin: st
 
         request.sink = sink
         try:
-            scheduler.submit(request)
+            ready().submit(request)
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         except MistralError as e:
@@ -261,7 +274,7 @@ def create_app(scheduler: Scheduler, api_key: str | None = None, cors_origin: st
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatRequest):
-        tok = scheduler.tokenizer
+        tok = ready().tokenizer
         try:
             tokens = tok.chat_tokens([m.model_dump() for m in body.messages])
         except MistralError as e:
@@ -271,7 +284,7 @@ def create_app(scheduler: Scheduler, api_key: str | None = None, cors_origin: st
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest):
-        request = to_request(body, scheduler.tokenizer.encode(body.prompt, bos=True), body.max_tokens, None)
+        request = to_request(body, ready().tokenizer.encode(body.prompt, bos=True), body.max_tokens, None)
         return await run(request, body, "text")
 
     return app
@@ -328,7 +341,7 @@ def check_host(host: str, api_key: str | None) -> None:
 
 
 def serve(app: FastAPI, host: str, port: int) -> None:
-    """Run `app` with uvicorn until Ctrl-C (or SIGTERM) stops it, then raise KeyboardInterrupt."""
+    """(python -m app --api) Run `app` with uvicorn until Ctrl-C (or SIGTERM) stops it, then raise KeyboardInterrupt."""
     import uvicorn
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
     raise KeyboardInterrupt
@@ -339,13 +352,24 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         check_host(args.host, args.api_key)
-        scheduler = Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue,
-                              prefill_chunk=args.prefill_chunk)
-        try:
-            print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-            serve(create_app(scheduler, args.api_key, args.cors_origin), args.host, args.port)
-        finally:
-            scheduler.close()
+        loading: Future = Future()  # the API answers 503 until the model is loaded
+
+        def load() -> None:
+            try:
+                loading.set_result(Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue,
+                                             prefill_chunk=args.prefill_chunk))
+            except BaseException as e:
+                loading.set_exception(e)
+                server.should_exit = True
+
+        import uvicorn
+        app = create_app(loading, args.api_key, args.cors_origin, name=args.model)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+        threading.Thread(target=load, name="load").start()
+        print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        server.run()
+        loading.result().close()  # waits for a load in progress; a model that failed to load: its error
+        raise KeyboardInterrupt  # uvicorn returns once Ctrl-C (or SIGTERM) has stopped it
 
     return run_command(run, args.debug, "[server stopped]")
 

@@ -44,7 +44,7 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.stderr.read()
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:  # 503 while loading
                     return self
             except httpx.TransportError:
                 time.sleep(0.3)
@@ -288,6 +288,26 @@ def test_soak_nothing_lost_memory_flat(server, client):
     assert rss() <= warm * 1.05
     assert time.monotonic() - start < 120
     assert server.healthy()
+
+
+def test_503_while_the_model_loads():
+    from concurrent.futures import Future
+
+    from fastapi.testclient import TestClient
+
+    from mlx_mistral.server import create_app
+
+    client = TestClient(create_app(Future(), name="demo"))  # in-process: no socket
+    assert client.get("/health").status_code == 503
+    r = client.post("/v1/chat/completions", json=GOOD)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5" and r.json()["error"]["code"] == "loading"
+
+
+def test_a_missing_model_exits_2():
+    run = subprocess.run([sys.executable, "-m", "mlx_mistral.server", "--model", "/no/such/model", "--port",
+                          str(free_port())], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.splitlines()[-1].startswith("error: ")
 
 
 def test_non_loopback_host_needs_a_key():
