@@ -133,8 +133,9 @@ class Scheduler:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or value <= 0:
                 raise MistralError(f"{name} must be a positive integer, got {value!r}")
-        if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size <= 0):
-            raise MistralError(f"max_kv_size must be a positive integer, got {max_kv_size!r}")
+        for name, value in (("max_kv_size", max_kv_size), ("kv_budget", kv_budget)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise MistralError(f"{name} must be a positive integer, got {value!r}")
         self.max_batch, self.max_queue, self.kv_budget = max_batch, max_queue, kv_budget
         self.prefill_chunk, self.max_idle, self.max_idle_bytes = prefill_chunk, max_idle, max_idle_bytes
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -164,6 +165,10 @@ class Scheduler:
         # prompt + answer: a windowless model stops at its cache, a windowed one slides on
         self.context = self.capacity if self.window is None else args.max_position_embeddings
         self.row_bytes = 2 * args.n_layers * args.n_kv_heads * self.capacity * args.head_dim * self.model.dtype.size
+        if kv_budget is not None and kv_budget < self.row_bytes:
+            self.close()
+            raise MistralError(f"kv_budget of {kv_budget} bytes is less than one row's KV cache "
+                               f"({self.row_bytes} bytes: {self.capacity} slots)")
 
     # --- any thread ---------------------------------------------------------------------
 

@@ -327,6 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond them; past it, 429")
     p.add_argument("--max-kv-size", type=int, help="KV cache slots per row (default: the sliding window, or 8192)")
+    p.add_argument("--kv-budget-mib", type=int,
+                   help="admit rows only while their KV caches (and the idle ones) fit in this many MiB")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="prompt tokens prefilled between two decode steps (default %(default)s)")
     p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (required off loopback)")
@@ -352,11 +354,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         check_host(args.host, args.api_key)
+        for flag in ("max_batch", "max_queue", "prefill_chunk", "max_kv_size", "kv_budget_mib"):
+            value = getattr(args, flag)
+            if value is not None and value <= 0:
+                raise MistralError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
         loading: Future = Future()  # the API answers 503 until the model is loaded
 
         def load() -> None:
             try:
-                loading.set_result(Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue,
+                budget = args.kv_budget_mib and args.kv_budget_mib << 20
+                loading.set_result(Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue, budget,
                                              prefill_chunk=args.prefill_chunk))
             except BaseException as e:
                 loading.set_exception(e)

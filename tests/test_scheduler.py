@@ -97,6 +97,11 @@ def test_queue_full_then_all_complete():
         s.close()
 
 
+def test_a_kv_budget_below_one_row_is_refused():
+    with pytest.raises(MistralError, match="less than one row's KV cache"):
+        Scheduler("demo", kv_budget=1000)
+
+
 def test_kv_budget_bounds_the_batch():
     s = Scheduler("demo", max_batch=8, max_idle=0)
     try:
