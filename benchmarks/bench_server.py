@@ -131,6 +131,29 @@ def longest_pause(server: Server, model: str, answer_tokens: int) -> float:
     return max(gaps)
 
 
+def plot(results: dict, args: argparse.Namespace, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind in args.servers:
+        rows = results[kind]["rows"]
+        name = {"ours": "mlx_mistral.server", "mlx_lm": "mlx_lm.server"}[kind]
+        left.plot([r["clients"] for r in rows], [r["tok_s"] for r in rows], "o-", label=name)
+        right.plot([r["clients"] for r in rows], [r["ttft_p95"] for r in rows], "o-", label=name)
+    left.set(xlabel="concurrent streaming clients", ylabel="aggregate generated tok/s")
+    right.set(xlabel="concurrent streaming clients", ylabel="time to first token, p95 (s)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{args.preset} float32, greedy, {args.prompt_tokens}-token prompts, "
+                 f"{args.answer_tokens}-token answers")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=PRESETS, default="small")
@@ -139,6 +162,7 @@ def main() -> int:
     p.add_argument("--answer-tokens", type=int, default=64)
     p.add_argument("--servers", nargs="+", choices=["ours", "mlx_lm"], default=["ours", "mlx_lm"])
     p.add_argument("--pause", action="store_true", help="also measure the pause of running streams (ours)")
+    p.add_argument("--png", help="also plot tok/s and TTFT p95 vs clients to this file (e.g. docs/server.png)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     checkpoint = make_checkpoint(args.preset)
@@ -162,6 +186,8 @@ def main() -> int:
                     server.stop()
     finally:
         shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    if args.png:
+        plot(results, args, Path(args.png))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
