@@ -128,6 +128,8 @@ def longest_pause(server: Server, model: str, answer_tokens: int) -> float:
     for t in threads + [long]:
         t.join()
     gaps = [b - a for o in outs for a, b in zip(o["times"], o["times"][1:])]
+    if len(gaps) < 4 * 10:
+        raise RuntimeError("the running streams did not stream")
     return max(gaps)
 
 
@@ -173,7 +175,10 @@ def main() -> int:
             server = Server(kind, model, ["--max-kv-size", kv] if kind == "ours" else [])
             try:
                 run_clients(server, model, 1, 16, 4)  # warm-up
-                rows = [run_clients(server, model, n, args.prompt_tokens, args.answer_tokens) for n in args.clients]
+                rows = []
+                for n in args.clients:
+                    rows.append(run_clients(server, model, n, args.prompt_tokens, args.answer_tokens))
+                    print(kind, rows[-1], file=sys.stderr, flush=True)  # as they come: a long run is not lost
                 results[kind] = dict(rows=rows, peak_rss=server.peak_rss())
             finally:
                 server.stop()
@@ -182,6 +187,7 @@ def main() -> int:
                 server = Server("ours", model, ["--prefill-chunk", chunk, "--max-kv-size", "4608"])
                 try:
                     results[f"pause_{name}_s"] = longest_pause(server, model, 48)
+                    print(name, results[f"pause_{name}_s"], file=sys.stderr, flush=True)
                 finally:
                     server.stop()
     finally:

@@ -184,6 +184,7 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
+        ready()
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
                                             "owned_by": "mlx-mistral"}]}
 
