@@ -36,6 +36,9 @@ from mlx_mistral.tokenizer import Tokenizer  # noqa: E402
 from presets import PRESETS, make_checkpoint  # noqa: E402
 
 TOKENIZER = Tokenizer(TOKENIZER_V1)  # the presets' tokenizer
+# mlx_lm.server with the OpenBLAS that our server preloads on Linux (mlx_mistral._blas), as in the other
+# benchmarks: without it MLX's Linux CPU wheel multiplies ~40x slower, and the comparison would say nothing.
+MLX_LM_SERVER = "import mlx_mistral, sys; from mlx_lm.server import main; sys.argv[0] = 'mlx_lm.server'; main()"
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
 
 
@@ -50,7 +53,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = {"ours": [sys.executable, "-m", "mlx_mistral.server", "--max-batch", "16"],
-               "mlx_lm": [sys.executable, "-m", "mlx_lm", "server"]}[kind]
+               "mlx_lm": [sys.executable, "-c", MLX_LM_SERVER]}[kind]
         self.proc = subprocess.Popen(cmd + ["--model", model, "--port", str(self.port), *extra], cwd=ROOT,
                                      env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

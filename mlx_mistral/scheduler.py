@@ -47,7 +47,8 @@ class Event:
     prompt_tokens: int
     generated_tokens: int
     token: int | None = None
-    finish_reason: str | None = None  # last event: "stop" (EOS or stop string), "length", "cancelled", "error"
+    # on the last event: "stop" (EOS or stop string), "length", "cancelled" or "error"
+    finish_reason: str | None = None
     error: str | None = None
     reused_tokens: int = 0  # prompt tokens found in an idle cache: not prefilled again
 
@@ -92,7 +93,8 @@ class _Row:
 
     def __init__(self, request: Request, ids: list[int], cache: RollingKVCache, steps: Iterator, left: int,
                  text: TextStream):
-        self.request, self.ids, self.cache, self.steps, self.left, self.text = request, ids, cache, steps, left, text
+        self.request, self.ids, self.cache, self.steps = request, ids, cache, steps
+        self.left, self.text = left, text  # prompt tokens still to prefill
         self.reused = len(ids) - left  # prompt tokens already in the cache
         self.answer: list[int] = []
         self.pieces: list[str] = []
@@ -128,9 +130,11 @@ class Scheduler:
     """
 
     def __init__(self, model: str = "demo", max_kv_size: int | None = None, max_batch: int = 8,
-                 max_queue: int = 32, kv_budget: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 max_queue: int = 32, kv_budget: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  max_idle: int = 4, max_idle_bytes: int | None = None):
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
+                            ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or value <= 0:
                 raise MistralError(f"{name} must be a positive integer, got {value!r}")
         for name, value in (("max_kv_size", max_kv_size), ("kv_budget", kv_budget)):
@@ -164,7 +168,8 @@ class Scheduler:
         self.capacity = min(n for n in (self.window, max_kv_size) if n)  # KV cache slots per row
         # prompt + answer: a windowless model stops at its cache, a windowed one slides on
         self.context = self.capacity if self.window is None else args.max_position_embeddings
-        self.row_bytes = 2 * args.n_layers * args.n_kv_heads * self.capacity * args.head_dim * self.model.dtype.size
+        self.row_bytes = (2 * args.n_layers * args.n_kv_heads * self.capacity * args.head_dim
+                          * self.model.dtype.size)  # K and V of one row
         if kv_budget is not None and kv_budget < self.row_bytes:
             self.close()
             raise MistralError(f"kv_budget of {kv_budget} bytes is less than one row's KV cache "
@@ -208,7 +213,8 @@ class Scheduler:
         rows = len(self._rows) + len(self._prefilling)
         return dict(self.counters, waiting=len(self._waiting), running=len(self._rows),
                     prefilling=len(self._prefilling), idle_caches=len(self._idle),
-                    kv_bytes=(rows + len(self._idle)) * self.row_bytes, tokens_per_second=self.tokens_per_second)
+                    kv_bytes=(rows + len(self._idle)) * self.row_bytes,
+                    tokens_per_second=self.tokens_per_second)
 
     def close(self) -> None:
         """Fail what is pending and free the model (at exit at the latest); the thread stays, idle."""
@@ -275,8 +281,8 @@ class Scheduler:
             text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
                               request.submitted)
             feed = ids[held:]
-            self._prefilling.append(_Row(request, ids, cache, prefill_steps(self.model, feed, cache, self.prefill_chunk),
-                                         len(feed), text))
+            steps = prefill_steps(self.model, feed, cache, self.prefill_chunk)
+            self._prefilling.append(_Row(request, ids, cache, steps, len(feed), text))
             self.counters["reused_tokens"] += held
 
     def _reuse(self, tokens: list[int]) -> tuple[list[int], RollingKVCache | None, int]:
@@ -331,7 +337,8 @@ class Scheduler:
         self.counters["max_rows"] = max(self.counters["max_rows"], n)
         self.tokens_per_second = n / (time.perf_counter() - start)
         self._y = y
-        done = [b for b, (row, token) in enumerate(zip(self._rows, tokens)) if self._emit(row, token, self._cache)]
+        done = [b for b, (row, token) in enumerate(zip(self._rows, tokens))
+                if self._emit(row, token, self._cache)]
         if done:
             self._leave(done)
 
@@ -349,8 +356,8 @@ class Scheduler:
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
         self.counters[reason] += 1
-        self._outbox.append((row.request, Event("", len(row.request.tokens), len(row.answer), None, reason, error,
-                                                row.reused)))
+        event = Event("", len(row.request.tokens), len(row.answer), None, reason, error, row.reused)
+        self._outbox.append((row.request, event))
 
     def _leave(self, gone: list[int]) -> None:
         """Rows `gone` leave the batch; their caches become idle ones."""

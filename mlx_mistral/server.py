@@ -68,8 +68,8 @@ class CompletionRequest(Sampling):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.type, self.param, self.code, self.headers = status, type, param, code, headers
 
@@ -136,13 +136,14 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
         if isinstance(scheduler, Scheduler):
             return scheduler
         if not scheduler.done():
-            raise APIError(503, "the model is still loading; try again shortly", "server_error", code="loading",
-                           headers={"Retry-After": "5"})
+            raise APIError(503, "the model is still loading; try again shortly", "server_error",
+                           code="loading", headers={"Retry-After": "5"})
         return scheduler.result()
 
     if cors_origin:
         from fastapi.middleware.cors import CORSMiddleware
-        app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["*"],
+                           allow_headers=["*"])
 
     app.add_middleware(BodyLimitAndCount, max_body=max_body, statuses=statuses)
 
@@ -170,7 +171,8 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
         given = request.headers.get("authorization", "")
         given = given[7:] if given.lower().startswith("bearer ") else ""
         if not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                           code="invalid_api_key")
 
     @app.get("/health")
     async def health():
@@ -190,8 +192,8 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
 
     def to_request(body: Sampling, tokens: list[int], max_tokens: int | None, echo) -> Request:
         if body.model != model_id:
-            raise APIError(404, f"model {body.model!r} not found (this server has {model_id!r})", param="model",
-                           code="model_not_found")
+            raise APIError(404, f"model {body.model!r} not found (this server has {model_id!r})",
+                           param="model", code="model_not_found")
         if body.n != 1:
             raise APIError(400, "n: only n = 1 is supported", param="n")
         for name in UNSUPPORTED:
@@ -199,7 +201,8 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
                 raise APIError(400, f"{name}: not supported by this server", param=name)
         fmt = (body.model_extra or {}).get("response_format")
         if fmt not in (None, {"type": "text"}):
-            raise APIError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
+            raise APIError(400, "response_format: only {'type': 'text'} is supported",
+                           param="response_format")
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, ready().context - len(tokens)))
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
@@ -241,16 +244,19 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
         return {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": created, "model": model_id, "choices": [choice], "usage": usage(event)}
 
-    async def stream(request: Request, events: asyncio.Queue, body: Sampling, kind: str, ident: str, created: int):
+    async def stream(request: Request, events: asyncio.Queue, body: Sampling, kind: str, ident: str,
+                     created: int):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        head = {"id": ident, "object": obj, "created": created, "model": model_id}
 
         def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
             choice = {"index": 0, "finish_reason": finish, "logprobs": None}
             if kind == "chat":
-                choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+                choice["delta"] = ({"role": "assistant"} if first else {}) | \
+                    ({"content": text} if text is not None else {})
             else:
                 choice["text"] = text or ""
-            return sse({"id": ident, "object": obj, "created": created, "model": model_id, "choices": [choice]})
+            return sse(head | {"choices": [choice]})
 
         try:
             if kind == "chat":
@@ -258,16 +264,15 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
             while True:
                 event = await events.get()
                 if event.finish_reason == "error":
-                    yield sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error",
-                                         "param": None, "code": None}})
+                    error = {"message": f"generation failed: {event.error}", "type": "server_error"}
+                    yield sse({"error": error | {"param": None, "code": None}})
                     break
                 if event.text:
                     yield chunk(event.text, None)
                 if event.finish_reason:
                     yield chunk(None, event.finish_reason)
                     if body.stream_options and body.stream_options.include_usage:
-                        yield sse({"id": ident, "object": obj, "created": created, "model": model_id,
-                                   "choices": [], "usage": usage(event)})
+                        yield sse(head | {"choices": [], "usage": usage(event)})
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -312,7 +317,8 @@ def prometheus(stats: dict, statuses: Counter) -> str:
         ("prefilling_rows", "prefilling", "gauge"), ("decode_steps_total", "steps", "counter"),
         ("decode_rows_total", "rows", "counter"), ("decode_rows_max", "max_rows", "gauge"),
         ("generated_tokens_total", "generated_tokens", "counter"),
-        ("prefilled_tokens_total", "prefilled_tokens", "counter"), ("reused_tokens_total", "reused_tokens", "counter"),
+        ("prefilled_tokens_total", "prefilled_tokens", "counter"),
+        ("reused_tokens_total", "reused_tokens", "counter"),
         ("tokens_per_second", "tokens_per_second", "gauge"), ("kv_bytes", "kv_bytes", "gauge"),
         ("idle_caches", "idle_caches", "gauge"),
     ):
@@ -327,7 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond them; past it, 429")
-    p.add_argument("--max-kv-size", type=int, help="KV cache slots per row (default: the sliding window, or 8192)")
+    p.add_argument("--max-kv-size", type=int,
+                   help="KV cache slots per row (default: the sliding window, or 8192)")
     p.add_argument("--kv-budget-mib", type=int,
                    help="admit rows only while their KV caches (and the idle ones) fit in this many MiB")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
@@ -344,7 +351,8 @@ def check_host(host: str, api_key: str | None) -> None:
 
 
 def serve(app: FastAPI, host: str, port: int) -> None:
-    """(python -m app --api) Run `app` with uvicorn until Ctrl-C (or SIGTERM) stops it, then raise KeyboardInterrupt."""
+    """(python -m app --api) Run `app` with uvicorn until Ctrl-C (or SIGTERM) stops it, then raise
+    KeyboardInterrupt."""
     import uvicorn
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
     raise KeyboardInterrupt
@@ -364,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         def load() -> None:
             try:
                 budget = args.kv_budget_mib and args.kv_budget_mib << 20
-                loading.set_result(Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue, budget,
-                                             prefill_chunk=args.prefill_chunk))
+                loading.set_result(Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue,
+                                             budget, prefill_chunk=args.prefill_chunk))
             except BaseException as e:
                 loading.set_exception(e)
                 server.should_exit = True
