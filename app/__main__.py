@@ -20,6 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV cache slots per session (default: the sliding window, or 8192 without one)")
     p.add_argument("--kv-bits", type=int, help="store the KV cache quantized to 8 or 4 bits (default: float)")
     p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group along head_dim")
+    p.add_argument("--api", action="store_true",
+                   help="also serve the OpenAI-compatible API at /v1 on the same port, with the same model")
+    p.add_argument("--api-key", help="with --api: required as 'Authorization: Bearer KEY' on /v1")
     return p.parse_args(argv)
 
 
@@ -44,14 +47,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.api:
+        from mlx_mistral.server import check_host
+
+        check_host(args.host, args.api_key)  # before the model loads
     from .chat import Engine
 
     print(f"loading {args.model}...", file=sys.stderr, flush=True)
-    engine = Engine(args.model, args.max_kv_size, args.kv_bits, args.kv_group_size)
+    engine = Engine(args.model, args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     try:
         from .ui import build, serve
 
-        serve(build(engine), args.host, args.port)
+        if not args.api:
+            serve(build(engine), args.host, args.port)
+            return 0
+        import gradio as gr
+
+        from mlx_mistral.server import create_app, serve as serve_api
+
+        api = gr.mount_gradio_app(create_app(engine, args.api_key), build(engine), path="/", ssr_mode=False,
+                                  footer_links=["api", "settings"])
+        serve_api(api, args.host, args.port)  # the page at /, the API at /v1: one model, one scheduler
     finally:
         engine.close()
     return 0

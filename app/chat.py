@@ -3,80 +3,14 @@
 Plain Python over the public mlx_mistral API (no Gradio here), so every rule is unit-tested.
 """
 
-import atexit
-import gc
-import queue
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, wait
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from mlx_mistral import MistralError, RollingKVCache, load, make_cache, make_sampler, stream_generate
-from mlx_mistral.cache import check_kv_quantization
+from mlx_mistral import MistralError, RollingKVCache, make_sampler, stream_generate
+from mlx_mistral.scheduler import Scheduler
 
-# KV cache slots for a model without a sliding window (v0.2, v0.3), unless --max-kv-size says otherwise.
-DEFAULT_MAX_KV_SIZE = 8192
-
-
-class Engine:
-    """The one model in memory and the one thread that runs it.
-
-    Every MLX call (load, cache allocation, each generation step) runs on one thread:
-    MLX streams are thread-local (MLX >= 0.31.2 on Metal), while Gradio steps a chat
-    generator from whichever thread is free. `lock` lets one answer run at a time; the
-    others wait for it, whichever entry point (browser, API) they came from.
-
-    The thread is a daemon that lives as long as the process, and the model is freed
-    before the process exits: with OpenBLAS preloaded, a thread that ran MLX and then
-    ended, or was joined at exit, or a model still alive at exit, sometimes made the
-    process abort ("terminate called without an active exception") or hang at exit
-    (seen with MLX 0.32.4 on Linux; ml-explore/mlx#3126 is alike).
-    """
-
-    def __init__(self, model: str = "demo", max_kv_size: int | None = None, kv_bits: int | None = None,
-                 kv_group_size: int = 64):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="mlx", daemon=True).start()
-        self.lock = threading.Lock()
-        self.name = model
-        self.model, self.tokenizer = self.call(load, model)
-        atexit.register(self.close)
-        check_kv_quantization(self.model.args, kv_bits, kv_group_size, self.model.dtype)
-        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
-        self.window = self.model.args.sliding_window
-        if max_kv_size is None and self.window is None:
-            max_kv_size = DEFAULT_MAX_KV_SIZE
-        self.max_kv_size = max_kv_size
-        self.capacity = min(n for n in (self.window, max_kv_size) if n)  # KV cache slots per session
-
-    def _serve(self) -> None:
-        while True:
-            future, fn, args, kwargs = self._jobs.get()
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as e:  # handed to the caller
-                future.set_exception(e)
-
-    def call(self, fn: Callable, *args, **kwargs):
-        """Run fn on the model thread and return its result (or raise its exception)."""
-        future: Future = Future()
-        self._jobs.put((future, fn, args, kwargs))
-        try:
-            return future.result()
-        except KeyboardInterrupt:  # Ctrl-C: let the job end and drop its result (a model?) on this thread
-            wait([future])
-            del future
-            self.call(gc.collect)
-            raise
-
-    def new_cache(self) -> RollingKVCache:
-        return self.call(make_cache, self.model.args, self.max_kv_size, dtype=self.model.dtype,
-                         kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
-
-    def close(self) -> None:
-        """Free the model (at exit at the latest); its thread stays, idle, until the process ends."""
-        self.model = self.tokenizer = None
-        self.call(gc.collect)
+# The one model and the one MLX thread (mlx_mistral/scheduler.py): the app's tabs share it.
+Engine = Scheduler
 
 
 @dataclass

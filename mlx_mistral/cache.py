@@ -99,6 +99,16 @@ class RollingKVCache:
         self.keys, self.values = tree_map(lambda x: x[index], (self.keys, self.values))
         self.offsets = [self.offsets[r] for r in rows]
 
+    def row(self, b: int) -> "RollingKVCache":
+        """A one-row copy of row `b` (its own buffers: the batch's can go)."""
+        out = self.__class__.__new__(self.__class__)
+        out.bits, out.group_size, out.dtype = self.bits, self.group_size, self.dtype
+        index = mx.array([b], dtype=mx.int32)
+        out.keys, out.values = tree_map(lambda x: x[index], (self.keys, self.values))
+        mx.eval(out.keys, out.values)
+        out.capacity, out._warn_on_roll, out.offsets = self.capacity, self._warn_on_roll, [self.offsets[b]]
+        return out
+
     @property
     def offset(self) -> int:
         """The position of the next token, shared by all rows."""

@@ -17,11 +17,7 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
     temp 0 is greedy. top_k 0, top_p 1 and min_p 0 switch those filters off.
     The same seed gives the same tokens.
     """
-    _check("temp", temp, temp >= 0, ">= 0 (0 = greedy)")
-    _check("top_p", top_p, 0 < top_p <= 1, "in (0, 1]")
-    _check("min_p", min_p, 0 <= min_p < 1, "in [0, 1)")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise MistralError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    check_sampler(temp, top_p, top_k, min_p)
     key = [mx.random.key(seed)] if seed is not None else None
 
     def sample(logits: mx.array) -> mx.array:
@@ -42,6 +38,15 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
         return mx.random.categorical(logprobs, key=sub)
 
     return sample
+
+
+def check_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> None:
+    """make_sampler's checks alone (no MLX call: safe on any thread)."""
+    _check("temp", temp, temp >= 0, ">= 0 (0 = greedy)")
+    _check("top_p", top_p, 0 < top_p <= 1, "in (0, 1]")
+    _check("min_p", min_p, 0 <= min_p < 1, "in [0, 1)")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise MistralError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
 
 
 def check_repetition_penalty(penalty: float) -> None:

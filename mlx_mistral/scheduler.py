@@ -1,0 +1,419 @@
+"""The scheduler: the one thread that owns the model and MLX, and its continuous batch.
+
+Who owns MLX: this module. Everything else (the HTTP server, the chat app) hands the
+Scheduler `Request`s and reads their `Event`s, or runs a function on its thread with `call`.
+It knows nothing of HTTP or Gradio.
+
+Between two decode steps the thread (1) drops rows whose client cancelled, (2) admits
+waiting requests while `max_batch` and the KV budget allow, each into its own one-row
+cache (reusing an idle cache whose tokens the request extends), (3) prefills at most
+`prefill_chunk` prompt tokens, so running streams keep flowing while a long prompt goes
+in, and a row whose prompt is done joins the batch, (4) runs one decode step for all rows
+with one sync. Each row keeps its own positions (a ragged batch) and its own sampler, so
+greedy output of a row never depends on its neighbours.
+"""
+
+import atexit
+import gc
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .cache import RollingKVCache, check_kv_quantization, make_cache
+from .errors import MistralError
+from .generate import DEFAULT_PREFILL_CHUNK, TextStream, _check_request, prefill_steps
+from .loading import load
+from .memory import kv_bytes_per_token
+from .sample import check_sampler, make_sampler
+
+# KV cache slots for a model without a sliding window (v0.2, v0.3), unless max_kv_size says otherwise.
+DEFAULT_MAX_KV_SIZE = 8192
+
+
+class QueueFull(MistralError):
+    """Every row is busy and the waiting queue is full: try again later."""
+
+
+@dataclass
+class Event:
+    """One generated token's text, or the end of a request (finish_reason set)."""
+
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    token: int | None = None
+    # on the last event: "stop" (EOS or stop string), "length", "cancelled" or "error"
+    finish_reason: str | None = None
+    error: str | None = None
+    reused_tokens: int = 0  # prompt tokens found in an idle cache: not prefilled again
+
+
+@dataclass(eq=False)
+class Request:
+    """What to generate. `tokens` is the whole prompt (a chat's every turn); `echo` turns an
+    answer's text into the tokens a client sends back for it (chat: tokenizer.encode), so
+    that the next turn can reuse this answer's cache. `sink` receives the events on the
+    scheduler's thread (it must not block); by default they wait for events()."""
+
+    tokens: list[int]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    echo: Callable[[str], list[int]] | None = None
+    sink: Callable[[Event], None] | None = None
+
+    def __post_init__(self):
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self.sink = self.sink or self._events.put
+
+    def cancel(self) -> None:
+        """Stop generating (the client left): the row leaves the batch before the next step."""
+        self.cancelled = True
+
+    def events(self) -> Iterator[Event]:
+        """The events of a request submitted without a sink, up to the last one."""
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finish_reason:
+                return
+
+
+class _Row:
+    """A request being served: its cache (its own until it joins the batch) and its stream."""
+
+    def __init__(self, request: Request, ids: list[int], cache: RollingKVCache, steps: Iterator, left: int,
+                 text: TextStream):
+        self.request, self.ids, self.cache, self.steps = request, ids, cache, steps
+        self.left, self.text = left, text  # prompt tokens still to prefill
+        self.reused = len(ids) - left  # prompt tokens already in the cache
+        self.answer: list[int] = []
+        self.pieces: list[str] = []
+        self.sampler = make_sampler(request.temperature, request.top_p, seed=request.seed)
+
+
+@dataclass
+class _Held:
+    """An idle cache: `fed` is what it holds, `actual` the conversation with the model's own
+    last token, `template` the same as a client writes it back (None: no echo)."""
+
+    cache: RollingKVCache
+    fed: list[int]
+    actual: list[int]
+    template: list[int] | None
+
+
+class Scheduler:
+    """The one model in memory, the one thread that runs it, and its continuous batch.
+
+    The thread is a daemon that lives as long as the process, and the model is freed
+    before the process exits: with OpenBLAS preloaded, a thread that ran MLX and then
+    ended, or was joined at exit, or a model still alive at exit, sometimes made the
+    process abort ("terminate called without an active exception") or hang at exit
+    (seen with MLX 0.32.4 on Linux; ml-explore/mlx#3126 is alike). MLX streams are
+    thread-local (MLX >= 0.31.2 on Metal): every MLX call runs here.
+
+    Every row gets a cache of `capacity` slots (the sliding window, or max_kv_size if
+    smaller), quantized to `kv_bits` (8 or 4, in groups of kv_group_size) if given; admission stops at `max_batch` rows or when one more row would pass
+    `kv_budget` bytes; the next `max_queue` requests wait, in order; past them submit()
+    raises QueueFull. Up to `max_idle` finished caches (and `max_idle_bytes`) are kept,
+    least recently used out first, for requests that continue them.
+    """
+
+    def __init__(self, model: str = "demo", max_kv_size: int | None = None, max_batch: int = 8,
+                 max_queue: int = 32, kv_budget: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 max_idle: int = 4, max_idle_bytes: int | None = None, kv_bits: int | None = None,
+                 kv_group_size: int = 64):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
+                            ("prefill_chunk", prefill_chunk)):
+            if not isinstance(value, int) or value <= 0:
+                raise MistralError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("max_kv_size", max_kv_size), ("kv_budget", kv_budget)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise MistralError(f"{name} must be a positive integer, got {value!r}")
+        self.max_batch, self.max_queue, self.kv_budget = max_batch, max_queue, kv_budget
+        self.prefill_chunk, self.max_idle, self.max_idle_bytes = prefill_chunk, max_idle, max_idle_bytes
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque[Request] = deque()
+        self._waiting_lock = threading.Lock()
+        self._prefilling: list[_Row] = []
+        self._rows: list[_Row] = []  # the decode batch, in the order of the cache's rows
+        self._cache: RollingKVCache | None = None
+        self._y: mx.array | None = None  # each row's last token, not yet fed
+        self._idle: OrderedDict[int, _Held] = OrderedDict()  # least recently used first
+        self._outbox: list[tuple[Request, Event]] = []  # sent once the step's bookkeeping is done
+        self.counters = dict(steps=0, rows=0, max_rows=0, generated_tokens=0, prefilled_tokens=0,
+                             reused_tokens=0, stop=0, length=0, cancelled=0, error=0)
+        self.tokens_per_second = 0.0  # the last decode step's rows / its time
+        self.lock = threading.Lock()  # for callers that run their own generation through call()
+        self.model = self.tokenizer = None
+        threading.Thread(target=self._serve, name="mlx", daemon=True).start()
+        self.name = model
+        self.model, self.tokenizer = self.call(load, model)
+        atexit.register(self.close)
+        args = self.model.args
+        try:
+            check_kv_quantization(args, kv_bits, kv_group_size, self.model.dtype)
+        except MistralError:
+            self.close()
+            raise
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.window = args.sliding_window
+        if max_kv_size is None and self.window is None:
+            max_kv_size = DEFAULT_MAX_KV_SIZE
+        self.max_kv_size = max_kv_size
+        self.capacity = min(n for n in (self.window, max_kv_size) if n)  # KV cache slots per row
+        # prompt + answer: a windowless model stops at its cache, a windowed one slides on
+        self.context = self.capacity if self.window is None else args.max_position_embeddings
+        self.row_bytes = self.capacity * kv_bytes_per_token(args, self.model.dtype.size, bits=kv_bits,
+                                                            group=kv_group_size)  # K and V of one row
+        if kv_budget is not None and kv_budget < self.row_bytes:
+            self.close()
+            raise MistralError(f"kv_budget of {kv_budget} bytes is less than one row's KV cache "
+                               f"({self.row_bytes} bytes: {self.capacity} slots)")
+
+    # --- any thread ---------------------------------------------------------------------
+
+    def call(self, fn: Callable, *args, **kwargs):
+        """Run fn on the model thread (between two steps) and return its result (or raise)."""
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        try:
+            return future.result()
+        except KeyboardInterrupt:  # Ctrl-C: let the job end and drop its result (a model?) on this thread
+            wait([future])
+            del future
+            self.call(gc.collect)
+            raise
+
+    def new_cache(self) -> RollingKVCache:
+        """A one-row cache of `capacity` slots (warning once if it rolls), made on the model thread."""
+        return self.call(make_cache, self.model.args, self.max_kv_size, dtype=self.model.dtype,
+                         kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (MistralError if it is invalid, QueueFull if the queue is)."""
+        if self.model is None:
+            raise MistralError("the model is closed")
+        tokens, vocab = request.tokens, self.model.args.vocab_size
+        if not tokens or any(not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
+            raise MistralError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
+        _check_request(self.model, 0, tokens, request.max_tokens, request.stop)
+        check_sampler(request.temperature, request.top_p)
+        if request.seed is not None and (not isinstance(request.seed, int) or isinstance(request.seed, bool)):
+            raise MistralError(f"seed must be an integer, got {request.seed!r}")
+        if len(tokens) + request.max_tokens > self.context:
+            raise MistralError(f"prompt ({len(tokens)} tokens) + max_tokens ({request.max_tokens}) is past "
+                               f"the context of {self.context} tokens")
+        with self._waiting_lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); try again later")
+            self._waiting.append(request)
+        self._jobs.put(None)  # wake the thread
+        return request
+
+    def stats(self) -> dict:
+        """A snapshot for /metrics and tests: counters, rows, queue depth, KV bytes held."""
+        rows = len(self._rows) + len(self._prefilling)
+        return dict(self.counters, waiting=len(self._waiting), running=len(self._rows),
+                    prefilling=len(self._prefilling), idle_caches=len(self._idle),
+                    kv_bytes=(rows + len(self._idle)) * self.row_bytes,
+                    tokens_per_second=self.tokens_per_second)
+
+    def close(self) -> None:
+        """Fail what is pending and free the model (at exit at the latest); the thread stays, idle."""
+        if self.model is not None:
+            self.call(self._free)
+
+    # --- the model thread ---------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            busy = self._rows or self._prefilling or self._waiting
+            try:
+                job = self._jobs.get(block=not busy)
+            except queue.Empty:
+                job = None
+            if job:
+                future, fn, args, kwargs = job
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # handed to the caller
+                    future.set_exception(e)
+            if self.model is not None:
+                try:
+                    self._step()
+                except Exception as e:  # an MLX failure: every row gets it, the scheduler goes on
+                    self._fail_all(f"{type(e).__name__}: {e}")
+            self._send()
+
+    def _send(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for request, event in outbox:
+            request.sink(event)
+
+    def _step(self) -> None:
+        gone = [b for b, row in enumerate(self._rows) if row.request.cancelled]
+        for b in gone:
+            self._finish(self._rows[b], "cancelled")
+        if gone:
+            self._leave(gone)
+        for row in [r for r in self._prefilling if r.request.cancelled]:
+            self._prefilling.remove(row)
+            self._finish(row, "cancelled")
+        self._admit()
+        self._prefill()
+        if self._rows:
+            self._decode()
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._rows) + len(self._prefilling) < self.max_batch:
+            if self.kv_budget is not None and (len(self._rows) + len(self._prefilling) + 1) * self.row_bytes \
+                    + len(self._idle) * self.row_bytes > self.kv_budget:
+                if not self._idle:
+                    return
+                self._idle.popitem(last=False)
+                continue
+            with self._waiting_lock:
+                request = self._waiting.popleft()
+            if request.cancelled:
+                self.counters["cancelled"] += 1
+                self._outbox.append((request, Event("", len(request.tokens), 0, finish_reason="cancelled")))
+                continue
+            ids, cache, held = self._reuse(request.tokens)
+            cache = cache or RollingKVCache(self.model.args, self.capacity, dtype=self.model.dtype,
+                                            bits=self.kv_bits, group_size=self.kv_group_size)
+            text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
+                              request.submitted)
+            feed = ids[held:]
+            steps = prefill_steps(self.model, feed, cache, self.prefill_chunk)
+            self._prefilling.append(_Row(request, ids, cache, steps, len(feed), text))
+            self.counters["reused_tokens"] += held
+
+    def _reuse(self, tokens: list[int]) -> tuple[list[int], RollingKVCache | None, int]:
+        """(the prompt to feed, an idle cache it extends or None, the tokens that cache holds).
+
+        A chat client sends the model's earlier answers back as text, which the tokenizer
+        may split differently: where the prompt starts with an idle cache's `template`, the
+        model's own tokens replace it (the app's rule: the cache keeps what was generated)."""
+        for key, held in reversed(self._idle.items()):
+            ids = tokens
+            if held.template is not None and tokens[:len(held.template)] == held.template:
+                ids = held.actual + tokens[len(held.template):]
+            n = len(held.fed)
+            if n < len(ids) and ids[:n] == held.fed:
+                del self._idle[key]
+                return ids, held.cache, n
+        return tokens, None, 0
+
+    def _prefill(self) -> None:
+        """Up to prefill_chunk prompt tokens, oldest row first; finished rows join the batch."""
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            row = self._prefilling[0]
+            n = min(self.prefill_chunk, self.capacity, row.left - 1) if row.left > 1 else 1
+            logits = next(row.steps)
+            row.left -= n
+            budget -= n
+            self.counters["prefilled_tokens"] += n
+            if logits is None:
+                continue
+            self._prefilling.pop(0)
+            y = row.sampler(logits)
+            if self._emit(row, y.item(), row.cache):
+                self._hold(row, row.cache)
+                continue
+            self._cache = row.cache if self._cache is None else RollingKVCache.stack([self._cache, row.cache])
+            self._y = y if self._y is None else mx.concatenate([self._y, y])
+            self._rows.append(row)
+            row.cache = row.steps = None
+
+    def _decode(self) -> None:
+        start = time.perf_counter()
+        logits = self.model(self._y[:, None], self._cache)[:, -1]
+        if all(row.request.temperature == 0 for row in self._rows):
+            y = mx.argmax(logits, axis=-1)
+        else:  # each row its own sampler (and its own seeded random stream)
+            y = mx.concatenate([row.sampler(logits[b:b + 1]) for b, row in enumerate(self._rows)])
+        tokens = y.tolist()  # the one sync of the step
+        n = len(self._rows)
+        self.counters["steps"] += 1
+        self.counters["rows"] += n
+        self.counters["max_rows"] = max(self.counters["max_rows"], n)
+        self.tokens_per_second = n / (time.perf_counter() - start)
+        self._y = y
+        done = [b for b, (row, token) in enumerate(zip(self._rows, tokens))
+                if self._emit(row, token, self._cache)]
+        if done:
+            self._leave(done)
+
+    def _emit(self, row: _Row, token: int, cache: RollingKVCache) -> bool:
+        """Send the event of one generated token; True when it ends the request."""
+        r = row.text.add(token, cache)
+        row.answer.append(token)
+        row.pieces.append(r.text)
+        self.counters["generated_tokens"] += 1
+        if r.finish_reason:
+            self.counters[r.finish_reason] += 1
+        self._outbox.append((row.request, Event(r.text, len(row.request.tokens), r.generation_tokens, token,
+                                                r.finish_reason, reused_tokens=row.reused)))
+        return r.finish_reason is not None
+
+    def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        self.counters[reason] += 1
+        event = Event("", len(row.request.tokens), len(row.answer), None, reason, error, row.reused)
+        self._outbox.append((row.request, event))
+
+    def _leave(self, gone: list[int]) -> None:
+        """Rows `gone` leave the batch; their caches become idle ones."""
+        for b in gone:
+            self._hold(self._rows[b], self._cache.row(b) if self.max_idle else None)
+        keep = [b for b in range(len(self._rows)) if b not in gone]
+        if keep:
+            self._cache.keep(keep)
+            self._y = self._y[mx.array(keep, dtype=mx.int32)]
+        else:
+            self._cache = self._y = None
+        self._rows = [self._rows[b] for b in keep]
+
+    def _hold(self, row: _Row, cache: RollingKVCache | None) -> None:
+        """Keep a finished row's cache (it holds the prompt and all but the last token)."""
+        if cache is None or not self.max_idle or not row.answer:
+            return
+        request, answer = row.request, row.answer
+        template = None
+        if request.echo is not None:
+            eos = [self.tokenizer.eos_id] if answer[-1] == self.tokenizer.eos_id else []
+            template = request.tokens + request.echo("".join(row.pieces)) + eos
+        self._idle[id(cache)] = _Held(cache, row.ids + answer[:-1], row.ids + answer, template)
+        while len(self._idle) > self.max_idle or (
+                self.max_idle_bytes is not None and len(self._idle) * self.row_bytes > self.max_idle_bytes):
+            self._idle.popitem(last=False)
+
+    def _fail_all(self, message: str) -> None:
+        for row in self._rows + self._prefilling:
+            self._finish(row, "error", message)
+        with self._waiting_lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
+            self.counters["error"] += 1
+            self._outbox.append((request, Event("", len(request.tokens), 0, None, "error", message)))
+        self._rows, self._prefilling, self._cache, self._y = [], [], None, None
+
+    def _free(self) -> None:
+        self._fail_all("the model was closed")
+        self._send()
+        self._idle.clear()
+        self.model = self.tokenizer = None
+        gc.collect()
