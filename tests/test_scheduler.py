@@ -164,3 +164,28 @@ def test_long_prompt_is_prefilled_between_decode_steps(sched):
     assert done.wait(60)
     running.cancel()
     assert order[start:order.index("long")].count("running") >= 300 // 32 - 1  # a token per prefill chunk
+
+
+def test_quantized_kv_rows_equal_solo_runs_and_bytes():
+    """kv_bits reaches every row's cache: batched rows equal solo runs on the same quantized
+    cache, and the KV bytes the scheduler counts are those such a cache allocates."""
+    from mlx_mistral import make_cache
+
+    s = Scheduler("demo", max_batch=4, prefill_chunk=32, kv_bits=8, kv_group_size=32)
+    try:
+        ps = prompts(s, 4)
+
+        def alone(p):
+            cache = make_cache(s.model.args, s.max_kv_size, dtype=s.model.dtype, kv_bits=8, kv_group_size=32)
+            return [r.token for r in stream_generate(s.model, s.tokenizer, p, max_tokens=12, cache=cache)], \
+                cache.nbytes
+
+        requests = [s.submit(Request(p, max_tokens=12)) for p in ps]
+        got = [tokens_of(r)[0] for r in requests]
+        solos = [s.call(alone, p) for p in ps]
+        assert got == [tokens for tokens, _ in solos]
+        assert s.row_bytes == solos[0][1] == s.new_cache().nbytes
+    finally:
+        s.close()
+    with pytest.raises(MistralError, match="kv_bits must be 4 or 8"):
+        Scheduler("demo", kv_bits=3)
