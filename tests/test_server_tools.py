@@ -5,6 +5,7 @@ import json
 import threading
 import time
 
+import httpx
 import mlx.core as mx
 import openai
 import pytest
@@ -104,6 +105,16 @@ def test_tool_calls_round_trip_whole_and_streamed(live):
     assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(streamed_calls.items())] == \
         [(c.function.name, json.loads(c.function.arguments)) for c in calls]
     assert all(len(c["id"]) == 9 for c in streamed_calls.values())
+    # on the wire: the role, the calls in one chunk, the finish reason, [DONE]
+    body = {"model": "tiny", "messages": PROMPT, "tools": [WEATHER], "temperature": 1, "stream": True}
+    lines = httpx.post(str(client.base_url) + "chat/completions", json=body, timeout=30).text.split("\n\n")
+    assert lines[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(line.removeprefix("data: "))["choices"][0] for line in lines[:-2]]
+    assert [(c["delta"], c["finish_reason"]) for c in chunks[::2]] == [({"role": "assistant", "content": ""}, None),
+                                                                      ({}, "tool_calls")]
+    assert [(d["index"], d["type"], d["function"]["name"]) for d in chunks[1]["delta"]["tool_calls"]] == \
+        [(0, "function", "get_weather"), (1, "function", "get_weather")]
+    assert sched.stats()["tool_calls"] == 3
 
     # the calls and their results go back; the prompt is mistral-common's encoding of the same messages
     follow = PROMPT + [{"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]}] \
@@ -137,7 +148,8 @@ def test_malformed_call_is_plain_text_and_tool_choice_none_never_calls(live):
 @pytest.mark.parametrize("kw, param, says", [
     ({"tool_choice": "required"}, "tool_choice", "only 'auto' and 'none'"),
     ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice", "only 'auto'"),
-    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name", "Field required"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name",
+     "Field required"),
     ({"messages": [{"role": "tool", "tool_call_id": "abcdefghi"}]}, "messages.0", "a tool message needs its content"),
 ])
 def test_bad_tool_requests_get_400(live, kw, param, says):
