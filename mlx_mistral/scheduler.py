@@ -31,6 +31,7 @@ from .generate import DEFAULT_PREFILL_CHUNK, TextStream, _check_request, prefill
 from .loading import load
 from .memory import kv_bytes_per_token
 from .sample import check_sampler, make_sampler
+from .tokenizer import ToolCall
 
 # KV cache slots for a model without a sliding window (v0.2, v0.3), unless max_kv_size says otherwise.
 DEFAULT_MAX_KV_SIZE = 8192
@@ -48,10 +49,11 @@ class Event:
     prompt_tokens: int
     generated_tokens: int
     token: int | None = None
-    # on the last event: "stop" (EOS or stop string), "length", "cancelled" or "error"
+    # on the last event: "stop" (EOS or stop string), "length", "tool_calls", "cancelled" or "error"
     finish_reason: str | None = None
     error: str | None = None
     reused_tokens: int = 0  # prompt tokens found in an idle cache: not prefilled again
+    tool_calls: list[ToolCall] | None = None  # on the last event when the answer is function calls
 
 
 @dataclass(eq=False)
@@ -59,7 +61,8 @@ class Request:
     """What to generate. `tokens` is the whole prompt (a chat's every turn); `echo` turns an
     answer's text into the tokens a client sends back for it (chat: tokenizer.encode), so
     that the next turn can reuse this answer's cache. `sink` receives the events on the
-    scheduler's thread (it must not block); by default they wait for events()."""
+    scheduler's thread (it must not block); by default they wait for events(). With
+    `tool_calls`, an answer that begins with [TOOL_CALLS] ends as parsed calls (TextStream)."""
 
     tokens: list[int]
     max_tokens: int = 256
@@ -69,6 +72,7 @@ class Request:
     stop: Sequence[str] = ()
     echo: Callable[[str], list[int]] | None = None
     sink: Callable[[Event], None] | None = None
+    tool_calls: bool = True
 
     def __post_init__(self):
         self.cancelled = False
@@ -154,7 +158,8 @@ class Scheduler:
         self._idle: OrderedDict[int, _Held] = OrderedDict()  # least recently used first
         self._outbox: list[tuple[Request, Event]] = []  # sent once the step's bookkeeping is done
         self.counters = dict(steps=0, rows=0, max_rows=0, generated_tokens=0, prefilled_tokens=0,
-                             reused_tokens=0, stop=0, length=0, cancelled=0, error=0)
+                             reused_tokens=0, stop=0, length=0, tool_calls=0, cancelled=0,
+                             error=0)
         self.tokens_per_second = 0.0  # the last decode step's rows / its time
         self.lock = threading.Lock()  # for callers that run their own generation through call()
         self.model = self.tokenizer = None
@@ -295,7 +300,7 @@ class Scheduler:
             cache = cache or RollingKVCache(self.model.args, self.capacity, dtype=self.model.dtype,
                                             bits=self.kv_bits, group_size=self.kv_group_size)
             text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
-                              request.submitted)
+                              request.submitted, request.tool_calls)
             feed = ids[held:]
             steps = prefill_steps(self.model, feed, cache, self.prefill_chunk)
             self._prefilling.append(_Row(request, ids, cache, steps, len(feed), text))
@@ -367,7 +372,8 @@ class Scheduler:
         if r.finish_reason:
             self.counters[r.finish_reason] += 1
         self._outbox.append((row.request, Event(r.text, len(row.request.tokens), r.generation_tokens, token,
-                                                r.finish_reason, reused_tokens=row.reused)))
+                                                r.finish_reason, reused_tokens=row.reused,
+                                                tool_calls=r.tool_calls)))
         return r.finish_reason is not None
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:

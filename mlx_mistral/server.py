@@ -20,7 +20,7 @@ from typing import Literal
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException
 
 from .errors import MistralError, run_command
@@ -30,13 +30,34 @@ from .scheduler import Event, QueueFull, Request, Scheduler
 DEFAULT_MAX_TOKENS = 512  # when a request names none (and the context allows)
 MAX_BODY_BYTES = 1 << 20
 # Fields of OpenAI's API that would change the answer: refused unless off (None, False, 0, empty).
-UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "tools",
-               "functions", "best_of", "echo", "suffix")
+UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "functions",
+               "best_of", "echo", "suffix")
+
+
+class Function(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallIn(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: Function
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """A chat turn: an assistant turn may be function calls (content null), a tool turn their result."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def has_content(self) -> "Message":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs its content (only assistant tool calls may have none)")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -58,9 +79,22 @@ class Sampling(BaseModel):
     n: StrictInt = 1
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")  # description, strict: handed to mistral-common as given
+    name: str
+    parameters: dict = Field(default_factory=dict)
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, gt=0)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict | None = None
 
 
 class CompletionRequest(Sampling):
@@ -190,7 +224,7 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
                                             "owned_by": "mlx-mistral"}]}
 
-    def to_request(body: Sampling, tokens: list[int], max_tokens: int | None, echo) -> Request:
+    def to_request(body: Sampling, tokens: list[int], max_tokens: int | None, echo, tools: bool = False) -> Request:
         if body.model != model_id:
             raise APIError(404, f"model {body.model!r} not found (this server has {model_id!r})",
                            param="model", code="model_not_found")
@@ -206,7 +240,7 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, ready().context - len(tokens)))
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        return Request(tokens, max_tokens, body.temperature, body.top_p, body.seed, stop, echo)
+        return Request(tokens, max_tokens, body.temperature, body.top_p, body.seed, stop, echo, tool_calls=tools)
 
     async def run(request: Request, body: Sampling, kind: str):
         loop = asyncio.get_running_loop()
@@ -240,7 +274,11 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
             raise APIError(500, f"generation failed: {event.error}", "server_error")
         text = "".join(pieces) + event.text
         choice = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}
-        choice |= {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
+        if event.tool_calls:
+            choice["message"] = {"role": "assistant", "content": None,
+                                 "tool_calls": [c.to_openai() for c in event.tool_calls]}
+        else:
+            choice |= {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
         return {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": created, "model": model_id, "choices": [choice], "usage": usage(event)}
 
@@ -249,11 +287,12 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         head = {"id": ident, "object": obj, "created": created, "model": model_id}
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, first: bool = False, calls: list | None = None) -> str:
             choice = {"index": 0, "finish_reason": finish, "logprobs": None}
             if kind == "chat":
                 choice["delta"] = ({"role": "assistant"} if first else {}) | \
-                    ({"content": text} if text is not None else {})
+                    ({"content": text} if text is not None else {}) | \
+                    ({"tool_calls": [{"index": i} | c.to_openai() for i, c in enumerate(calls)]} if calls else {})
             else:
                 choice["text"] = text or ""
             return sse(head | {"choices": [choice]})
@@ -269,6 +308,8 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
                     break
                 if event.text:
                     yield chunk(event.text, None)
+                if event.tool_calls:  # held back until the end: whole calls in one chunk
+                    yield chunk(None, None, calls=event.tool_calls)
                 if event.finish_reason:
                     yield chunk(None, event.finish_reason)
                     if body.stream_options and body.stream_options.include_usage:
@@ -281,11 +322,15 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatRequest):
         tok = ready().tokenizer
+        if body.tool_choice not in (None, "auto", "none"):
+            raise APIError(400, "tool_choice: only 'auto' and 'none' are supported (the model decides whether to "
+                           "call a function)", param="tool_choice")
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if body.tool_choice != "none" else []
         try:
-            tokens = tok.chat_tokens([m.model_dump() for m in body.messages])
+            tokens = tok.chat_tokens([m.model_dump(exclude_none=True) for m in body.messages], tools=tools)
         except MistralError as e:
-            raise APIError(400, str(e), param="messages")
-        request = to_request(body, tokens, body.max_completion_tokens or body.max_tokens, tok.encode)
+            raise APIError(400, str(e), param="tools" if tools and tok.tool_calls_id is None else "messages")
+        request = to_request(body, tokens, body.max_completion_tokens or body.max_tokens, tok.encode, bool(tools))
         return await run(request, body, "chat")
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
@@ -311,7 +356,7 @@ def prometheus(stats: dict, statuses: Counter) -> str:
     lines += [f'mlx_mistral_http_requests_total{{status="{s}"}} {n}' for s, n in sorted(statuses.items())]
     lines.append("# TYPE mlx_mistral_finished_requests_total counter")
     lines += [f'mlx_mistral_finished_requests_total{{reason="{r}"}} {stats[r]}'
-              for r in ("stop", "length", "cancelled", "error")]
+              for r in ("stop", "length", "tool_calls", "cancelled", "error")]
     for name, key, kind in (
         ("queue_depth", "waiting", "gauge"), ("running_rows", "running", "gauge"),
         ("prefilling_rows", "prefilling", "gauge"), ("decode_steps_total", "steps", "counter"),

@@ -99,16 +99,17 @@ class TextStream:
     Stops at EOS, after `max_tokens`, or before the first of the `stop` strings: text
     that may begin a stop string is held back until it is known not to. An answer that
     begins with [TOOL_CALLS] is held back whole and ends as parsed `tool_calls` (or, if
-    it does not parse, as plain text).
+    it does not parse, as plain text); with `tool_calls=False` it is plain text from the start.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_tokens: int, max_tokens: int, stop: Sequence[str],
-                 start: float):
+                 start: float, tool_calls: bool = True):
         self._tokenizer = tokenizer
         self._detokenizer = StreamingDetokenizer(tokenizer)
         self._eos, self._max_tokens, self._stop = tokenizer.eos_id, max_tokens, stop
         self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
         self._calls: list[int] | None = None  # the answer's ids, once it began with [TOOL_CALLS]
+        self._parse_calls = tool_calls
         self.prompt_tokens, self.start, self.first, self.n = prompt_tokens, start, 0.0, 0
         self.finish: str | None = None
 
@@ -116,7 +117,7 @@ class TextStream:
         """The response for the next generated token; sets `finish` on the last one."""
         self.first = self.first or time.perf_counter()
         self.n += 1
-        if self.n == 1 and token == self._tokenizer.tool_calls_id:
+        if self.n == 1 and self._parse_calls and token == self._tokenizer.tool_calls_id:
             self._calls = []
         if self._calls is not None:
             return self._add_call(token, cache)

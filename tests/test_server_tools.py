@@ -1,0 +1,172 @@
+"""Function calling through the server: OpenAI's tools / tool_calls / role "tool", with the official client
+against a live server (uvicorn in a thread, on 127.0.0.1) whose model's answers are scripted token ids."""
+
+import json
+import threading
+import time
+
+import httpx
+import mlx.core as mx
+import openai
+import pytest
+import uvicorn
+
+import mlx_mistral.scheduler as scheduler_module
+from checkpoints import TOKENIZER_V3, tiny_config, write_hf
+from mlx_mistral.scheduler import Scheduler
+from mlx_mistral.server import create_app
+from mlx_mistral.tokenizer import Tokenizer
+from test_server import free_port
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+PROMPT = [{"role": "user", "content": "Weather in Zürich and Paris?"}]
+CALLS = '[{"name": "get_weather", "arguments": {"city": "Zürich"}}, ' \
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+
+
+class Script:
+    """The next answer's token ids: every sampler made from now on plays them (then EOS forever)."""
+
+    def __init__(self, eos: int):
+        self.ids, self.eos = [], eos
+
+    def sampler(self, *args, **kwargs):
+        script = iter(self.ids)
+        return lambda logits: mx.array([next(script, self.eos)], dtype=mx.uint32)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """(client, scheduler, script, tokenizer) for a tiny V3-tokenizer model served in this process."""
+    path = tmp_path_factory.mktemp("v3")
+    write_hf(path, tiny_config(vocab_size=32768), tokenizer=TOKENIZER_V3)
+    tok = Tokenizer(TOKENIZER_V3)
+    script = Script(tok.eos_id)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(scheduler_module, "make_sampler", script.sampler)
+    sched = Scheduler(str(path), max_batch=2)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(sched, name="tiny"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        yield client, sched, script, tok
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sched.close()
+        patch.undo()
+
+
+def ask(client, messages, stream=False, **kw):
+    # temperature > 0: every token goes through the row's (scripted) sampler, none through argmax
+    return client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], temperature=1,
+                                          max_tokens=100, stream=stream, **kw)
+
+
+def streamed(client, messages, **kw):
+    """(content, {index: call}, finish_reason, usage) from the chunks, joined as OpenAI clients join them."""
+    content, calls, finish, usage = "", {}, None, None
+    for chunk in ask(client, messages, stream=True, stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+            for d in c.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += d.id or ""
+                call["name"] += d.function.name or ""
+                call["arguments"] += d.function.arguments or ""
+                assert d.type in (None, "function")
+    return content, calls, finish, usage
+
+
+def test_tool_calls_round_trip_whole_and_streamed(live):
+    client, sched, script, tok = live
+    script.ids = [tok.tool_calls_id, *tok.encode(CALLS), tok.eos_id]
+    whole = ask(client, PROMPT)
+    [choice] = whole.choices
+    assert (choice.finish_reason, choice.message.content) == ("tool_calls", None)
+    calls = choice.message.tool_calls
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+        [("function", "get_weather", {"city": "Zürich"}), ("function", "get_weather", {"city": "Paris"})]
+    assert whole.usage.prompt_tokens == len(tok.chat_tokens(PROMPT, tools=[WEATHER]))
+
+    content, streamed_calls, finish, usage = streamed(client, PROMPT)
+    assert (content, finish) == ("", "tool_calls")
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(streamed_calls.items())] == \
+        [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+    assert all(len(c["id"]) == 9 for c in streamed_calls.values())
+    # on the wire: the role, the calls in one chunk, the finish reason, [DONE]
+    body = {"model": "tiny", "messages": PROMPT, "tools": [WEATHER], "temperature": 1, "stream": True}
+    lines = httpx.post(str(client.base_url) + "chat/completions", json=body, timeout=30).text.split("\n\n")
+    assert lines[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(line.removeprefix("data: "))["choices"][0] for line in lines[:-2]]
+    assert [(c["delta"], c["finish_reason"]) for c in chunks[::2]] == [({"role": "assistant", "content": ""}, None),
+                                                                      ({}, "tool_calls")]
+    assert [(d["index"], d["type"], d["function"]["name"]) for d in chunks[1]["delta"]["tool_calls"]] == \
+        [(0, "function", "get_weather"), (1, "function", "get_weather")]
+    assert sched.stats()["tool_calls"] == 3
+
+    # the calls and their results go back; the prompt is mistral-common's encoding of the same messages
+    follow = PROMPT + [{"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]}] \
+        + [{"role": "tool", "tool_call_id": c.id, "content": f"sunny in {json.loads(c.function.arguments)['city']}"}
+           for c in calls]
+    script.ids = [*tok.encode("Sunny in both."), tok.eos_id]
+    answer = ask(client, follow)
+    assert (answer.choices[0].message.content.strip(), answer.choices[0].finish_reason) == ("Sunny in both.", "stop")
+    assert answer.choices[0].message.tool_calls is None
+    assert answer.usage.prompt_tokens == len(tok.chat_tokens(follow, tools=[WEATHER]))
+
+
+def test_malformed_call_is_plain_text_and_tool_choice_none_never_calls(live):
+    client, sched, script, tok = live
+    body = '[{"name": "get_weather", "arguments": {"city": }]'
+    script.ids = [tok.tool_calls_id, *tok.encode(body), tok.eos_id]
+    whole = ask(client, PROMPT)
+    assert (whole.choices[0].message.content.strip(), whole.choices[0].finish_reason) == (body, "stop")
+    assert whole.choices[0].message.tool_calls is None
+    content, calls, finish, _ = streamed(client, PROMPT)
+    assert (content.strip(), calls, finish) == (body, {}, "stop")
+
+    # "none": the tools are left out of the prompt, and a call the model makes anyway stays text
+    script.ids = [tok.tool_calls_id, *tok.encode(CALLS), tok.eos_id]
+    none = ask(client, PROMPT, tool_choice="none")
+    assert (none.choices[0].finish_reason, none.choices[0].message.tool_calls) == ("stop", None)
+    assert none.choices[0].message.content.strip() == CALLS
+    assert none.usage.prompt_tokens == len(tok.chat_tokens(PROMPT))
+
+
+@pytest.mark.parametrize("kw, param, says", [
+    ({"tool_choice": "required"}, "tool_choice", "only 'auto' and 'none'"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice", "only 'auto'"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name",
+     "Field required"),
+    ({"messages": [{"role": "tool", "tool_call_id": "abcdefghi"}]}, "messages.0", "a tool message needs its content"),
+])
+def test_bad_tool_requests_get_400(live, kw, param, says):
+    client = live[0]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**{"model": "tiny", "messages": PROMPT, "tools": [WEATHER], **kw})
+    assert e.value.body["param"] == param and says in e.value.body["message"]
+
+
+def test_tools_on_a_v1_tokenizer_get_400():
+    """The demo model's tokenizer is V1: no function calling (and no server needed to see it)."""
+    from fastapi.testclient import TestClient
+    sched = Scheduler("demo", max_batch=1)
+    try:
+        with TestClient(create_app(sched)) as http:
+            r = http.post("/v1/chat/completions", json={"model": "demo", "messages": PROMPT, "tools": [WEATHER]})
+    finally:
+        sched.close()
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert "a v1 tokenizer has no function calling" in r.json()["error"]["message"]
