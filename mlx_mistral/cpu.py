@@ -7,6 +7,7 @@ MLX_MISTRAL_CPU_PATHS=0 turns them off, so that Linux runs the code path a Mac r
 
 import os
 import threading
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,9 +28,10 @@ def cpu_paths_on() -> bool:
 class TransposedLinear(nn.Module):
     """A bias-free Linear whose weight is stored as [in, out] (`x @ weight_t`).
 
-    OpenBLAS multiplies one token by an [in, out] matrix 1.3-2.3x faster than by the
-    checkpoint's [out, in] (measured on the `small` preset's shapes), and decoding is
-    one token at a time. Prompt chunks run at the same speed.
+    Whether this layout pays depends on the CPU: OpenBLAS 0.3.21 multiplied one token by an
+    [in, out] matrix 1.3-2.3x faster than by the checkpoint's [out, in] on an AMD EPYC, at
+    the same speed for prompt chunks; on an Intel Xeon it made decode 1.6x and prefill 6x
+    slower (the `small` preset). So prepare_for_cpu measures it first (transposed_pays).
     """
 
     def __init__(self, weight: mx.array):
@@ -83,16 +85,38 @@ class ParallelQuantizedLinear(nn.QuantizedLinear):
         return mx.concatenate(outs, axis=-1)
 
 
+def transposed_pays(weights: list[mx.array], reps: int = 5) -> bool:
+    """True when this machine multiplies by `weights` (one layer's matrices) stored [in, out]
+    clearly faster than as they are, [out, in]: one token (decode) 10% faster in all, and a
+    64-token chunk no slower. Best of `reps` timings of each product (~50 ms for `small`)."""
+    total = {}
+    for w in weights:
+        w_t = mx.contiguous(w.T)
+        for rows in (1, 64):
+            x = mx.ones((rows, w.shape[1]), w.dtype)
+            for name, f in (("plain", lambda: x @ w.T), ("transposed", lambda: x @ w_t)):
+                times = []
+                for _ in range(reps + 1):  # the first run warms up
+                    start = time.perf_counter()
+                    mx.eval(f())
+                    times.append(time.perf_counter() - start)
+                total[rows, name] = total.get((rows, name), 0.0) + min(times[1:])
+    return total[1, "transposed"] < 0.9 * total[1, "plain"] and total[64, "transposed"] <= 1.1 * total[64, "plain"]
+
+
 def prepare_for_cpu(model: nn.Module) -> None:
     """Switch `model` to the CPU backend's faster paths, in place: float nn.Linear (no bias)
-    -> TransposedLinear, affine nn.QuantizedLinear -> ParallelQuantizedLinear (one CPU
-    stream per core), and folded decode attention (model.Attention.fold_gqa)."""
+    -> TransposedLinear where this CPU measures it faster (transposed_pays, on the first
+    layer's matrices), affine nn.QuantizedLinear -> ParallelQuantizedLinear
+    (one CPU stream per core), and folded decode attention (model.Attention.fold_gqa)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parts = min(cores, 8)
     modules = model.named_modules()
+    first_layer = [m.weight for p, m in modules if type(m) is nn.Linear and "bias" not in m and ".layers.0." in p]
+    transpose = bool(first_layer) and transposed_pays(first_layer)
     while modules:  # popped and swapped one at a time: a replaced matrix is freed at once
         path, module = modules.pop()
-        if type(module) is nn.Linear and "bias" not in module:
+        if type(module) is nn.Linear and "bias" not in module and transpose:
             swap = TransposedLinear(module.weight)
             mx.eval(swap.weight_t)
         elif type(module) is nn.QuantizedLinear and "bias" not in module and parts > 1 \

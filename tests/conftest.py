@@ -44,6 +44,7 @@ def loader(request, monkeypatch):
         model, tokenizer = load(str(path), dtype)
         kinds = {type(m) for m in model.modules()}
         folded = {m.fold_gqa for m in model.modules() if isinstance(m, Attention)}
-        assert (TransposedLinear in kinds, nn.Linear in kinds, folded) == (on, not on, {on})
+        # TransposedLinear only where this CPU measures it faster (cpu.transposed_pays)
+        assert folded == {on} and (on or (TransposedLinear not in kinds and nn.Linear in kinds))
         return model, tokenizer
     return load_on_path

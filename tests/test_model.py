@@ -163,6 +163,39 @@ def test_parallel_quantized_linear_is_bit_identical(parts, shape):
     assert mx.array_equal(split(x), q(x)).item()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 15, 16, 40])
+def test_transposed_linear_matches_linear(rows):
+    """The [in, out] layout (padding 3-15 rows to 16 included) is the same product."""
+    import mlx.nn as nn
+
+    from mlx_mistral.cpu import TransposedLinear
+
+    mx.random.seed(2)
+    linear = nn.Linear(96, 80, bias=False)
+    x = mx.random.normal((1, rows, 96))
+    out = TransposedLinear(linear.weight)(x)
+    assert out.shape == (1, rows, 80)
+    assert mx.allclose(out, linear(x), atol=1e-5).item()
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_prepare_for_cpu_transposes_only_where_it_pays(hf_checkpoint, monkeypatch, pays):
+    """Every float Linear becomes a TransposedLinear when the CPU measures that layout faster,
+    none otherwise; both match the oracle (transposed_pays itself decides from timings)."""
+    import mlx.nn as nn
+
+    from mlx_mistral import cpu
+
+    assert isinstance(cpu.transposed_pays([mx.ones((8, 16))], reps=1), bool)
+    monkeypatch.setattr(cpu, "transposed_pays", lambda weights: pays)
+    path, hf = hf_checkpoint
+    model, tokenizer = load(str(path))
+    kinds = {type(m) for m in model.modules()}
+    assert (cpu.TransposedLinear in kinds, nn.Linear in kinds) == (pays, not pays)
+    ids = prompt_ids(tokenizer, 5 * W)
+    assert np.abs(run_chunks(model, ids, [5, 7, 2, 6]) - oracle_logits(hf, ids)).max() <= 1e-4
+
+
 def test_folded_decode_attention_matches(hf_checkpoint):
     """Folding a decoded token's query heads into rows (the CPU path) stays within float
     rounding of the per-head attention, through the window and past it."""
