@@ -190,7 +190,7 @@ def plain_messages(history: Sequence[dict], system: str = "") -> list[dict]:
 def describe(s: TurnStats) -> str:
     """The stats panel (Markdown)."""
     state = {"stop": "finished", "length": "hit max new tokens", "stopped": "stopped",
-             None: "generating"}[s.finish_reason]
+             "tool_calls": "asked for a function call", None: "generating"}[s.finish_reason]
     lines = [
         f"| **Answer {s.turn}** | {s.generated_tokens} tokens, {state} |", "|---|---|",
         f"| generation | {s.generation_tps:.1f} tok/s |",

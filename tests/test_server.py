@@ -222,6 +222,9 @@ BAD = [  # (method, path, body or raw bytes, headers, status, param in the messa
     ("POST", "/v1/completions", {"model": "demo", "prompt": "x" * (2 << 20)}, None, 413, "larger than"),
     ("POST", "/v1/completions", iter([b"{" + b" " * (1 << 20), b"}"]), None, 413, "larger than"),  # chunked
     ("GET", "/v1/nothing", None, None, 404, "unknown route"),
+    ("POST", "/v1/completions", {"model": "demo", "prompt": "a\ud800b"}, None, 400, "prompt"),
+    ("POST", "/v1/chat/completions", GOOD | {"messages": [{"role": "user", "content": "\udfff"}]}, None, 400,
+     "not valid Unicode"),
 ]
 
 
