@@ -69,41 +69,45 @@ def weight_bytes(args: ModelArgs, bits: int | None = None) -> int:
     return int(matrices * per_weight / 8) + 2 * norms
 
 
-def per_rank(args: ModelArgs, ranks: int, tokens: int, bits: int | None = None) -> dict[str, int]:
+def per_rank(args: ModelArgs, ranks: int, tokens: int, bits: int | None = None, kv_bits: int | None = None,
+             kv_group: int = GROUP) -> dict[str, int]:
     """Bytes on each of `ranks` machines under tensor parallelism (distributed.py): attention
-    and MLP weights and the KV cache (one sequence of `tokens`, fp16) split by N; embeddings,
-    output head and norms whole on every machine."""
+    and MLP weights and the KV cache (one sequence of `tokens`, fp16 or kv_bits) split by N;
+    embeddings, output head and norms whole on every machine."""
     layers = args.n_layers * (args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
                               + 3 * args.dim * args.hidden_dim)
     per_weight = 16 if bits is None else bits + 32 / GROUP
     held = min(tokens, args.sliding_window or tokens)
     out = {"sharded_weights": int(layers * per_weight / 8) // ranks,
            "whole_weights": weight_bytes(args, bits) - int(layers * per_weight / 8),
-           "kv": held * kv_bytes_per_token(args) // ranks}
+           "kv": held * kv_bytes_per_token(args, bits=kv_bits, group=kv_group) // ranks}
     return {**out, "total": sum(out.values())}
 
 
-def ranks_report(args: ModelArgs, ranks: int, tokens: int, mac_gb: float) -> dict:
+def ranks_report(args: ModelArgs, ranks: int, tokens: int, mac_gb: float, kv_bits: int | None = None,
+                 kv_group: int = GROUP) -> dict:
     """Per-machine bytes of `args` on `ranks` machines, and which Mistral models fit on them."""
     from .distributed import check_shardable
 
     check_shardable(replace(args, quantization=None), ranks)
     shard = replace(args, n_kv_heads=args.n_kv_heads // ranks)
     capacity = min(args.sliding_window or tokens, tokens, 4096)
-    measured = measured_kv_bytes(shard, capacity)
-    if measured != capacity * kv_bytes_per_token(args) // ranks:
+    kv = dict(kv_bits=kv_bits, kv_group=kv_group)
+    measured = measured_kv_bytes(shard, capacity, bits=kv_bits, group=kv_group)
+    if measured != capacity * kv_bytes_per_token(args, bits=kv_bits, group=kv_group) // ranks:
         raise MistralError(f"cache cross-check failed: a rank's cache allocates {measured} bytes")
     kinds = {"fp16": None, "8bit": 8, "4bit": 4}
-    fits = {name: {k: per_rank(m, ranks, tokens, b)["total"] for k, b in kinds.items()}
+    fits = {name: {k: per_rank(m, ranks, tokens, b, **kv)["total"] for k, b in kinds.items()}
             for name, m in MODELS.items() if m.n_kv_heads % ranks == 0}  # bytes per machine
     return {"ranks": ranks, "tokens": tokens, "mac_gb": mac_gb, "usable": USABLE,
-            "per_rank": {k: per_rank(args, ranks, tokens, b) for k, b in kinds.items()},
+            "kv_bits": kv_bits, "per_rank": {k: per_rank(args, ranks, tokens, b, **kv) for k, b in kinds.items()},
             "cross_check": {"capacity": capacity, "allocated_per_rank": measured}, "fits": fits}
 
 
 def print_ranks_report(r: dict) -> None:
     n = r["ranks"]
-    print(f"on each of {n} machines, one sequence of {r['tokens']} tokens (KV fp16; a rank's RollingKVCache "
+    kv = f"{r['kv_bits']}-bit" if r["kv_bits"] else "fp16"
+    print(f"on each of {n} machines, one sequence of {r['tokens']} tokens (KV {kv}; a rank's RollingKVCache "
           f"of {r['cross_check']['capacity']} slots allocates {r['cross_check']['allocated_per_rank']} bytes, "
           f"1/{n} of one machine's):")
     print(f"{'weights':>8} {'layers (1/' + str(n) + ')':>22} {'embed + head (whole)':>22} {'KV':>22} {'total':>22}")
@@ -213,7 +217,7 @@ def run(a: argparse.Namespace) -> int:
     if a.ranks is not None:
         if a.ranks <= 0:
             raise MistralError(f"--ranks must be a positive integer, got {a.ranks}")
-        r = ranks_report(args, a.ranks, max(lengths), a.mac_gb)
+        r = ranks_report(args, a.ranks, max(lengths), a.mac_gb, a.kv_bits, a.kv_group_size)
         print(json.dumps(r)) if a.json else print_ranks_report(r)
         return 0
     r = report(args, lengths, batches, a.budget_gb, a.kv_bits, a.kv_group_size)

@@ -26,7 +26,7 @@ from mlx_mistral.convert import convert
 from mlx_mistral.errors import MistralError
 from mlx_mistral.loading import build_model
 from mlx_mistral.model import Mistral
-from mlx_mistral.memory import kv_bytes_per_token, per_rank, weight_bytes
+from mlx_mistral.memory import MISTRAL_7B, kv_bytes_per_token, per_rank, weight_bytes
 from mlx_mistral.memory import main as memory_main
 
 TESTS = Path(__file__).parent
@@ -235,6 +235,11 @@ def test_memory_ranks_command(capsys):
     assert memory_main(["--ranks", "2", "--mac-gb", "64", "--lengths", "32768", "--json"]) == 0
     fits = json.loads(capsys.readouterr().out)["fits"]["Mistral Large 123B"]
     assert fits["4bit"] <= 0.75 * 64e9 < fits["8bit"]  # 123B at 4 bits fits on two 64 GB Macs, at 8 not
+    assert memory_main(["--ranks", "2", "--lengths", "32768", "--kv-bits", "4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)  # the KV cache per machine at 4 bits, cross-checked by a real cache
+    held = 4096  # Mistral 7B v0.1's window of the 32768 tokens
+    assert r["kv_bits"] == 4 and r["per_rank"]["4bit"]["kv"] == held * kv_bytes_per_token(MISTRAL_7B, bits=4) // 2
+    assert r["per_rank"]["4bit"]["kv"] < per_rank(MISTRAL_7B, 2, 32768, 4)["kv"]  # fp16 KV
     assert memory_main(["--ranks", "3"]) == 2
     assert "cannot split 8 K/V heads over 3 ranks" in capsys.readouterr().err
 
