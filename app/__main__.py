@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlx_mistral.cache import check_kv_bits
+
+    check_kv_bits(args.kv_bits, args.kv_group_size)  # before the model loads
     if args.api:
         from mlx_mistral.server import check_host
 

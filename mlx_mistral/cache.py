@@ -17,13 +17,22 @@ KV_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 Buffer = mx.array | tuple[mx.array, mx.array, mx.array]
 
 
-def check_kv_quantization(args: ModelArgs, bits: int | None, group_size: int, dtype: mx.Dtype) -> None:
-    """One clear error for a quantized-cache setting MLX cannot do."""
+def check_kv_bits(bits: int | None, group_size: int) -> None:
+    """The checks that need no model (CLIs run them before loading one)."""
     if bits is None:
         return
     if bits not in KV_BITS or isinstance(bits, bool):
         raise MistralError(f"kv_bits must be 4 or 8 (or None for a float cache), got {bits!r}")
-    if group_size not in KV_GROUP_SIZES or args.head_dim % group_size:
+    if group_size not in KV_GROUP_SIZES:
+        raise MistralError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, got {group_size!r}")
+
+
+def check_kv_quantization(args: ModelArgs, bits: int | None, group_size: int, dtype: mx.Dtype) -> None:
+    """One clear error for a quantized-cache setting MLX cannot do."""
+    check_kv_bits(bits, group_size)
+    if bits is None:
+        return
+    if args.head_dim % group_size:
         raise MistralError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))} and divide "
                            f"head_dim ({args.head_dim}), got {group_size!r}")
     if dtype not in KV_DTYPES:

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException
 
+from .cache import check_kv_bits
 from .errors import MistralError, run_command
 from .generate import DEFAULT_PREFILL_CHUNK
 from .scheduler import Event, QueueFull, Request, Scheduler
@@ -414,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, flag)
             if value is not None and value <= 0:
                 raise MistralError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+        check_kv_bits(args.kv_bits, args.kv_group_size)  # before the model loads
         loading: Future = Future()  # the API answers 503 until the model is loaded
 
         def load() -> None:

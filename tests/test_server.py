@@ -313,6 +313,15 @@ def test_a_missing_model_exits_2():
     assert run.returncode == 2 and run.stderr.splitlines()[-1].startswith("error: ")
 
 
+def test_bad_kv_bits_refused_before_the_model_loads():
+    """--kv-bits 3 is refused before a model is read: the model path does not even exist."""
+    run = subprocess.run([sys.executable, "-m", "mlx_mistral.server", "--model", "/no/such/model", "--kv-bits", "3",
+                          "--port", str(free_port())], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == \
+        "error: kv_bits must be 4 or 8 (or None for a float cache), got 3"
+
+
 def test_non_loopback_host_needs_a_key():
     run = subprocess.run([sys.executable, "-m", "mlx_mistral.server", "--host", "0.0.0.0"], cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
