@@ -49,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from mlx_mistral.cache import check_kv_bits
 
-    check_kv_bits(args.kv_bits, args.kv_group_size)  # before the model loads
-    if args.api:
-        from mlx_mistral.server import check_host
+    from mlx_mistral.server import check_host, check_port
 
-        check_host(args.host, args.api_key)  # before the model loads
+    check_kv_bits(args.kv_bits, args.kv_group_size)  # before the model loads
+    check_port(args.host, args.port)
+    if args.api:
+        check_host(args.host, args.api_key)
     from .chat import Engine
 
     print(f"loading {args.model}...", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ import asyncio
 import ipaddress
 import json
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -398,6 +399,17 @@ def check_host(host: str, api_key: str | None) -> None:
         raise MistralError(f"--host {host} is reachable from other machines: pass --api-key KEY too")
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail now, with one line, if host:port cannot be listened on (in use, not an address here),
+    rather than after the model has loaded."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.create_server((host, port), family=family):  # SO_REUSEADDR, as uvicorn and Gradio bind
+            pass
+    except (OSError, OverflowError) as e:
+        raise MistralError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
+
+
 def serve(app: FastAPI, host: str, port: int) -> None:
     """(python -m app --api) Run `app` with uvicorn until Ctrl-C (or SIGTERM) stops it, then raise
     KeyboardInterrupt."""
@@ -411,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         check_host(args.host, args.api_key)
+        check_port(args.host, args.port)
         for flag in ("max_batch", "max_queue", "prefill_chunk", "max_kv_size", "kv_budget_mib"):
             value = getattr(args, flag)
             if value is not None and value <= 0:

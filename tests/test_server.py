@@ -322,6 +322,17 @@ def test_bad_kv_bits_refused_before_the_model_loads():
         "error: kv_bits must be 4 or 8 (or None for a float cache), got 3"
 
 
+@pytest.mark.parametrize("command", [["mlx_mistral.server"], ["app", "--api"]])
+def test_a_port_in_use_is_refused_before_the_model_loads(command):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", *command, "--model", "/no/such/model", "--port", str(port)],
+                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                             timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port} (")
+
+
 def test_non_loopback_host_needs_a_key():
     run = subprocess.run([sys.executable, "-m", "mlx_mistral.server", "--host", "0.0.0.0"], cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
