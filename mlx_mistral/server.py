@@ -31,6 +31,7 @@ from .scheduler import Event, QueueFull, Request, Scheduler
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none (and the context allows)
 MAX_BODY_BYTES = 1 << 20
+DISCONNECT_POLL_S = 0.5  # how often a request answered whole looks whether its client left
 # Fields of OpenAI's API that would change the answer: refused unless off (None, False, 0, empty).
 UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "functions",
                "best_of", "echo", "suffix")
@@ -244,7 +245,7 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         return Request(tokens, max_tokens, body.temperature, body.top_p, body.seed, stop, echo, tool_calls=tools)
 
-    async def run(request: Request, body: Sampling, kind: str):
+    async def run(request: Request, body: Sampling, kind: str, http: HTTPRequest):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -267,9 +268,7 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
             return StreamingResponse(stream(request, events, body, kind, ident, created),
                                      media_type="text/event-stream")
         try:
-            pieces = []
-            while not (event := await events.get()).finish_reason:
-                pieces.append(event.text)
+            pieces, event = await collect(events, http)
         finally:
             request.cancel()  # a no-op once finished; frees the row if the client left
         if event.finish_reason == "error":
@@ -322,7 +321,7 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
             request.cancel()  # the client left mid-stream: its row leaves the batch
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, http: HTTPRequest):
         tok = ready().tokenizer
         if body.tool_choice not in (None, "auto", "none"):
             raise APIError(400, "tool_choice: only 'auto' and 'none' are supported (the model decides whether to "
@@ -333,14 +332,35 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
         except MistralError as e:
             raise APIError(400, str(e), param="tools" if tools and tok.tool_calls_id is None else "messages")
         request = to_request(body, tokens, body.max_completion_tokens or body.max_tokens, tok.encode, bool(tools))
-        return await run(request, body, "chat")
+        return await run(request, body, "chat", http)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: HTTPRequest):
         request = to_request(body, ready().tokenizer.encode(body.prompt, bos=True), body.max_tokens, None)
-        return await run(request, body, "text")
+        return await run(request, body, "text", http)
 
     return app
+
+
+async def collect(events: asyncio.Queue, http: HTTPRequest) -> tuple[list[str], Event]:
+    """The text pieces and the last event of a request answered whole. Every DISCONNECT_POLL_S
+    it looks whether the client has left (then 499, and the caller cancels the row); the
+    pending get is never cancelled in between, so no event is lost."""
+    pieces, getter, next_check = [], None, time.monotonic() + DISCONNECT_POLL_S
+    while True:
+        getter = getter or asyncio.ensure_future(events.get())
+        done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + DISCONNECT_POLL_S
+            if await http.is_disconnected():
+                getter.cancel()
+                raise APIError(499, "the client closed the connection", code="client_closed")
+        if not done:
+            continue
+        event, getter = getter.result(), None
+        if event.finish_reason:
+            return pieces, event
+        pieces.append(event.text)
 
 
 def sse(obj: dict) -> str:

@@ -199,6 +199,27 @@ def test_disconnect_mid_stream_frees_its_row(server, client):
     assert m["mlx_mistral_kv_bytes"] == m["mlx_mistral_idle_caches"] * KV_ROW_BYTES  # only idle caches held
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_frees_its_row(server):
+    """A non-streamed request whose client gives up: the server notices within its poll and the
+    row leaves the batch long before max_tokens."""
+    before = server.metrics()
+    body = {"model": "demo", "messages": [{"role": "user", "content": "leave"}], "max_tokens": 2000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers=auth(), timeout=1.0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if m['mlx_mistral_finished_requests_total{reason="cancelled"}'] > \
+                before['mlx_mistral_finished_requests_total{reason="cancelled"}'] and not m["mlx_mistral_running_rows"]:
+            break
+        time.sleep(0.1)
+    assert m['mlx_mistral_finished_requests_total{reason="cancelled"}'] == \
+        before['mlx_mistral_finished_requests_total{reason="cancelled"}'] + 1
+    assert m["mlx_mistral_running_rows"] == 0
+    assert m["mlx_mistral_generated_tokens_total"] - before["mlx_mistral_generated_tokens_total"] < 2000
+    assert server.healthy()
+
+
 GOOD = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 BAD = [  # (method, path, body or raw bytes, headers, status, param in the message)
     ("POST", "/v1/chat/completions", b'{"model": "demo",', None, 400, "not valid JSON"),
