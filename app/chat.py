@@ -97,7 +97,7 @@ class ChatSession:
         them, its history no longer matches the cache, which is then rebuilt.)
         """
         engine, tokenizer = self.engine, self.engine.tokenizer
-        sampler = make_sampler(settings.temperature, settings.top_p, seed=settings.seed)
+        sampler = engine.call(make_sampler, settings.temperature, settings.top_p, seed=settings.seed)  # MLX: its thread
         with engine.lock:
             self.turns += 1
             prompt = tokenizer.chat_tokens(messages)
