@@ -4,7 +4,6 @@ ragged batches, quality against the float cache, memory, and bad input."""
 import json
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
@@ -38,17 +37,11 @@ def windowed_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(params=["cpu paths", "mac path"])
-def load_model(request, monkeypatch):
-    """load(), with the CPU backend's swaps (cpu.py), or without them (MLX_MISTRAL_CPU_PATHS=0):
-    the plain nn.Linear model a Mac runs."""
-    monkeypatch.setenv("MLX_MISTRAL_CPU_PATHS", "0" if request.param == "mac path" else "1")
-
-    def load_it(path):
-        model, tokenizer = load(str(path))
-        assert (type(model.lm_head) is nn.Linear) == (request.param == "mac path")
-        return model, tokenizer
-    return load_it
+@pytest.fixture
+def load_model(loader):
+    """conftest's loader: load() with the CPU backend's swaps (cpu.py) and without them
+    (MLX_MISTRAL_CPU_PATHS=0, the path a Mac runs), asserting which one loaded."""
+    return loader
 
 
 def run_chunks(model, cache, ids, sizes):
