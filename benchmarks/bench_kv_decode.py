@@ -8,7 +8,6 @@ are measured in seconds, where prefilling them on a CPU takes minutes. Windowles
     python benchmarks/bench_kv_decode.py [--preset small] [--contexts 1024,4096,16384] [--kv-bits 8,4]
 """
 
-import argparse
 import json
 import statistics
 import sys
@@ -22,25 +21,20 @@ import mlx.core as mx  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=("tiny", "small", "7b"), default="small")
-    p.add_argument("--model", help="use this checkpoint directory instead of writing the preset")
+    from presets import kv_bench_parser, load_windowless
+
+    from mlx_mistral import make_cache
+
+    p = kv_bench_parser(__doc__.splitlines()[0])
     p.add_argument("--contexts", default="1024,4096,16384")
-    p.add_argument("--kv-bits", default="8,4")
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--json", action="store_true")
     a = p.parse_args()
-
-    from presets import make_checkpoint
-
-    from mlx_mistral import load, make_cache
-
-    dtype = "float32" if mx.default_device() == mx.cpu else "float16"
-    model, _ = load(a.model or str(make_checkpoint(a.preset, dtype, sliding_window=None)))
+    model, dtype = load_windowless(a)
     results = []
     for n in [int(x) for x in a.contexts.split(",")]:
         for bits in [None] + [int(b) for b in a.kv_bits.split(",") if b]:
-            cache = make_cache(model.args, n + a.steps + 2, dtype=model.dtype, kv_bits=bits)
+            cache = make_cache(model.args, n + a.steps + 2, dtype=model.dtype, kv_bits=bits,
+                               kv_group_size=a.kv_group_size)
             cache.offsets = [n]
             y, times = mx.array([[7]]), []
             for step in range(a.steps + 2):

@@ -8,7 +8,6 @@ distributions, so top-1 is a weak signal here (near-ties); KL is the figure to w
     python benchmarks/bench_kv_quality.py [--preset small] [--positions 2048] [--kv-bits 8,4] [--json]
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,22 +19,15 @@ import mlx.core as mx  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=("tiny", "small", "7b"), default="small")
-    p.add_argument("--model", help="use this checkpoint directory instead of writing the preset")
+    from presets import kv_bench_parser, load_windowless
+
+    from mlx_mistral import make_cache
+
+    p = kv_bench_parser(__doc__.splitlines()[0])
     p.add_argument("--positions", type=int, default=2048)
     p.add_argument("--chunk", type=int, default=512)
-    p.add_argument("--kv-bits", default="8,4")
-    p.add_argument("--kv-group-size", type=int, default=64)
-    p.add_argument("--json", action="store_true")
     a = p.parse_args()
-
-    from presets import make_checkpoint
-
-    from mlx_mistral import load, make_cache
-
-    dtype = "float32" if mx.default_device() == mx.cpu else "float16"
-    model, _ = load(a.model or str(make_checkpoint(a.preset, dtype, sliding_window=None)))
+    model, _ = load_windowless(a)
     bits = [int(b) for b in a.kv_bits.split(",")]
     caches = {b: make_cache(model.args, a.positions, dtype=model.dtype, kv_bits=b, kv_group_size=a.kv_group_size)
               for b in [None] + bits}

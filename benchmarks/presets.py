@@ -5,6 +5,7 @@ Presets: `tiny`, `small` (~240M: dim 1024, 8 layers, 16 heads, 4 KV heads) and `
 (one shard per layer), so even the 7b preset never holds the whole model in memory.
 """
 
+import argparse
 import json
 import shutil
 import tempfile
@@ -69,3 +70,22 @@ def make_checkpoint(preset: str, dtype: str = "float32", quantize: int | None = 
     root = root or Path(tempfile.mkdtemp(prefix=f"mlx-mistral-{preset}-"))
     src = write_checkpoint(preset_args(preset, sliding_window), root / "hf", getattr(mx, dtype))
     return quantized_copy(src, root / f"q{quantize}", quantize, dtype) if quantize else src
+
+
+def kv_bench_parser(description: str) -> argparse.ArgumentParser:
+    """The options the KV-cache benchmarks share; each adds its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="small")
+    p.add_argument("--model", help="use this checkpoint directory instead of writing the preset")
+    p.add_argument("--kv-bits", default="8,4")
+    p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def load_windowless(a: argparse.Namespace):
+    """(model, dtype name): --model, or the windowless preset written in this backend's fast dtype."""
+    from mlx_mistral import load
+
+    dtype = "float32" if mx.default_device() == mx.cpu else "float16"
+    return load(a.model or str(make_checkpoint(a.preset, dtype, sliding_window=None)))[0], dtype
