@@ -93,13 +93,10 @@ class RollingKVCache:
         """One batch cache from single-row caches (a ragged batch: rows keep their positions)."""
         if len({(c.capacity, c.dtype, c.bits, c.group_size) for c in caches}) != 1:
             raise ValueError("caches to stack must have the same capacity, dtype and quantization")
-        out = cls.__new__(cls)
-        out.bits, out.group_size, out.dtype = caches[0].bits, caches[0].group_size, caches[0].dtype
         rows = lambda *xs: mx.concatenate(xs, axis=0)  # noqa: E731
-        out.keys = tree_map(rows, *(c.keys for c in caches))
-        out.values = tree_map(rows, *(c.values for c in caches))
-        out.capacity, out._warn_on_roll = caches[0].capacity, any(c._warn_on_roll for c in caches)
-        out.offsets = [o for c in caches for o in c.offsets]
+        out = caches[0]._like(tree_map(rows, *(c.keys for c in caches)), tree_map(rows, *(c.values for c in caches)),
+                              [o for c in caches for o in c.offsets])
+        out._warn_on_roll = any(c._warn_on_roll for c in caches)
         return out
 
     def keep(self, rows: list[int]) -> None:
@@ -110,12 +107,16 @@ class RollingKVCache:
 
     def row(self, b: int) -> "RollingKVCache":
         """A one-row copy of row `b` (its own buffers: the batch's can go)."""
-        out = self.__class__.__new__(self.__class__)
-        out.bits, out.group_size, out.dtype = self.bits, self.group_size, self.dtype
         index = mx.array([b], dtype=mx.int32)
-        out.keys, out.values = tree_map(lambda x: x[index], (self.keys, self.values))
+        out = self._like(*tree_map(lambda x: x[index], (self.keys, self.values)), [self.offsets[b]])
         mx.eval(out.keys, out.values)
-        out.capacity, out._warn_on_roll, out.offsets = self.capacity, self._warn_on_roll, [self.offsets[b]]
+        return out
+
+    def _like(self, keys: list[Buffer], values: list[Buffer], offsets: list[int]) -> "RollingKVCache":
+        """A cache with this one's capacity, dtype and quantization over other buffers."""
+        out = self.__class__.__new__(self.__class__)
+        out.bits, out.group_size, out.dtype, out.capacity = self.bits, self.group_size, self.dtype, self.capacity
+        out._warn_on_roll, out.keys, out.values, out.offsets = self._warn_on_roll, keys, values, offsets
         return out
 
     @property
