@@ -1,13 +1,12 @@
 """python -m app: the local chat in the browser (Gradio), on 127.0.0.1 unless told otherwise."""
 
 import argparse
-import ipaddress
 import sys
 
+from mlx_mistral.cache import check_kv_bits
 from mlx_mistral.demo import NOTICE
 from mlx_mistral.errors import run_command
-
-LOOPBACK = {"localhost"}
+from mlx_mistral.server import check_host, check_port, create_app, is_loopback, serve as serve_api
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,13 +25,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host in LOOPBACK
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.max_kv_size is not None and args.max_kv_size <= 0:
@@ -47,10 +39,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlx_mistral.cache import check_kv_bits
-
-    from mlx_mistral.server import check_host, check_port
-
     check_kv_bits(args.kv_bits, args.kv_group_size)  # before the model loads
     check_port(args.host, args.port)
     if args.api:
@@ -66,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
             serve(build(engine), args.host, args.port)
             return 0
         import gradio as gr
-
-        from mlx_mistral.server import create_app, serve as serve_api
 
         api = gr.mount_gradio_app(create_app(engine, args.api_key), build(engine), path="/", ssr_mode=False,
                                   footer_links=["api", "settings"])
