@@ -54,19 +54,27 @@ def kv_bytes(args: ModelArgs, tokens: int, batch: int = 1, dtype_bytes: int = 2,
     return {"mha": batch * tokens * mha, "gqa": batch * tokens * gqa, "gqa_rolling": batch * held * gqa}
 
 
+def layer_parameters(args: ModelArgs) -> int:
+    """Parameters in the attention and MLP matrices of all layers."""
+    attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    return args.n_layers * (attention + 3 * args.dim * args.hidden_dim)
+
+
 def parameter_counts(args: ModelArgs) -> tuple[int, int]:
     """(parameters in Linear/Embedding matrices, parameters in norms)."""
-    attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
-    layer = attention + 3 * args.dim * args.hidden_dim
-    matrices = args.n_layers * layer + args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    matrices = layer_parameters(args) + args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
     return matrices, (2 * args.n_layers + 1) * args.dim
+
+
+def bits_per_weight(bits: int | None) -> float:
+    """16, or `bits` plus a 16-bit scale and bias per group of GROUP weights."""
+    return 16 if bits is None else bits + 32 / GROUP
 
 
 def weight_bytes(args: ModelArgs, bits: int | None = None) -> int:
     """Weights at 16 bits, or quantized to `bits` (+16-bit scale and bias per group)."""
     matrices, norms = parameter_counts(args)
-    per_weight = 16 if bits is None else bits + 32 / GROUP
-    return int(matrices * per_weight / 8) + 2 * norms
+    return int(matrices * bits_per_weight(bits) / 8) + 2 * norms
 
 
 def per_rank(args: ModelArgs, ranks: int, tokens: int, bits: int | None = None, kv_bits: int | None = None,
@@ -74,12 +82,9 @@ def per_rank(args: ModelArgs, ranks: int, tokens: int, bits: int | None = None, 
     """Bytes on each of `ranks` machines under tensor parallelism (distributed.py): attention
     and MLP weights and the KV cache (one sequence of `tokens`, fp16 or kv_bits) split by N;
     embeddings, output head and norms whole on every machine."""
-    layers = args.n_layers * (args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
-                              + 3 * args.dim * args.hidden_dim)
-    per_weight = 16 if bits is None else bits + 32 / GROUP
+    layers = int(layer_parameters(args) * bits_per_weight(bits) / 8)
     held = min(tokens, args.sliding_window or tokens)
-    out = {"sharded_weights": int(layers * per_weight / 8) // ranks,
-           "whole_weights": weight_bytes(args, bits) - int(layers * per_weight / 8),
+    out = {"sharded_weights": layers // ranks, "whole_weights": weight_bytes(args, bits) - layers,
            "kv": held * kv_bytes_per_token(args, bits=kv_bits, group=kv_group) // ranks}
     return {**out, "total": sum(out.values())}
 
