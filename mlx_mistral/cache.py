@@ -105,10 +105,10 @@ class RollingKVCache:
         self.keys, self.values = tree_map(lambda x: x[index], (self.keys, self.values))
         self.offsets = [self.offsets[r] for r in rows]
 
-    def row(self, b: int) -> "RollingKVCache":
-        """A one-row copy of row `b` (its own buffers: the batch's can go)."""
-        index = mx.array([b], dtype=mx.int32)
-        out = self._like(*tree_map(lambda x: x[index], (self.keys, self.values)), [self.offsets[b]])
+    def rows(self, rows: list[int]) -> "RollingKVCache":
+        """A copy of batch rows `rows` (its own buffers: the batch's can go)."""
+        index = mx.array(rows, dtype=mx.int32)
+        out = self._like(*tree_map(lambda x: x[index], (self.keys, self.values)), [self.offsets[r] for r in rows])
         mx.eval(out.keys, out.values)
         return out
 

@@ -5,12 +5,15 @@ Scheduler `Request`s and reads their `Event`s, or runs a function on its thread 
 It knows nothing of HTTP or Gradio.
 
 Between two decode steps the thread (1) drops rows whose client cancelled, (2) admits
-waiting requests while `max_batch` and the KV budget allow, each into its own one-row
-cache (reusing an idle cache whose tokens the request extends), (3) prefills at most
-`prefill_chunk` prompt tokens, so running streams keep flowing while a long prompt goes
-in, and a row whose prompt is done joins the batch, (4) runs one decode step for all rows
-with one sync. Each row keeps its own positions (a ragged batch) and its own sampler, so
-greedy output of a row never depends on its neighbours.
+waiting requests while `max_batch` and the KV budget allow: the fresh ones admitted together
+form one prefill group with one cache of that many rows, a request that extends an idle
+cache (the next turn of a chat) a group of its own with that cache, (3) prefills at most
+`prefill_chunk` prompt tokens, a group's rows side by side (one [rows, n] forward, which
+BLAS runs far faster than n-token products one row at a time), so running streams keep
+flowing while a long prompt goes in; a row whose prompt is in but its last token joins
+the batch with that token, (4) runs one decode step for all rows with one sync (for a row
+that just joined, it gives the first answer token). Each row keeps its own positions (a
+ragged batch) and its own sampler, so greedy output of a row never depends on its neighbours.
 """
 
 import atexit
@@ -27,7 +30,7 @@ import mlx.core as mx
 
 from .cache import RollingKVCache, check_kv_quantization, make_cache
 from .errors import MistralError
-from .generate import DEFAULT_PREFILL_CHUNK, TextStream, _check_request, prefill_steps
+from .generate import DEFAULT_PREFILL_CHUNK, TextStream, _check_request
 from .loading import load
 from .memory import kv_bytes_per_token
 from .sample import check_sampler, make_sampler
@@ -94,16 +97,25 @@ class Request:
 
 
 class _Row:
-    """A request being served: its cache (its own until it joins the batch) and its stream."""
+    """A request being served: its prompt (`ids`, of which `feed` is not in the cache yet)
+    and its stream."""
 
-    def __init__(self, request: Request, ids: list[int], cache: RollingKVCache, steps: Iterator, left: int,
-                 text: TextStream):
-        self.request, self.ids, self.cache, self.steps = request, ids, cache, steps
-        self.left, self.text = left, text  # prompt tokens still to prefill
-        self.reused = len(ids) - left  # prompt tokens already in the cache
+    def __init__(self, request: Request, ids: list[int], held: int, text: TextStream):
+        self.request, self.ids, self.text = request, ids, text
+        self.feed = ids[held:]  # never empty: the last prompt token is fed by a decode step
+        self.reused = held  # prompt tokens already in the cache
         self.answer: list[int] = []
         self.pieces: list[str] = []
         self.sampler = make_sampler(request.temperature, request.top_p, seed=request.seed)
+
+
+@dataclass
+class _Group:
+    """Rows prefilled side by side: one cache, row b of it is rows[b]'s, all at one position
+    (fresh rows start at 0 and are all fed the same number of tokens at every step)."""
+
+    rows: list[_Row]
+    cache: RollingKVCache
 
 
 @dataclass
@@ -151,13 +163,13 @@ class Scheduler:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()
         self._waiting_lock = threading.Lock()
-        self._prefilling: list[_Row] = []
+        self._prefilling: list[_Group] = []  # oldest first
         self._rows: list[_Row] = []  # the decode batch, in the order of the cache's rows
         self._cache: RollingKVCache | None = None
         self._y: mx.array | None = None  # each row's last token, not yet fed
         self._idle: OrderedDict[int, _Held] = OrderedDict()  # least recently used first
         self._outbox: list[tuple[Request, Event]] = []  # sent once the step's bookkeeping is done
-        self.counters = dict(steps=0, rows=0, max_rows=0, generated_tokens=0, prefilled_tokens=0,
+        self.counters = dict(steps=0, rows=0, max_rows=0, max_prefill_rows=0, generated_tokens=0, prefilled_tokens=0,
                              reused_tokens=0, stop=0, length=0, tool_calls=0, cancelled=0,
                              error=0)
         self.tokens_per_second = 0.0  # the last decode step's rows / its time
@@ -230,9 +242,10 @@ class Scheduler:
 
     def stats(self) -> dict:
         """A snapshot for /metrics and tests: counters, rows, queue depth, KV bytes held."""
-        rows = len(self._rows) + len(self._prefilling)
+        prefilling = self._n_prefilling()
+        rows = len(self._rows) + prefilling
         return dict(self.counters, waiting=len(self._waiting), running=len(self._rows),
-                    prefilling=len(self._prefilling), idle_caches=len(self._idle),
+                    prefilling=prefilling, idle_caches=len(self._idle),
                     kv_bytes=(rows + len(self._idle)) * self.row_bytes,
                     tokens_per_second=self.tokens_per_second)
 
@@ -240,6 +253,9 @@ class Scheduler:
         """Fail what is pending and free the model (at exit at the latest); the thread stays, idle."""
         if self.model is not None:
             self.call(self._free)
+
+    def _n_prefilling(self) -> int:
+        return sum(len(group.rows) for group in self._prefilling)
 
     # --- the model thread ---------------------------------------------------------------
 
@@ -274,20 +290,25 @@ class Scheduler:
             self._finish(self._rows[b], "cancelled")
         if gone:
             self._leave(gone)
-        for row in [r for r in self._prefilling if r.request.cancelled]:
-            self._prefilling.remove(row)
-            self._finish(row, "cancelled")
+        for group in self._prefilling:
+            gone = [row for row in group.rows if row.request.cancelled]
+            for row in gone:
+                self._finish(row, "cancelled")
+            if gone:
+                self._split(group, [b for b, row in enumerate(group.rows) if not row.request.cancelled])
+        self._prefilling = [group for group in self._prefilling if group.rows]
         self._admit()
         self._prefill()
         if self._rows:
             self._decode()
 
     def _admit(self) -> None:
-        while self._waiting and len(self._rows) + len(self._prefilling) < self.max_batch:
-            if self.kv_budget is not None and (len(self._rows) + len(self._prefilling) + 1) * self.row_bytes \
-                    + len(self._idle) * self.row_bytes > self.kv_budget:
+        fresh: list[_Row] = []
+        while self._waiting and len(self._rows) + self._n_prefilling() + len(fresh) < self.max_batch:
+            rows = len(self._rows) + self._n_prefilling() + len(fresh) + 1
+            if self.kv_budget is not None and (rows + len(self._idle)) * self.row_bytes > self.kv_budget:
                 if not self._idle:
-                    return
+                    break
                 self._idle.popitem(last=False)
                 continue
             with self._waiting_lock:
@@ -297,14 +318,18 @@ class Scheduler:
                 self._outbox.append((request, Event("", len(request.tokens), 0, finish_reason="cancelled")))
                 continue
             ids, cache, held = self._reuse(request.tokens)
-            cache = cache or RollingKVCache(self.model.args, self.capacity, dtype=self.model.dtype,
-                                            bits=self.kv_bits, group_size=self.kv_group_size)
             text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
                               request.submitted, request.tool_calls)
-            feed = ids[held:]
-            steps = prefill_steps(self.model, feed, cache, self.prefill_chunk)
-            self._prefilling.append(_Row(request, ids, cache, steps, len(feed), text))
+            row = _Row(request, ids, held, text)
             self.counters["reused_tokens"] += held
+            if cache is None:
+                fresh.append(row)
+            else:
+                self._prefilling.append(_Group([row], cache))
+        if fresh:
+            cache = RollingKVCache(self.model.args, self.capacity, len(fresh), dtype=self.model.dtype,
+                                   bits=self.kv_bits, group_size=self.kv_group_size)
+            self._prefilling.append(_Group(fresh, cache))
 
     def _reuse(self, tokens: list[int]) -> tuple[list[int], RollingKVCache | None, int]:
         """(the prompt to feed, an idle cache it extends or None, the tokens that cache holds).
@@ -323,26 +348,49 @@ class Scheduler:
         return tokens, None, 0
 
     def _prefill(self) -> None:
-        """Up to prefill_chunk prompt tokens, oldest row first; finished rows join the batch."""
+        """Up to prefill_chunk prompt tokens, oldest group first. Every row of a group gets
+        the same n tokens: at most the fewest any row has left before its last token, so
+        the rows stay at one position. Rows down to their last token join the batch."""
         budget = self.prefill_chunk
-        while self._prefilling and budget > 0:
-            row = self._prefilling[0]
-            n = min(self.prefill_chunk, self.capacity, row.left - 1) if row.left > 1 else 1
-            logits = next(row.steps)
-            row.left -= n
-            budget -= n
-            self.counters["prefilled_tokens"] += n
-            if logits is None:
+        for group in self._prefilling:
+            self._join(group)
+            if not group.rows or budget <= 0:
                 continue
-            self._prefilling.pop(0)
-            y = row.sampler(logits)
-            if self._emit(row, y.item(), row.cache):
-                self._hold(row, row.cache)
-                continue
-            self._cache = row.cache if self._cache is None else RollingKVCache.stack([self._cache, row.cache])
-            self._y = y if self._y is None else mx.concatenate([self._y, y])
-            self._rows.append(row)
-            row.cache = row.steps = None
+            rows = group.rows
+            n = min(min(len(row.feed) for row in rows) - 1, max(1, budget // len(rows)), self.capacity)
+            self.model(mx.array([row.feed[:n] for row in rows], dtype=mx.uint32), group.cache)
+            mx.eval(group.cache.keys, group.cache.values)
+            for row in rows:
+                row.feed = row.feed[n:]
+            budget -= n * len(rows)
+            self.counters["prefilled_tokens"] += n * len(rows)
+            self.counters["max_prefill_rows"] = max(self.counters["max_prefill_rows"], len(rows))
+            self._join(group)
+        self._prefilling = [group for group in self._prefilling if group.rows]
+
+    def _join(self, group: _Group) -> None:
+        """The rows of `group` with only their last prompt token left join the decode batch,
+        that token as the next one to feed."""
+        ready = [b for b, row in enumerate(group.rows) if len(row.feed) == 1]
+        if not ready:
+            return
+        rows = [group.rows[b] for b in ready]
+        cache = self._split(group, [b for b in range(len(group.rows)) if b not in ready])
+        self._cache = cache if self._cache is None else RollingKVCache.stack([self._cache, cache])
+        y = mx.array([row.feed[0] for row in rows], dtype=mx.uint32)
+        self._y = y if self._y is None else mx.concatenate([self._y, y.astype(self._y.dtype)])
+        self._rows.extend(rows)
+
+    def _split(self, group: _Group, keep: list[int]) -> RollingKVCache | None:
+        """Keep rows `keep` in `group`; return the cache of the others (None if there are none)."""
+        others = [b for b in range(len(group.rows)) if b not in keep]
+        if not keep:
+            cache = group.cache
+        else:
+            cache = group.cache.rows(others) if others else None
+            group.cache.keep(keep)
+        group.rows = [group.rows[b] for b in keep]
+        return cache
 
     def _decode(self) -> None:
         start = time.perf_counter()
@@ -384,7 +432,7 @@ class Scheduler:
     def _leave(self, gone: list[int]) -> None:
         """Rows `gone` leave the batch; their caches become idle ones."""
         for b in gone:
-            self._hold(self._rows[b], self._cache.row(b) if self.max_idle else None)
+            self._hold(self._rows[b], self._cache.rows([b]) if self.max_idle else None)
         keep = [b for b in range(len(self._rows)) if b not in gone]
         if keep:
             self._cache.keep(keep)
@@ -408,7 +456,7 @@ class Scheduler:
             self._idle.popitem(last=False)
 
     def _fail_all(self, message: str) -> None:
-        for row in self._rows + self._prefilling:
+        for row in self._rows + [row for group in self._prefilling for row in group.rows]:
             self._finish(row, "error", message)
         with self._waiting_lock:
             waiting, self._waiting = list(self._waiting), deque()

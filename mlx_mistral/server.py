@@ -383,6 +383,7 @@ def prometheus(stats: dict, statuses: Counter) -> str:
         ("queue_depth", "waiting", "gauge"), ("running_rows", "running", "gauge"),
         ("prefilling_rows", "prefilling", "gauge"), ("decode_steps_total", "steps", "counter"),
         ("decode_rows_total", "rows", "counter"), ("decode_rows_max", "max_rows", "gauge"),
+        ("prefill_rows_max", "max_prefill_rows", "gauge"),
         ("generated_tokens_total", "generated_tokens", "counter"),
         ("prefilled_tokens_total", "prefilled_tokens", "counter"),
         ("reused_tokens_total", "reused_tokens", "counter"),

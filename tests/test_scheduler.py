@@ -47,6 +47,24 @@ def test_ragged_batch_equals_solo_runs(sched):
     assert (stats["running"], stats["prefilling"], stats["waiting"]) == (0, 0, 0)
 
 
+def test_prompts_admitted_together_are_prefilled_side_by_side(sched):
+    """Requests that wait while the thread is busy are admitted at once and prefilled as one
+    [rows, n] batch, prompts of different lengths included, and still equal their solo runs."""
+    ps = prompts(sched, 5)[1:]  # 38, 75, 112 and 27 tokens
+    sched.call(sched.counters.update, max_prefill_rows=0)
+    gate = threading.Event()
+    busy = threading.Thread(target=sched.call, args=(gate.wait,))
+    busy.start()
+    try:
+        requests = [sched.submit(Request(p, max_tokens=12)) for p in ps]
+    finally:
+        gate.set()
+        busy.join()
+    got = [tokens_of(r)[0] for r in requests]
+    assert sched.stats()["max_prefill_rows"] == 4
+    assert got == [solo(sched, p, 12) for p in ps]
+
+
 def test_seeded_and_greedy_rows_mixed_equal_solo_runs(sched):
     ps = prompts(sched, 4)
     settings = [dict(temperature=0.9, seed=1), dict(), dict(temperature=0.7, top_p=0.9, seed=2), dict()]

@@ -44,15 +44,6 @@ def prefill(model: Mistral, tokens: Sequence[int], cache: RollingKVCache, chunk:
     chunk, not by the prompt. The last token goes alone so that the vocabulary
     projection runs on one position.
     """
-    for logits in prefill_steps(model, tokens, cache, chunk):
-        pass
-    return logits
-
-
-def prefill_steps(model: Mistral, tokens: Sequence[int], cache: RollingKVCache,
-                  chunk: int) -> Iterator[mx.array | None]:
-    """prefill() one chunk at a time: None after each chunk, then the last token's logits
-    (so a scheduler can run decode steps of other sequences between the chunks)."""
     if not isinstance(chunk, int) or chunk <= 0:
         raise MistralError(f"prefill_chunk must be a positive integer, got {chunk!r}")
     x = mx.array(tokens, dtype=mx.uint32)[None]
@@ -60,8 +51,7 @@ def prefill_steps(model: Mistral, tokens: Sequence[int], cache: RollingKVCache,
     for start in range(0, len(tokens) - 1, chunk):
         model(x[:, start:min(start + chunk, len(tokens) - 1)], cache)
         mx.eval(cache.keys, cache.values)
-        yield None
-    yield model(x[:, -1:], cache)[:, -1]
+    return model(x[:, -1:], cache)[:, -1]
 
 
 def generate_step(model: Mistral, prompt: Sequence[int], cache: RollingKVCache, sampler: Sampler,
