@@ -6,8 +6,8 @@
 Both servers are started by the script on 127.0.0.1 with the same float32 checkpoint (random
 weights), greedy, /v1/completions streamed (no chat template: mlx-lm's needs one). For each
 number of clients, all start at once with a different prompt of --prompt-tokens tokens; the
-table shows aggregate generated tok/s (tokens / wall time), TTFT p50 and p95, and the server's
-peak resident memory (VmHWM). --pause also measures the longest gap between the tokens of 4
+table shows aggregate generated tok/s (the tokens each server's `usage` reports / wall time),
+TTFT p50 and p95, and the server's peak resident memory (VmHWM). --pause also measures the longest gap between the tokens of 4
 running streams while a 4096-token prompt is admitted, with and without interleaved prefill.
 Our server runs with --max-kv-size (prompt + answer, rounded up) so rows do not allocate the
 4096-token window.
@@ -90,16 +90,19 @@ def prompt(i: int, tokens: int) -> str:
 
 
 def stream(url: str, model: str, text: str, max_tokens: int, out: dict) -> None:
-    """One streaming request: times of each text chunk after the start, in out."""
-    body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
-    start, times = time.perf_counter(), []
+    """One streaming request: times of each text chunk after the start, and the generated
+    tokens the server's usage reports (a chunk may carry several tokens, or none), in out."""
+    body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start, times, tokens = time.perf_counter(), [], None
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         for line in r.iter_lines():
             if line.startswith("data:") and line != "data: [DONE]":
-                choices = json.loads(line[5:]).get("choices") or [{}]
-                if choices[0].get("text"):
+                chunk = json.loads(line[5:])
+                if (chunk.get("choices") or [{}])[0].get("text"):
                     times.append(time.perf_counter() - start)
-    out.update(start=start, times=times)
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+    out.update(start=start, times=times, tokens=len(times) if tokens is None else tokens)
 
 
 def run_clients(server: Server, model: str, n: int, prompt_tokens: int, answer_tokens: int) -> dict:
@@ -113,7 +116,7 @@ def run_clients(server: Server, model: str, n: int, prompt_tokens: int, answer_t
         t.join()
     wall = time.perf_counter() - start
     ttft = sorted(o["times"][0] for o in outs if o.get("times"))
-    tokens = sum(len(o.get("times", ())) for o in outs)
+    tokens = sum(o.get("tokens", 0) for o in outs)
     return dict(clients=n, tok_s=tokens / wall, tokens=tokens, ttft_p50=statistics.median(ttft),
                 ttft_p95=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))])
 

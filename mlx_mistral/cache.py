@@ -91,19 +91,33 @@ class RollingKVCache:
     @classmethod
     def stack(cls, caches: "list[RollingKVCache]") -> "RollingKVCache":
         """One batch cache from single-row caches (a ragged batch: rows keep their positions)."""
-        if len({(c.capacity, c.dtype, c.bits, c.group_size) for c in caches}) != 1:
-            raise ValueError("caches to stack must have the same capacity, dtype and quantization")
-        rows = lambda *xs: mx.concatenate(xs, axis=0)  # noqa: E731
-        out = caches[0]._like(tree_map(rows, *(c.keys for c in caches)), tree_map(rows, *(c.values for c in caches)),
-                              [o for c in caches for o in c.offsets])
-        out._warn_on_roll = any(c._warn_on_roll for c in caches)
+        first = caches[0]
+        out = first._like(list(first.keys), list(first.values), list(first.offsets))
+        out.extend(*caches[1:])
         return out
+
+    def extend(self, *others: "RollingKVCache") -> None:
+        """Append the rows of `others` (their buffers are copied: they can go)."""
+        if len({(c.capacity, c.dtype, c.bits, c.group_size) for c in (self, *others)}) != 1:
+            raise ValueError("caches to stack must have the same capacity, dtype and quantization")
+        self._replace(lambda *xs: mx.concatenate(xs, axis=0), *others)
+        self.offsets = self.offsets + [o for c in others for o in c.offsets]
+        self._warn_on_roll = any(c._warn_on_roll for c in (self, *others))
 
     def keep(self, rows: list[int]) -> None:
         """Drop every batch row not in `rows` (finished sequences)."""
         index = mx.array(rows, dtype=mx.int32)
-        self.keys, self.values = tree_map(lambda x: x[index], (self.keys, self.values))
+        self._replace(lambda x: x[index])
         self.offsets = [self.offsets[r] for r in rows]
+
+    def _replace(self, fn, *others: "RollingKVCache") -> None:
+        """Each array x of each layer becomes fn(x, the same array of each of `others`), one
+        layer at a time: the old and new arrays of one layer are alive together, never a
+        second copy of the whole cache (a batch's KV can be most of the memory)."""
+        for buffers, theirs in ((self.keys, [c.keys for c in others]), (self.values, [c.values for c in others])):
+            for i in range(len(buffers)):
+                buffers[i] = tree_map(fn, buffers[i], *(t[i] for t in theirs))
+                mx.eval(buffers[i])
 
     def rows(self, rows: list[int]) -> "RollingKVCache":
         """A copy of batch rows `rows` (its own buffers: the batch's can go)."""

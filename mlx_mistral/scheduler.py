@@ -376,7 +376,10 @@ class Scheduler:
             return
         rows = [group.rows[b] for b in ready]
         cache = self._split(group, [b for b in range(len(group.rows)) if b not in ready])
-        self._cache = cache if self._cache is None else RollingKVCache.stack([self._cache, cache])
+        if self._cache is None:
+            self._cache = cache
+        else:
+            self._cache.extend(cache)
         y = mx.array([row.feed[0] for row in rows], dtype=mx.uint32)
         self._y = y if self._y is None else mx.concatenate([self._y, y.astype(self._y.dtype)])
         self._rows.extend(rows)

@@ -3,6 +3,7 @@
 import itertools
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
 import numpy as np
 import pytest
 
@@ -96,3 +97,35 @@ def test_ragged_decode_mask_has_no_fully_masked_row(offsets):
     mask = np.array(cache.mask(1))[:, 0, 0]
     assert mask[np.arange(len(offsets)), [o % 4 for o in offsets]].all()
     assert mask.sum(axis=1).tolist() == [min(o + 1, 4) for o in offsets]  # all it holds, no more
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_extend_and_keep_copy_one_layer_at_a_time(bits):
+    """A row joining or leaving a batch copies the batch's K/V a layer at a time: the
+    transient is one layer's arrays, not a second copy of the whole cache."""
+    args = ModelArgs(dim=64, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=128, vocab_size=100)
+    batch = RollingKVCache(args, 512, 8, bits=bits, group_size=32)
+    batch.offsets = [5, 9, 1, 7, 3, 2, 8, 4]
+    noise = lambda x: (mx.random.uniform(shape=x.shape) * 1000).astype(x.dtype)  # noqa: E731
+    batch.keys, batch.values = tree_map(noise, (batch.keys, batch.values))
+    new = RollingKVCache(args, 512, 1, bits=bits, group_size=32)
+    before = [np.array(leaf) for _, leaf in tree_flatten((batch.keys, batch.values))]
+    layer, added = batch.nbytes // (2 * args.n_layers), new.nbytes  # layer: one layer's keys (or values)
+    mx.synchronize()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    batch.extend(new)
+    del new
+    extend_peak = mx.get_peak_memory() - base
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    batch.keep([8, 0, 2])
+    keep_peak = mx.get_peak_memory() - base
+    # beyond the row added, one layer's new arrays (9 rows; then 3) at most, plus the row index and the
+    # allocator's rounding (under a page per array: 3 arrays when quantized): a whole copy would be 16 layers
+    slack = 64 + 3 * 4096
+    assert extend_peak <= added + layer * 9 / 8 + slack and keep_peak <= layer * 3 / 8 + slack
+    assert batch.offsets == [0, 5, 1] and batch.nbytes == 3 * 2 * args.n_layers * layer // 8
+    after = tree_flatten((batch.keys, batch.values))
+    for old, (_, new_leaf) in zip(before, after):
+        assert np.array_equal(np.array(new_leaf)[1:], old[[0, 2]])
