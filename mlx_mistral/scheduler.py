@@ -65,7 +65,8 @@ class Request:
     answer's text into the tokens a client sends back for it (chat: tokenizer.encode), so
     that the next turn can reuse this answer's cache. `sink` receives the events on the
     scheduler's thread (it must not block); by default they wait for events(). With
-    `tool_calls`, an answer that begins with [TOOL_CALLS] ends as parsed calls (TextStream)."""
+    `tool_calls` (the prompt offered tools), an answer that begins with [TOOL_CALLS] ends
+    as parsed calls (TextStream)."""
 
     tokens: list[int]
     max_tokens: int = 256
@@ -75,7 +76,7 @@ class Request:
     stop: Sequence[str] = ()
     echo: Callable[[str], list[int]] | None = None
     sink: Callable[[Event], None] | None = None
-    tool_calls: bool = True
+    tool_calls: bool = False
 
     def __post_init__(self):
         self.cancelled = False

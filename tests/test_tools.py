@@ -30,10 +30,10 @@ def scripted(ids: list[int], eos: int):
     return lambda logits: mx.array([next(script, eos)], dtype=mx.uint32)
 
 
-def answer(tokenizer, model, ids: list[int], max_tokens: int = 200):
-    prompt = tokenizer.chat_tokens(PROMPT, tools=[WEATHER])
+def answer(tokenizer, model, ids: list[int], max_tokens: int = 200, tools: bool = True):
+    prompt = tokenizer.chat_tokens(PROMPT, tools=[WEATHER] if tools else None)
     responses = list(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
-                                     sampler=scripted(ids, tokenizer.eos_id)))
+                                     sampler=scripted(ids, tokenizer.eos_id), tool_calls=tools))
     return "".join(r.text for r in responses), responses[-1]
 
 
@@ -122,3 +122,12 @@ def test_cli_tools_errors(capsys, tmp_path, tools_file, content, flags, message)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert re.search(message, err.strip().splitlines()[-1]), err
+
+
+def test_calls_are_plain_text_when_no_tools_were_offered(tokenizer_and_model):
+    """Parsing follows the prompt: without tools, an answer that begins with [TOOL_CALLS]
+    streams as text like any other (nothing is held back)."""
+    tok, model = tokenizer_and_model
+    body = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    text, last = answer(tok, model, [tok.tool_calls_id, *tok.encode(body), tok.eos_id], tools=False)
+    assert (last.finish_reason, last.tool_calls) == ("stop", None) and body in text

@@ -89,11 +89,12 @@ class TextStream:
     Stops at EOS, after `max_tokens`, or before the first of the `stop` strings: text
     that may begin a stop string is held back until it is known not to. An answer that
     begins with [TOOL_CALLS] is held back whole and ends as parsed `tool_calls` (or, if
-    it does not parse, as plain text); with `tool_calls=False` it is plain text from the start.
+    it does not parse, as plain text) when `tool_calls` is set (the prompt offered tools);
+    otherwise it is plain text from the start.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_tokens: int, max_tokens: int, stop: Sequence[str],
-                 start: float, tool_calls: bool = True):
+                 start: float, tool_calls: bool = False):
         self._tokenizer = tokenizer
         self._detokenizer = StreamingDetokenizer(tokenizer)
         self._eos, self._max_tokens, self._stop = tokenizer.eos_id, max_tokens, stop
@@ -170,10 +171,11 @@ def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence
                     repetition_penalty: float = 1.0, stop: Sequence[str] = (),
                     cache: RollingKVCache | None = None, max_kv_size: int | None = None,
                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
-                    kv_group_size: int = 64) -> Iterator[GenerationResponse]:
+                    kv_group_size: int = 64, tool_calls: bool = False) -> Iterator[GenerationResponse]:
     """Stream the answer to `prompt` (raw text, or token ids such as chat_tokens(...)).
 
-    One response per generated token (see TextStream for the stop rules). Pass a `cache`
+    One response per generated token (see TextStream for the stop rules; `tool_calls`:
+    the prompt offered tools, so an answer of function calls ends as parsed calls). Pass a `cache`
     to continue a conversation: the prompt is then the tokens that follow what it holds.
     Otherwise a new cache is made, with keys and values quantized to kv_bits (8 or 4) in
     groups of kv_group_size when kv_bits is given (see make_cache).
@@ -186,7 +188,7 @@ def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence
         cache = make_cache(model.args, max_kv_size or len(ids) + max_tokens, dtype=model.dtype,
                            kv_bits=kv_bits, kv_group_size=kv_group_size)
     mx.reset_peak_memory()
-    text = TextStream(tokenizer, len(ids), max_tokens, stop, start)
+    text = TextStream(tokenizer, len(ids), max_tokens, stop, start, tool_calls)
     for token in generate_step(model, ids, cache, sampler or make_sampler(), prefill_chunk, repetition_penalty):
         yield text.add(token, cache)
         if text.finish:
@@ -202,13 +204,14 @@ def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequenc
                           max_tokens: int | Sequence[int] = 256, sampler: Sampler | None = None,
                           stop: Sequence[str] = (), max_kv_size: int | None = None,
                           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
-                          kv_group_size: int = 64) -> Iterator[tuple[int, GenerationResponse]]:
+                          kv_group_size: int = 64, tool_calls: bool = False
+                          ) -> Iterator[tuple[int, GenerationResponse]]:
     """Answer many prompts at once, yielding (prompt index, response) as tokens come.
 
     Each prompt is prefilled into its own cache row, then all rows decode together as one
     batch: rows keep their own positions (no padding), each stops on its own, and finished
     rows leave the batch. With greedy sampling every row equals its single-prompt answer.
-    kv_bits and kv_group_size quantize the cache as in stream_generate.
+    kv_bits, kv_group_size and tool_calls are as in stream_generate.
     """
     start = time.perf_counter()
     if isinstance(prompts, str) or not prompts:
@@ -223,7 +226,7 @@ def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequenc
     capacity = max_kv_size or max(len(row) + limit for row, limit in zip(ids, limits))
     mx.reset_peak_memory()
     caches, first = [], []
-    streams = [TextStream(tokenizer, len(row), limit, stop, start) for row, limit in zip(ids, limits)]
+    streams = [TextStream(tokenizer, len(row), limit, stop, start, tool_calls) for row, limit in zip(ids, limits)]
     for row in ids:  # prefill row by row: peak memory stays that of one prompt chunk
         caches.append(make_cache(model.args, capacity, dtype=model.dtype, kv_bits=kv_bits,
                                  kv_group_size=kv_group_size))

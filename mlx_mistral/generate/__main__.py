@@ -135,7 +135,8 @@ def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
         for last in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens, sampler=sampler,
                                     repetition_penalty=args.repetition_penalty, stop=args.stop,
                                     max_kv_size=args.max_kv_size, prefill_chunk=args.prefill_chunk,
-                                    kv_bits=args.kv_bits, kv_group_size=args.kv_group_size):
+                                    kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                                    tool_calls=bool(args.tools)):
             text.append(last.text)
             ids.append(last.token)
             if not args.json:
@@ -166,7 +167,7 @@ def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
     for i, r in batch_stream_generate(model, tokenizer, tokens, max_tokens=limits, sampler=sampler,
                                       stop=args.stop, max_kv_size=args.max_kv_size,
                                       prefill_chunk=args.prefill_chunk, kv_bits=args.kv_bits,
-                                      kv_group_size=args.kv_group_size):
+                                      kv_group_size=args.kv_group_size, tool_calls=bool(args.tools)):
         texts[i].append(r.text)
         ids[i].append(r.token)
         last[i], kv_bytes = r, max(kv_bytes, r.kv_cache_bytes)
