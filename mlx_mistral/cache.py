@@ -171,8 +171,9 @@ class RollingKVCache:
         Only slots in use are attended to: until the buffer wraps, slots [0, n) hold
         positions [0, n), so those are a prefix of the buffer. Decode (length 1) writes
         its token first, then attends to the slots in use. A chunk attends to
-        [slots in use, chunk] before it is written (see update_and_fetch); its rows are
-        queries q = offset + i.
+        [slots in use, chunk] (see update_and_fetch: the same keys in the same order
+        whether the chunk is written first, when it does not wrap, or after); its rows
+        are queries q = offset + i.
         """
         C = self.capacity
         if length == 1:
@@ -217,14 +218,20 @@ class RollingKVCache:
                 self._write(layer, k, v, self.offset)
             n = self._in_use(1)
             return tree_map(lambda x: x[:, :, :n], (self.keys[layer], self.values[layer]))
+        start = self.offset
+        if 0 < start and start + length <= self.capacity:
+            # No wrap: slot s holds position s, so the slots [0, start + length) after the write
+            # are [held, chunk] in order. Attend to them in place: no copy of the layer's K/V.
+            self._write(layer, k, v, start)
+            return tree_map(lambda x: x[:, :, :start + length], (self.keys[layer], self.values[layer]))
         keys, values = k, v
-        if self.offset:  # attend before writing: a wrapping chunk would overwrite its own past
+        if start:  # attend before writing: a wrapping chunk would overwrite its own past
             n = self._in_use(0)
             keys, values = tree_map(lambda held, new: mx.concatenate([held[:, :, :n], new], axis=2),
                                     (self.keys[layer], self.values[layer]), (k, v))
         C = self.capacity
         last = tree_map(lambda x: x[:, :, -C:], (k, v))
-        self._write(layer, *last, self.offset + max(0, length - C))
+        self._write(layer, *last, start + max(0, length - C))
         return keys, values
 
     def _write(self, layer: int, k: Buffer, v: Buffer, position: int) -> None:

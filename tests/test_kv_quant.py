@@ -174,18 +174,17 @@ def test_peak_memory_grows_only_by_the_score_matrix(bits):
     """The bound: a step of L tokens at context n needs, beyond weights and cache, what a
     context of 0 needs plus per context token
       decode (L = 1): the score matrix only, H * L float32 (the cache is read in place);
-      chunk:          the score matrix + one layer's quantized K/V (the chunk attends to
-                      [held slots, chunk] concatenated; at 7B, 512-token chunks, 8-bit, that
-                      copy is 3% of the score matrix).
-    Dequantizing K/V (as a float cache) would add 2 * n_kv * head_dim * 4 bytes per token per layer."""
+      chunk:          the score matrix + its mask (L bools): a chunk that does not wrap the
+                      buffer is written first and attends to the slots in place.
+    Dequantizing K/V (as a float cache) would add 2 * n_kv * head_dim * 4 bytes per token per
+    layer; attending to [held slots, chunk] concatenated, one layer's quantized K/V."""
     from mlx_mistral import Mistral, ModelArgs
 
     args = ModelArgs(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=256, vocab_size=512,
                      sliding_window=None, max_position_embeddings=8192)
     model = Mistral(args)
     mx.eval(model.parameters())
-    layer_kv = 2 * args.n_kv_heads * (args.head_dim * bits // 8 + 2 * args.head_dim // 64 * 4)
-    for L, allowed in ((1, args.n_heads * 4), (16, args.n_heads * 16 * 4 + layer_kv)):
+    for L, allowed in ((1, args.n_heads * 4), (16, args.n_heads * 16 * 4 + 16)):
         peaks = []
         for n in (512, 4096):
             cache = make_cache(args, 8192, kv_bits=bits)
