@@ -40,6 +40,9 @@ def build(engine: Engine, store: SessionStore | None = None) -> gr.Blocks:
         session = store.sessions.get(request.session_hash)
         if session is None:
             return gr.skip()
+        running = session.request
+        if running is not None:  # at once, even while its prompt is still being prefilled
+            running.cancel()
         if session.answering.acquire(timeout=30):  # held until the stopped generator has closed
             session.answering.release()
         return describe(session.stats) if session.stats else gr.skip()
