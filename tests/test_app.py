@@ -287,6 +287,14 @@ def test_closing_a_session_frees_its_cache(engine):
     gc.collect()
     assert cache() is None and "browser-1" not in store.sessions
     store.close("never-opened")  # no error
+    tab = store.get("browser-2")
+    replies = tab.respond([user("Tell me a long story")], Settings(temperature=0.0, max_tokens=500))
+    next(replies)
+    store.close("browser-2")  # the tab closes mid-answer: its request is cancelled
+    list(replies)
+    assert tab.stats.finish_reason == "stopped" and tab.stats.generated_tokens < 500
+    assert tab.cache is None  # and its cache dropped
+    idle(engine)
 
 
 def kept(store):
