@@ -88,9 +88,10 @@ class ChatSession:
 
     def _request(self, messages: Sequence[dict], settings: Settings | None = None) -> Request:
         settings = settings or Settings()
-        return Request(self.engine.tokenizer.chat_tokens(messages), int(settings.max_tokens),
-                       settings.temperature, settings.top_p, settings.seed, echo=self.engine.tokenizer.encode,
-                       repetition_penalty=settings.repetition_penalty, session=self, reuse=self.reuse, roll=True)
+        tokenizer = self.engine.tokenizer
+        return Request(tokenizer.chat_tokens(messages), int(settings.max_tokens), settings.temperature,
+                       settings.top_p, settings.seed, echo=tokenizer.encode, session=self, reuse=self.reuse,
+                       repetition_penalty=settings.repetition_penalty, roll=True)
 
     def plan(self, messages: Sequence[dict]) -> tuple[list[int], bool]:
         """(the tokens to feed, whether they continue the cache) for `messages`."""

@@ -88,7 +88,8 @@ def penalize_repetition(logits: mx.array, recent: mx.array, penalty: float) -> m
     return mx.put_along_axis(logits, recent, picked, axis=-1)
 
 
-def with_repetition_penalty(sampler: Sampler, tokens: Sequence[int], penalty: float, context: int = 64) -> Sampler:
+def with_repetition_penalty(sampler: Sampler, tokens: Sequence[int], penalty: float,
+                            context: int = 64) -> Sampler:
     """`sampler` for one sequence (logits [1, V]) after penalize_repetition over the last
     `context` tokens it has seen: the end of `tokens` (its prompt), then each token it picked."""
     if penalty == 1.0:

@@ -117,8 +117,8 @@ class _Row:
         self.reused = len(ids) - left  # prompt tokens already in the cache
         self.answer: list[int] = []
         self.pieces: list[str] = []
-        self.sampler = with_repetition_penalty(make_sampler(request.temperature, request.top_p, seed=request.seed),
-                                               ids, request.repetition_penalty)
+        sampler = make_sampler(request.temperature, request.top_p, seed=request.seed)
+        self.sampler = with_repetition_penalty(sampler, ids, request.repetition_penalty)
 
 
 @dataclass

@@ -399,7 +399,7 @@ def test_app_with_api_serves_the_page_and_v1_from_one_model():
         assert not stream.is_alive() and "16 tokens" in panel
         metrics = app.metrics()
         assert metrics["mlx_mistral_decode_rows_max"] >= 2  # the tab's row and the API's in one step
-        assert metrics["mlx_mistral_generated_tokens_total"] == 16 + usage[-1].completion_tokens  # one scheduler
+        assert metrics["mlx_mistral_generated_tokens_total"] == 16 + usage[-1].completion_tokens  # one model
         # each answer is what it is alone (greedy): the same requests again, one at a time
         assert text == chat(api, "hi", max_tokens=16).choices[0].message.content
         assert "".join(pieces) == chat(api, "hello", max_tokens=API_TOKENS).choices[0].message.content
