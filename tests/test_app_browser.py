@@ -260,7 +260,7 @@ def test_a_tab_and_an_api_client_answer_at_once_from_one_model(browser, expected
         set_number(page, "Max new tokens", MAX_TOKENS)
         api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         kw = dict(model="demo", messages=[{"role": "user", "content": "hello"}], temperature=0,
-                  max_tokens=300)
+                  max_tokens=600)  # streams for seconds after the tab's answer has begun
         stream = api.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
         chunks = [next(stream)]  # the API's row is decoding
         send(page, "hi")

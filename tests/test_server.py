@@ -366,7 +366,7 @@ def test_ctrl_c_exits_130(servers):
     assert "[server stopped]" in small.proc.stderr.read()
 
 
-API_TOKENS = 200  # long enough for the tab's answer to start while it streams
+API_TOKENS = 400  # long enough for the tab's answer to start while it streams
 
 
 def test_app_with_api_serves_the_page_and_v1_from_one_model():
@@ -388,10 +388,10 @@ def test_app_with_api_serves_the_page_and_v1_from_one_model():
                 usage.append(chunk.usage)
                 first.set()
 
+        tab = Client(app.url + "/", verbose=False)
         stream = threading.Thread(target=stream_api)
         stream.start()
         assert first.wait(60)
-        tab = Client(app.url + "/", verbose=False)
         text, panel = tab.predict("hi", system="", temperature=0.0, top_p=1.0, max_tokens=16, repetition_penalty=1.0,
                                   seed=0, api_name="/chat")
         stream.join(120)
