@@ -1,13 +1,14 @@
-"""Chat sessions for the app: history -> prompt tokens, KV cache reuse, streaming, Stop.
+"""Chat sessions for the app: history -> scheduler requests, streaming, stats, Stop.
 
 Plain Python over the public mlx_mistral API (no Gradio here), so every rule is unit-tested.
 """
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from mlx_mistral import MistralError, RollingKVCache, make_sampler, stream_generate
-from mlx_mistral.scheduler import Scheduler
+from mlx_mistral import MistralError, RollingKVCache
+from mlx_mistral.scheduler import Event, Request, Scheduler
 
 # The one model and the one MLX thread (mlx_mistral/scheduler.py): the app's tabs share it.
 Engine = Scheduler
@@ -51,127 +52,122 @@ class TurnStats:
 
 
 class ChatSession:
-    """One browser session: its rolling KV cache and the exact tokens the cache holds.
+    """One browser tab: a thin holder of its conversation's place in the scheduler.
 
-    A conversation's answers stay the tokens the model generated. chat_tokens() re-encodes
-    answers from their text, and SentencePiece often splits that text differently, so the
-    session keeps both forms: `tokens` (exactly what the cache was fed) and `template` (the
-    same conversation as chat_tokens() writes it), with `marks`, their lengths at the end
-    of each answer. A new prompt from chat_tokens() is translated at the last mark it
-    shares with `template`: the model's own tokens up to there, the prompt's after.
-
-    The reuse rule: when that prompt starts with everything the cache holds, only the rest
-    is prefilled; otherwise (edit, regenerate, undo, clear, system prompt changed) a fresh
-    cache is made and all of it is prefilled. Either way the model sees the same tokens.
+    Each answer is a scheduler Request of this session, decoded in the same batch as the
+    other tabs' and the API's. The KV cache and the rule that reuses it are the scheduler's
+    (Scheduler._plan): the session's last cache is kept as long as the scheduler's idle LRU
+    allows, and a next turn that continues it prefills only the new tokens, with the
+    model's own answer tokens in place of the re-encoded ones; an edited, regenerated or
+    undone turn, a cleared chat or a changed system prompt gets a fresh cache. Either way
+    the model sees the same tokens.
     """
 
     def __init__(self, engine: Engine, reuse: bool = True):
         self.engine = engine
         self.reuse = reuse
         self.stats: TurnStats | None = None
+        self.answer = ""  # the last answer's text, all of it (also after Stop)
         self.turns = 0
-        self.free()
+        self.answering = threading.Lock()  # held while an answer streams
+        self.request: Request | None = None
+        self.closed = False
+
+    @property
+    def cache(self) -> RollingKVCache | None:
+        """The session's idle KV cache in the scheduler (None while answering, or once dropped)."""
+        held = self.engine.held(self)
+        return held.cache if held else None
+
+    @property
+    def tokens(self) -> list[int]:
+        """The conversation as the model saw it, its last answer token included (the cache
+        holds all but that one)."""
+        held = self.engine.held(self)
+        return held.actual if held else []
+
+    def _request(self, messages: Sequence[dict], settings: Settings | None = None) -> Request:
+        settings = settings or Settings()
+        tokenizer = self.engine.tokenizer
+        return Request(tokenizer.chat_tokens(messages), int(settings.max_tokens), settings.temperature,
+                       settings.top_p, settings.seed, echo=tokenizer.encode, session=self, reuse=self.reuse,
+                       repetition_penalty=settings.repetition_penalty, roll=True)
 
     def plan(self, messages: Sequence[dict]) -> tuple[list[int], bool]:
         """(the tokens to feed, whether they continue the cache) for `messages`."""
-        feed, reused, _, _ = self._plan(self.engine.tokenizer.chat_tokens(messages))
-        return feed, reused
-
-    def _plan(self, prompt: list[int]) -> tuple[list[int], bool, list[int], int]:
-        """plan(), plus the whole prompt with the model's own answer tokens and the mark used."""
-        for i in reversed(range(len(self.marks))):  # marks[0] = (0, 0) always matches
-            t, x = self.marks[i]
-            if prompt[:t] == self.template[:t]:
-                break
-        ids = self.tokens[:x] + prompt[t:]
-        n = len(self.tokens)
-        reused = self.reuse and self.cache is not None and n < len(ids) and ids[:n] == self.tokens
-        return (ids[n:] if reused else ids), reused, ids, i
+        ids, held = self.engine.plan(self._request(messages))
+        return ids[held:], held > 0
 
     def respond(self, messages: Sequence[dict], settings: Settings) -> Iterator[tuple[str, TurnStats]]:
         """Stream the answer to `messages` (the last one from the user): (text so far, stats).
 
-        Closing the iterator (the Stop button) stops generation at once; the cache then
-        holds the prompt and the tokens received so far, and the partial answer counts
-        as the assistant's turn in the next prompt. (If the browser missed the last of
-        them, its history no longer matches the cache, which is then rebuilt.)
+        Closing the iterator (the Stop button) cancels the request: its row leaves the batch
+        before the next step, and the scheduler keeps its cache with every token generated
+        until then, which `answer` holds as text. Sent back as the assistant's turn, that
+        partial answer continues the cache; anything else (such as a browser that missed the
+        last tokens) rebuilds it.
         """
-        engine, tokenizer = self.engine, self.engine.tokenizer
-        sampler = engine.call(make_sampler, settings.temperature, settings.top_p, seed=settings.seed)  # MLX: its thread
-        with engine.lock:
-            self.turns += 1
-            prompt = tokenizer.chat_tokens(messages)
-            feed, reused, ids, mark = self._plan(prompt)
-            marks = self.marks[: mark + 1]
-            if not reused:
-                self.free()
-                self.cache = engine.new_cache()
-            start = len(self.tokens)
-            stream = stream_generate(
-                engine.model, tokenizer, feed, max_tokens=int(settings.max_tokens), sampler=sampler,
-                repetition_penalty=settings.repetition_penalty, cache=self.cache,
-            )
-            answer: list[int] = []
-            text, last = "", None
+        with self.answering:
+            request = self.engine.submit(self._request(messages, settings))
+            self.request, self.turns, text, last = request, self.turns + 1, "", None
+            events = request.events()
             try:
-                while (r := engine.call(next, stream, None)) is not None:
-                    last = r
-                    answer.append(r.token)
-                    text += r.text
-                    yield text, self._stats(r, start, len(feed), None)
+                for event in events:
+                    text += event.text
+                    if event.token is not None:
+                        last = event
+                        yield text, self._stats(event, None)
             finally:
-                engine.call(stream.close)
-                if last is None or self.cache.offset != len(ids) + len(answer):
-                    self.free()  # nothing (or not everything) reached the cache: rebuild next turn
-                else:
-                    eos = [tokenizer.eos_id] if answer[-1] == tokenizer.eos_id else []
-                    self.template = prompt + tokenizer.encode(text) + eos
-                    self.tokens = ids + answer
-                    self.marks = marks + [(len(self.template), len(self.tokens))]
-                    self.stats = self._stats(last, start, len(feed), last.finish_reason or "stopped")
+                request.cancel()  # a no-op once finished
+                for event in events:  # to the last one: the scheduler then holds the cache
+                    text += event.text
+                    last = event if event.token is not None else last
+                self.request, self.answer = None, text
+                if self.closed:
+                    self.engine.forget(self)
+                if last is not None:
+                    self.stats = self._stats(last, "stopped" if event.finish_reason == "cancelled"
+                                             else event.finish_reason)
+            if event.finish_reason == "error":
+                raise MistralError(f"generation failed: {event.error}")
 
-    def _stats(self, r, reused: int, prompt: int, finish: str | None) -> TurnStats:
+    def _stats(self, e: Event, finish: str | None) -> TurnStats:
         return TurnStats(
-            prompt_tokens=prompt, reused_tokens=reused, conversation_tokens=self.cache.offset,
-            generated_tokens=r.generation_tokens, generation_tps=r.generation_tps, ttft=r.ttft,
-            peak_memory=r.peak_memory, kv_bytes=r.kv_cache_bytes, kv_capacity=self.cache.capacity,
-            kv_tokens=r.kv_cache_tokens, window=self.engine.window, finish_reason=finish, turn=self.turns,
+            prompt_tokens=e.prefilled_tokens, reused_tokens=e.reused_tokens,
+            conversation_tokens=e.reused_tokens + e.prefilled_tokens + e.generated_tokens,
+            generated_tokens=e.generated_tokens, generation_tps=e.generation_tps, ttft=e.ttft,
+            peak_memory=e.peak_memory, kv_bytes=self.engine.row_bytes, kv_capacity=self.engine.capacity,
+            kv_tokens=e.kv_tokens, window=self.engine.window, finish_reason=finish, turn=self.turns,
         )
 
-    def free(self) -> None:
-        """Drop the cache (its memory goes back) and forget what it held."""
-        self.cache: RollingKVCache | None = None
-        self.tokens: list[int] = []
-        self.template: list[int] = []
-        self.marks: list[tuple[int, int]] = [(0, 0)]
+    def close(self) -> None:
+        """The tab is gone: stop its answer and drop its cache."""
+        self.closed = True
+        if self.request is not None:
+            self.request.cancel()
+        self.engine.forget(self)
 
 
 class SessionStore:
-    """ChatSessions by browser session id. Closing one frees its cache; so does being one
-    of the least recently used past `max_caches` (its history lives in the browser, so
-    its next turn just rebuilds the cache): memory stays bounded however many tabs or
-    API clients come and go without closing."""
+    """ChatSessions by browser session id. Closing one stops its answer and frees its cache.
+    The scheduler keeps at most `max_idle` idle caches (4 by default), least recently used
+    out first, one per session: however many tabs or API clients come and go without
+    closing, memory stays bounded, and a tab whose cache went rebuilds it from its history
+    (kept in the browser) on its next turn."""
 
-    def __init__(self, engine: Engine, max_caches: int = 4):
+    def __init__(self, engine: Engine):
         self.engine = engine
-        self.max_caches = max_caches
-        self.sessions: dict[str, ChatSession] = {}  # least recently used first
+        self.sessions: dict[str, ChatSession] = {}
 
     def get(self, session_id: str) -> ChatSession:
-        session = self.sessions.pop(session_id, None) or ChatSession(self.engine)
-        self.sessions[session_id] = session
-        idle = list(self.sessions.values())[: -self.max_caches]
-        if any(s.cache is not None for s in idle):
-            with self.engine.lock:  # not while one of them is generating
-                for s in idle:
-                    s.free()
-        return session
+        if session_id not in self.sessions:
+            self.sessions[session_id] = ChatSession(self.engine)
+        return self.sessions[session_id]
 
     def close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
         if session is not None:
-            with self.engine.lock:
-                session.free()
+            session.close()
 
 
 def plain_messages(history: Sequence[dict], system: str = "") -> list[dict]:

@@ -37,10 +37,15 @@ def build(engine: Engine, store: SessionStore | None = None) -> gr.Blocks:
 
     def stats_after_stop(request: gr.Request) -> str:
         """Stop closes the chat generator, which can yield no more: show its final stats here."""
-        if engine.lock.acquire(timeout=30):  # held until the stopped generator has closed
-            engine.lock.release()
         session = store.sessions.get(request.session_hash)
-        return describe(session.stats) if session and session.stats else gr.skip()
+        if session is None:
+            return gr.skip()
+        running = session.request
+        if running is not None:  # at once, even while its prompt is still being prefilled
+            running.cancel()
+        if session.answering.acquire(timeout=30):  # held until the stopped generator has closed
+            session.answering.release()
+        return describe(session.stats) if session.stats else gr.skip()
 
     def free_session(request: gr.Request) -> None:
         store.close(request.session_hash)
@@ -72,7 +77,7 @@ def build(engine: Engine, store: SessionStore | None = None) -> gr.Blocks:
             editable=True,
             validator=lambda message: gr.validate(bool(message.strip()), "Type a message first."),
             api_name="chat",
-            concurrency_limit=1,
+            concurrency_limit=engine.max_batch,  # tabs answer at once, in the scheduler's batch
             analytics_enabled=False,
             fill_height=True,
         )

@@ -1,7 +1,7 @@
 """Sampling: make_sampler(...) builds one function from logits to next token ids."""
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
@@ -86,3 +86,19 @@ def penalize_repetition(logits: mx.array, recent: mx.array, penalty: float) -> m
     picked = mx.take_along_axis(logits, recent, axis=-1)
     picked = mx.where(picked > 0, picked / penalty, picked * penalty)
     return mx.put_along_axis(logits, recent, picked, axis=-1)
+
+
+def with_repetition_penalty(sampler: Sampler, tokens: Sequence[int], penalty: float,
+                            context: int = 64) -> Sampler:
+    """`sampler` for one sequence (logits [1, V]) after penalize_repetition over the last
+    `context` tokens it has seen: the end of `tokens` (its prompt), then each token it picked."""
+    if penalty == 1.0:
+        return sampler
+    recent = [mx.array(list(tokens[-context:]), dtype=mx.uint32)[None]]
+
+    def sample(logits: mx.array) -> mx.array:
+        y = sampler(penalize_repetition(logits, recent[0], penalty))
+        recent[0] = mx.concatenate([recent[0], y[:, None].astype(mx.uint32)], axis=1)[:, -context:]
+        return y
+
+    return sample

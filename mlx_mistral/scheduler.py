@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
@@ -33,7 +33,7 @@ from .errors import MistralError
 from .generate import DEFAULT_PREFILL_CHUNK, TextStream, _check_request
 from .loading import load
 from .memory import kv_bytes_per_token
-from .sample import check_sampler, make_sampler
+from .sample import check_repetition_penalty, check_sampler, make_sampler, with_repetition_penalty
 from .tokenizer import ToolCall
 
 # KV cache slots for a model without a sliding window (v0.2, v0.3), unless max_kv_size says otherwise.
@@ -57,6 +57,12 @@ class Event:
     error: str | None = None
     reused_tokens: int = 0  # prompt tokens found in an idle cache: not prefilled again
     tool_calls: list[ToolCall] | None = None  # on the last event when the answer is function calls
+    # the row's stats on each token's event (TextStream's, and what the row's own cache holds)
+    prefilled_tokens: int = 0  # prompt tokens fed for this request (the conversation, less reused_tokens)
+    ttft: float = 0.0  # seconds from submit() to the first token
+    generation_tps: float = 0.0
+    peak_memory: int = 0  # bytes, since the scheduler was last idle
+    kv_tokens: int = 0  # tokens the row's cache holds (at most `capacity`)
 
 
 @dataclass(eq=False)
@@ -66,7 +72,10 @@ class Request:
     that the next turn can reuse this answer's cache. `sink` receives the events on the
     scheduler's thread (it must not block); by default they wait for events(). With
     `tool_calls` (the prompt offered tools), an answer that begins with [TOOL_CALLS] ends
-    as parsed calls (TextStream)."""
+    as parsed calls (TextStream). The requests of one `session` (a chat tab) share one idle
+    cache, the last one's (see _plan); `reuse=False` prefills the whole prompt all the same
+    (benchmarks). With `roll`, a windowless model's prompt and answer may pass the KV cache,
+    which then rolls as a sliding window (the chat app's rule) instead of being refused."""
 
     tokens: list[int]
     max_tokens: int = 256
@@ -77,6 +86,10 @@ class Request:
     echo: Callable[[str], list[int]] | None = None
     sink: Callable[[Event], None] | None = None
     tool_calls: bool = False
+    repetition_penalty: float = 1.0  # over the row's last 64 tokens, prompt included (1 = off)
+    session: Hashable | None = None
+    reuse: bool = True
+    roll: bool = False
 
     def __post_init__(self):
         self.cancelled = False
@@ -101,13 +114,15 @@ class _Row:
     """A request being served: its prompt (`ids`, of which `feed` is not in the cache yet)
     and its stream."""
 
-    def __init__(self, request: Request, ids: list[int], held: int, text: TextStream):
-        self.request, self.ids, self.text = request, ids, text
+    def __init__(self, request: Request, ids: list[int], held: int, text: TextStream,
+                 marks: list[tuple[int, int]]):
+        self.request, self.ids, self.text, self.marks = request, ids, text, marks  # marks: see _Held
         self.feed = ids[held:]  # never empty: the last prompt token is fed by a decode step
         self.reused = held  # prompt tokens already in the cache
         self.answer: list[int] = []
         self.pieces: list[str] = []
-        self.sampler = make_sampler(request.temperature, request.top_p, seed=request.seed)
+        sampler = make_sampler(request.temperature, request.top_p, seed=request.seed)
+        self.sampler = with_repetition_penalty(sampler, ids, request.repetition_penalty)
 
 
 @dataclass
@@ -122,12 +137,15 @@ class _Group:
 @dataclass
 class _Held:
     """An idle cache: `fed` is what it holds, `actual` the conversation with the model's own
-    last token, `template` the same as a client writes it back (None: no echo)."""
+    last token, `template` the same as a client writes it back (empty: no echo). At each
+    (t, a) of `marks`, the end of one of the conversation's answers, template[:t] and
+    actual[:a] are the same conversation; marks[0] is (0, 0)."""
 
     cache: RollingKVCache
     fed: list[int]
     actual: list[int]
-    template: list[int] | None
+    template: list[int]
+    marks: list[tuple[int, int]]
 
 
 class Scheduler:
@@ -174,7 +192,6 @@ class Scheduler:
                              reused_tokens=0, stop=0, length=0, tool_calls=0, cancelled=0,
                              error=0)
         self.tokens_per_second = 0.0  # the last decode step's rows / its time
-        self.lock = threading.Lock()  # for callers that run their own generation through call()
         self.model = self.tokenizer = None
         threading.Thread(target=self._serve, name="mlx", daemon=True).start()
         self.name = model
@@ -220,6 +237,20 @@ class Scheduler:
         return self.call(make_cache, self.model.args, self.max_kv_size, dtype=self.model.dtype,
                          kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
 
+    def plan(self, request: Request) -> tuple[list[int], int]:
+        """(the prompt as `request` would be fed, how many of its tokens an idle cache holds),
+        changing nothing (see _plan)."""
+        ids, _, held, _ = self.call(self._plan, request)
+        return ids, held
+
+    def held(self, session: Hashable) -> "_Held | None":
+        """The idle cache kept for `session` (a chat tab), if any."""
+        return self._idle.get(session)
+
+    def forget(self, session: Hashable) -> None:
+        """Drop the idle cache kept for `session` (a closed chat tab)."""
+        self.call(lambda: self._idle.pop(session, None) and None)  # no result: the thread keeps the last one
+
     def submit(self, request: Request) -> Request:
         """Queue a request (MistralError if it is invalid, QueueFull if the queue is)."""
         if self.model is None:
@@ -229,11 +260,13 @@ class Scheduler:
             raise MistralError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
         _check_request(self.model, 0, tokens, request.max_tokens, request.stop)
         check_sampler(request.temperature, request.top_p)
+        check_repetition_penalty(request.repetition_penalty)
         if request.seed is not None and (not isinstance(request.seed, int) or isinstance(request.seed, bool)):
             raise MistralError(f"seed must be an integer, got {request.seed!r}")
-        if len(tokens) + request.max_tokens > self.context:
+        context = self.model.args.max_position_embeddings if request.roll else self.context
+        if len(tokens) + request.max_tokens > context:
             raise MistralError(f"prompt ({len(tokens)} tokens) + max_tokens ({request.max_tokens}) is past "
-                               f"the context of {self.context} tokens")
+                               f"the context of {context} tokens")
         with self._waiting_lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); try again later")
@@ -298,6 +331,8 @@ class Scheduler:
             if gone:
                 self._split(group, [b for b, row in enumerate(group.rows) if not row.request.cancelled])
         self._prefilling = [group for group in self._prefilling if group.rows]
+        if not self._rows and not self._prefilling:
+            mx.reset_peak_memory()  # the Events' peak_memory: since the scheduler was last idle
         self._admit()
         self._prefill()
         if self._rows:
@@ -318,35 +353,56 @@ class Scheduler:
                 self.counters["cancelled"] += 1
                 self._outbox.append((request, Event("", len(request.tokens), 0, finish_reason="cancelled")))
                 continue
-            ids, cache, held = self._reuse(request.tokens)
+            ids, cache, held, marks = self._reuse(request)
             text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
                               request.submitted, request.tool_calls)
-            row = _Row(request, ids, held, text)
+            row = _Row(request, ids, held, text, marks)
             self.counters["reused_tokens"] += held
             if cache is None:
                 fresh.append(row)
             else:
                 self._prefilling.append(_Group([row], cache))
         if fresh:
+            roll = any(row.request.roll for row in fresh) and self.window != self.capacity  # warn when it rolls
             cache = RollingKVCache(self.model.args, self.capacity, len(fresh), dtype=self.model.dtype,
-                                   bits=self.kv_bits, group_size=self.kv_group_size)
+                                   warn_on_roll=roll, bits=self.kv_bits, group_size=self.kv_group_size)
             self._prefilling.append(_Group(fresh, cache))
 
-    def _reuse(self, tokens: list[int]) -> tuple[list[int], RollingKVCache | None, int]:
-        """(the prompt to feed, an idle cache it extends or None, the tokens that cache holds).
+    def _reuse(self, request: Request) -> tuple[list[int], RollingKVCache | None, int, list[tuple[int, int]]]:
+        """(the prompt to feed, an idle cache it extends or None, the tokens that cache holds,
+        the marks of the prompt's answers): _plan's choice, that cache taken out of the idle
+        ones, and a session's old cache dropped even when it cannot be continued."""
+        ids, key, n, marks = self._plan(request)
+        held = self._idle.pop(key) if key is not None else None
+        if request.session is not None:
+            self._idle.pop(request.session, None)
+        return ids, held and held.cache, n, marks
 
-        A chat client sends the model's earlier answers back as text, which the tokenizer
-        may split differently: where the prompt starts with an idle cache's `template`, the
-        model's own tokens replace it (the app's rule: the cache keeps what was generated)."""
-        for key, held in reversed(self._idle.items()):
-            ids = tokens
-            if held.template is not None and tokens[:len(held.template)] == held.template:
-                ids = held.actual + tokens[len(held.template):]
-            n = len(held.fed)
-            if n < len(ids) and ids[:n] == held.fed:
-                del self._idle[key]
-                return ids, held.cache, n
-        return tokens, None, 0
+    def _plan(self, request: Request) -> tuple[list[int], Hashable | None, int, list[tuple[int, int]]]:
+        """(the prompt to feed, the key of the idle cache it extends or None, the tokens that
+        cache holds, the marks of the prompt's answers).
+
+        The one reuse rule (the chat app's too). A chat client sends the model's earlier
+        answers back as text, which the tokenizer may split differently: where the prompt
+        starts like an idle cache's `template` up to the end of one of its answers (the last
+        such mark), the model's own tokens replace that part, so the model sees what it
+        generated. If the cache holds the start of the result, only the rest is prefilled;
+        otherwise (an edited, regenerated or undone turn) it is prefilled whole. A session's
+        request looks at its own cache only; others at every idle cache, newest first."""
+        tokens, session = request.tokens, request.session
+        if session is not None:
+            candidates = [(session, self._idle[session])] if session in self._idle else []
+        else:
+            candidates = list(reversed(self._idle.items()))
+        for key, held in candidates:
+            i = max(i for i, (t, _) in enumerate(held.marks) if tokens[:t] == held.template[:t])
+            t, a = held.marks[i]
+            ids, n = held.actual[:a] + tokens[t:], len(held.fed)
+            if request.reuse and n < len(ids) and ids[:n] == held.fed:
+                return ids, key, n, held.marks[:i + 1]
+            if session is not None:
+                return ids, None, 0, held.marks[:i + 1]
+        return tokens, None, 0, [(0, 0)]
 
     def _prefill(self) -> None:
         """Up to prefill_chunk prompt tokens, oldest group first. Every row of a group gets
@@ -399,9 +455,9 @@ class Scheduler:
     def _decode(self) -> None:
         start = time.perf_counter()
         logits = self.model(self._y[:, None], self._cache)[:, -1]
-        if all(row.request.temperature == 0 for row in self._rows):
+        if all(row.request.temperature == 0 and row.request.repetition_penalty == 1.0 for row in self._rows):
             y = mx.argmax(logits, axis=-1)
-        else:  # each row its own sampler (and its own seeded random stream)
+        else:  # each row its own sampler (its own seeded random stream, its own recent tokens)
             y = mx.concatenate([row.sampler(logits[b:b + 1]) for b, row in enumerate(self._rows)])
         tokens = y.tolist()  # the one sync of the step
         n = len(self._rows)
@@ -423,9 +479,12 @@ class Scheduler:
         self.counters["generated_tokens"] += 1
         if r.finish_reason:
             self.counters[r.finish_reason] += 1
-        self._outbox.append((row.request, Event(r.text, len(row.request.tokens), r.generation_tokens, token,
-                                                r.finish_reason, reused_tokens=row.reused,
-                                                tool_calls=r.tool_calls)))
+        n = r.generation_tokens
+        self._outbox.append((row.request, Event(
+            r.text, len(row.request.tokens), n, token, r.finish_reason, reused_tokens=row.reused,
+            tool_calls=r.tool_calls, prefilled_tokens=len(row.ids) - row.reused, ttft=r.ttft,
+            generation_tps=r.generation_tps, peak_memory=r.peak_memory,
+            kv_tokens=min(len(row.ids) + n - 1, self.capacity))))  # all but the newest token are fed
         return r.finish_reason is not None
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
@@ -446,15 +505,19 @@ class Scheduler:
         self._rows = [self._rows[b] for b in keep]
 
     def _hold(self, row: _Row, cache: RollingKVCache | None) -> None:
-        """Keep a finished row's cache (it holds the prompt and all but the last token)."""
+        """Keep a finished (or cancelled) row's cache: it holds the prompt and all but the
+        last token of the answer. A session's replaces the one it had."""
         if cache is None or not self.max_idle or not row.answer:
             return
-        request, answer = row.request, row.answer
-        template = None
+        request, actual = row.request, row.ids + row.answer
+        template, marks = [], [(0, 0)]
         if request.echo is not None:
-            eos = [self.tokenizer.eos_id] if answer[-1] == self.tokenizer.eos_id else []
+            eos = [self.tokenizer.eos_id] if actual[-1] == self.tokenizer.eos_id else []
             template = request.tokens + request.echo("".join(row.pieces)) + eos
-        self._idle[id(cache)] = _Held(cache, row.ids + answer[:-1], row.ids + answer, template)
+            marks = row.marks + [(len(template), len(actual))]
+        key = id(cache) if request.session is None else request.session
+        self._idle.pop(key, None)
+        self._idle[key] = _Held(cache, actual[:-1], actual, template, marks)
         while len(self._idle) > self.max_idle or (
                 self.max_idle_bytes is not None and len(self._idle) * self.row_bytes > self.max_idle_bytes):
             self._idle.popitem(last=False)

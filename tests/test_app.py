@@ -54,8 +54,16 @@ def reference(engine, tokens, max_tokens):
 
 
 def check_consistent(session):
-    assert session.cache.offset == len(session.tokens)
-    assert not session.engine.lock.locked()
+    """The scheduler holds the session's cache: the conversation but the model's last token
+    (not fed yet); no row is left in the batch."""
+    assert session.cache.offset == len(session.tokens) - 1
+    assert session.engine.held(session).fed == session.tokens[:-1]
+    idle(session.engine)
+
+
+def idle(engine):
+    stats = engine.stats()
+    assert (stats["running"], stats["prefilling"], stats["waiting"]) == (0, 0, 0)
 
 
 def test_plain_messages_reads_gradio_content_blocks():
@@ -92,13 +100,14 @@ def test_next_turn_prefills_only_the_new_tokens(engine):
     feed, reused = session.plan(history)
     assert reused
     prompt = engine.tokenizer.chat_tokens(history)
-    assert prompt[-len(feed):] == feed and len(feed) < len(prompt) // 2
-    assert feed[0] == engine.tokenizer.eos_id  # the first answer stopped at max_tokens, not at EOS
+    # the answer's last token (generated, not yet fed), then the new turn's tokens
+    assert feed[0] == held[-1] and prompt[-(len(feed) - 1):] == feed[1:] and len(feed) < len(prompt) // 2
+    assert feed[1] == engine.tokenizer.eos_id  # the first answer stopped at max_tokens, not at EOS
     _, generated = answer(session, history)
-    assert session.stats.reused_tokens == len(held) and session.stats.prompt_tokens == len(feed)
-    assert session.tokens == held + feed + generated
+    assert session.stats.reused_tokens == len(held) - 1 and session.stats.prompt_tokens == len(feed)
+    assert session.tokens == held + feed[1:] + generated
     # Reuse changes the cost, not the answer: one prefill of the same tokens gives the same ids.
-    assert generated == reference(engine, held + feed, GREEDY.max_tokens)
+    assert generated == reference(engine, held + feed[1:], GREEDY.max_tokens)
     check_consistent(session)
 
 
@@ -118,9 +127,9 @@ def test_long_chat_rolls_past_the_window_in_flat_memory(engine):
         held = len(session.tokens)
         text, _ = answer(session, history)
         history.append(assistant(text))
-        kv_bytes.add(session.stats.kv_bytes)
+        kv_bytes.update({session.stats.kv_bytes, session.cache.nbytes})
         peaks.append(session.stats.peak_memory)
-        assert session.stats.reused_tokens == held  # 0 on the first turn
+        assert session.stats.reused_tokens == max(held - 1, 0)  # 0 on the first turn
     assert session.cache.offset > 2 * engine.window and session.stats.rolled
     assert session.stats.kv_tokens == session.stats.kv_capacity == engine.window
     assert len(kv_bytes) == 1 and max(peaks) < 1.1 * min(peaks)
@@ -192,15 +201,17 @@ def test_stop_keeps_the_partial_answer_and_the_cache_consistent(engine):
         assert stats.finish_reason is None and stats.generated_tokens == n
         if n == 5:
             break
-    assert engine.lock.locked()  # the generator still holds the model
-    replies.close()  # what Gradio does on Stop: GeneratorExit in the generator
-    assert session.stats.finish_reason == "stopped" and session.stats.generated_tokens == 5
-    assert session.tokens == prompt + reference(engine, prompt, 5)
+    assert engine.stats()["running"] == 1  # the row still decodes in the batch
+    replies.close()  # what Gradio does on Stop: GeneratorExit in the generator: the request is cancelled
+    n = session.stats.generated_tokens  # the row may have run a few steps ahead of the reader
+    assert session.stats.finish_reason == "stopped" and 5 <= n < 500
+    assert session.answer.startswith(text)
+    assert session.tokens == prompt + reference(engine, prompt, n)  # the cache keeps every generated token
     check_consistent(session)
     # The partial answer is the assistant's turn: the next turn continues the cache.
-    history += [assistant(text), user("go on")]
+    history += [assistant(session.answer), user("go on")]
     feed, reused = session.plan(history)
-    assert reused and feed[0] == engine.tokenizer.eos_id
+    assert reused and feed[1] == engine.tokenizer.eos_id
     answer(session, history)
     check_consistent(session)
 
@@ -234,17 +245,22 @@ def test_stop_before_the_first_token_changes_nothing(engine):
     check_consistent(session)
 
 
-def test_one_answer_at_a_time(engine):
+def test_two_tabs_answer_at_once_in_one_batch(engine):
+    """b's answer does not wait for a's: both rows decode in the same steps, and each answer
+    equals the one it gets alone."""
     a, b = ChatSession(engine), ChatSession(engine)
-    replies = a.respond([user("first")], GREEDY)
+    before = engine.stats()
+    replies = a.respond([user("first")], Settings(temperature=0.0, max_tokens=40))
     next(replies)
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: (answer(b, [user("second")]), done.set()))
-    thread.start()
-    assert not done.wait(0.5)  # b waits for a's answer to end
-    replies.close()
-    thread.join(30)
-    assert done.is_set()
+    _, b_generated = answer(b, [user("second")])  # while a's row goes on
+    assert engine.stats()["running"] == 1 and a.stats is None  # a's answer is not over
+    list(replies)
+    after = engine.stats()
+    assert after["rows"] - before["rows"] > after["steps"] - before["steps"]  # a step ran with both rows
+    a_generated = a.tokens[-a.stats.generated_tokens:]
+    assert a.stats.generated_tokens == 40
+    assert a_generated == reference(engine, engine.tokenizer.chat_tokens([user("first")]), 40)
+    assert b_generated == reference(engine, engine.tokenizer.chat_tokens([user("second")]), GREEDY.max_tokens)
     check_consistent(a)
     check_consistent(b)
 
@@ -271,20 +287,37 @@ def test_closing_a_session_frees_its_cache(engine):
     gc.collect()
     assert cache() is None and "browser-1" not in store.sessions
     store.close("never-opened")  # no error
+    tab = store.get("browser-2")
+    replies = tab.respond([user("Tell me a long story")], Settings(temperature=0.0, max_tokens=500))
+    next(replies)
+    store.close("browser-2")  # the tab closes mid-answer: its request is cancelled
+    list(replies)
+    assert tab.stats.finish_reason == "stopped" and tab.stats.generated_tokens < 500
+    assert tab.cache is None  # and its cache dropped
+    idle(engine)
 
 
-def test_only_the_most_recent_sessions_keep_a_cache(engine):
-    store = SessionStore(engine, max_caches=2)
-    history = [user("hi")]
-    for name in "abc":
-        text, _ = answer(store.get(name), history)
-    assert [name for name, s in store.sessions.items() if s.cache is not None] == ["b", "c"]
-    a = store.get("a")  # a comes back: b is now the least recently used
-    assert [name for name, s in store.sessions.items() if s.cache is not None] == ["c"]
-    answer(a, history + [assistant(text), user("again")])
-    assert a.stats.reused_tokens == 0  # its cache was dropped: rebuilt from its history
-    assert [name for name, s in store.sessions.items() if s.cache is not None] == ["c", "a"]
-    check_consistent(a)
+def kept(store):
+    """The sessions whose cache the scheduler keeps, least recently answered first."""
+    names = {session: name for name, session in store.sessions.items()}
+    return [names[key] for key in list(store.engine._idle) if key in names]
+
+
+def test_only_the_most_recent_sessions_keep_a_cache():
+    engine = Engine("demo", max_idle=2)
+    try:
+        store = SessionStore(engine)
+        history = [user("hi")]
+        for name in "abc":
+            text, _ = answer(store.get(name), history)
+        assert kept(store) == ["b", "c"] and store.get("a").cache is None
+        a = store.get("a")  # a comes back: its cache was dropped, rebuilt from its history
+        answer(a, history + [assistant(text), user("again")])
+        assert a.stats.reused_tokens == 0
+        assert kept(store) == ["c", "a"]  # b was the least recently used
+        check_consistent(a)
+    finally:
+        engine.close()
 
 
 def test_errors_are_mistral_errors_and_leave_the_session_usable(engine):
@@ -293,7 +326,9 @@ def test_errors_are_mistral_errors_and_leave_the_session_usable(engine):
         next(session.respond([user("hi")], Settings(top_p=0.0)))
     with pytest.raises(MistralError, match="end with a user message"):
         next(session.respond([user("hi"), assistant("hello")], GREEDY))
-    assert not engine.lock.locked()
+    with pytest.raises(MistralError, match="repetition_penalty must be > 0"):
+        next(session.respond([user("hi")], Settings(repetition_penalty=0.0)))
+    idle(engine)
     answer(session, [user("hi")])
     check_consistent(session)
 
@@ -417,11 +452,11 @@ def test_at_most_four_idle_caches_with_six_sessions(engine):
     """The default store: six sessions answer in turn; only the four most recent keep a cache,
     and the two older caches are freed (no reference left)."""
     store = SessionStore(engine)
-    assert store.max_caches == 4
+    assert engine.max_idle == 4
     caches = []
     for name in "abcdef":
         answer(store.get(name), [user("hi")])
         caches.append(weakref.ref(store.sessions[name].cache))
     gc.collect()
-    assert [name for name, s in store.sessions.items() if s.cache is not None] == list("cdef")
+    assert kept(store) == list("cdef")
     assert [c() is None for c in caches] == [True, True, False, False, False, False]

@@ -146,10 +146,10 @@ def test_multi_turn_chat_in_the_browser(page, app, expected, tmp_path):
     assert f"{MAX_TOKENS} tokens, hit max new tokens" in stats(page)
     assert f"{first_turn - MAX_TOKENS} tokens prefilled, 0 reused" in stats(page)
 
-    send(page, "and again")  # turn 2 continues the cache
+    send(page, "and again")  # turn 2 continues the cache (all of turn 1 but its last token, not fed yet)
     answer2 = wait_answer(page, 2)
-    assert f"{first_turn} reused from the cache" in stats(page)
-    assert session.cache.offset == len(session.tokens) > engine.window
+    assert f"{first_turn - 1} reused from the cache" in stats(page)
+    assert session.cache.offset == len(session.tokens) - 1 > engine.window
     assert f"Past the {engine.window}-token sliding window" in stats(page)
     assert "128.0 KiB allocated" in stats(page)  # 4 layers x K,V x 2 heads x 64 slots x 32 x 4 bytes
 
@@ -158,7 +158,7 @@ def test_multi_turn_chat_in_the_browser(page, app, expected, tmp_path):
     assert " 0 reused" in stats(page)
     send(page, "one more time")
     wait_answer(page, 4)
-    assert "128.0 KiB allocated" in stats(page) and session.cache.offset == len(session.tokens)
+    assert "128.0 KiB allocated" in stats(page) and session.cache.offset == len(session.tokens) - 1
     assert page.locator(BOT).count() == 3 and page.locator('[data-testid="user"]').count() == 3
     page.wait_for_timeout(400)  # the input row's fade
     shot = tmp_path / "app.png"
@@ -188,15 +188,15 @@ def test_stop_ends_streaming_and_keeps_the_partial_answer(page, app):
     assert page.locator(BOT).last.inner_text() == frozen and frozen.strip()
     page.locator('[data-testid="submit-button"]').wait_for(timeout=10_000)
     session = page.session()
-    assert not engine.lock.locked()  # the generator was closed: the model is free
+    assert engine.stats()["running"] == 0  # the request was cancelled: its row left the batch
     assert session.stats.finish_reason == "stopped" and 8 <= session.stats.generated_tokens < 4096
-    assert session.cache.offset == len(session.tokens)
+    assert session.cache.offset == len(session.tokens) - 1  # the cache keeps what was generated
 
     set_number(page, "Max new tokens", 8)
     send(page, "go on")  # the partial answer stays in the conversation
     wait_answer(page, 2)
     assert page.locator(BOT).first.inner_text() == frozen
-    assert session.cache.offset == len(session.tokens)
+    assert session.cache.offset == len(session.tokens) - 1
 
 
 def test_empty_message_undo_and_a_closed_tab(page, app):
@@ -239,3 +239,41 @@ def test_gradio_client_chat(app, expected):
     long = demo.store.sessions[client.session_hash].stats
     assert long.kv_bytes == short.kv_bytes and long.peak_memory < 1.05 * short.peak_memory  # flat
     client.close()
+
+
+def test_a_tab_and_an_api_client_answer_at_once_from_one_model(browser, expected):
+    """`python -m app --api`: a Chromium tab chats while an `openai` client streams from /v1.
+    Both answer, in the same decode steps, each as it answers alone; one scheduler, one model
+    loaded once, served them both."""
+    import openai
+    from test_server import Server
+
+    server = Server("--api", module="app")
+    page = browser.new_page()
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
+        ("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")) else route.abort())
+    try:
+        server.wait()
+        page.goto(server.url + "/")
+        page.locator("#message textarea").wait_for(timeout=30_000)
+        set_number(page, "Temperature", 0)
+        set_number(page, "Max new tokens", MAX_TOKENS)
+        api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        kw = dict(model="demo", messages=[{"role": "user", "content": "hello"}], temperature=0,
+                  max_tokens=600)  # streams for seconds after the tab's answer has begun
+        stream = api.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+        chunks = [next(stream)]  # the API's row is decoding
+        send(page, "hi")
+        tab = wait_answer(page, 1)
+        chunks += list(stream)
+        streamed = "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
+        assert words(tab) == words(expected)
+        assert streamed == api.chat.completions.create(**kw).choices[0].message.content  # alone, afterwards
+        metrics = server.metrics()
+        assert metrics["mlx_mistral_decode_rows_max"] >= 2  # the tab's row and the API's in one step
+        assert metrics["mlx_mistral_generated_tokens_total"] == \
+            MAX_TOKENS + 2 * chunks[-1].usage.completion_tokens  # the tab's and the API's two answers
+    finally:
+        page.close()
+        assert server.stop() == 130
+    assert server.proc.stderr.read().count("loading demo...") == 1

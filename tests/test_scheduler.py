@@ -21,7 +21,8 @@ def solo(s, tokens, max_tokens, **kw):
     """The same request alone, through stream_generate (no scheduler batching)."""
     sampler = make_sampler(kw.get("temperature", 0.0), kw.get("top_p", 1.0), seed=kw.get("seed"))
     run = lambda: [r.token for r in stream_generate(s.model, s.tokenizer, tokens, max_tokens=max_tokens,  # noqa: E731
-                                                     sampler=sampler, stop=kw.get("stop", ()))]
+                                                     sampler=sampler, stop=kw.get("stop", ()),
+                                                     repetition_penalty=kw.get("repetition_penalty", 1.0))]
     return s.call(run)
 
 
@@ -70,6 +71,22 @@ def test_seeded_and_greedy_rows_mixed_equal_solo_runs(sched):
     settings = [dict(temperature=0.9, seed=1), dict(), dict(temperature=0.7, top_p=0.9, seed=2), dict()]
     requests = [sched.submit(Request(p, max_tokens=10, **kw)) for p, kw in zip(ps, settings)]
     assert [tokens_of(r)[0] for r in requests] == [solo(sched, p, 10, **kw) for p, kw in zip(ps, settings)]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_repetition_penalty_per_row_equals_solo_runs(sched, sampled):
+    """Penalized rows beside plain ones in one batch (all greedy, or with a seeded row):
+    each equals stream_generate with the same penalty alone, and the penalty changes the answer."""
+    ps = prompts(sched, 4)
+    settings = [dict(repetition_penalty=1.5), dict(), dict(repetition_penalty=0.7),
+                dict(temperature=0.8, seed=3, repetition_penalty=1.3) if sampled else dict()]
+    before = sched.stats()
+    requests = [sched.submit(Request(p, max_tokens=24, **kw)) for p, kw in zip(ps, settings)]
+    got = [tokens_of(r)[0] for r in requests]
+    after = sched.stats()
+    assert after["rows"] - before["rows"] > after["steps"] - before["steps"]  # batched
+    assert got == [solo(sched, p, 24, **kw) for p, kw in zip(ps, settings)]
+    assert got[0] != solo(sched, ps[0], 24)
 
 
 def test_stop_string_and_text(sched):
@@ -139,6 +156,8 @@ def test_kv_budget_bounds_the_batch():
     (dict(top_p=0.0), "top_p must be in"),
     (dict(stop=[""]), "stop strings"),
     (dict(seed="x"), "seed must be an integer"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty must be > 0"),
     (dict(max_tokens=40000), "past the context"),
 ])
 def test_bad_requests(sched, kw, match):

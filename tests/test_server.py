@@ -366,8 +366,12 @@ def test_ctrl_c_exits_130(servers):
     assert "[server stopped]" in small.proc.stderr.read()
 
 
+API_TOKENS = 400  # long enough for the tab's answer to start while it streams
+
+
 def test_app_with_api_serves_the_page_and_v1_from_one_model():
-    """python -m app --api: a chat tab (through gradio_client) and an API stream answer at once."""
+    """python -m app --api: a chat tab (through gradio_client) and an API stream answer at once,
+    decoded in the same batch by the one scheduler, each as it answers alone."""
     from gradio_client import Client
 
     app = Server("--api", module="app")
@@ -375,15 +379,29 @@ def test_app_with_api_serves_the_page_and_v1_from_one_model():
         app.wait()
         assert "gradio" in httpx.get(app.url + "/", timeout=30).text.lower()
         api = openai.OpenAI(base_url=app.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        streamed_text = {}
-        stream = threading.Thread(target=lambda: streamed_text.update(text=streamed(api, "hello", max_tokens=40)))
-        stream.start()
+        first, pieces, usage = threading.Event(), [], []
+
+        def stream_api():
+            for chunk in chat(api, "hello", stream=True, max_tokens=API_TOKENS,
+                              stream_options={"include_usage": True}):
+                pieces.extend(c.delta.content or "" for c in chunk.choices)
+                usage.append(chunk.usage)
+                first.set()
+
         tab = Client(app.url + "/", verbose=False)
+        stream = threading.Thread(target=stream_api)
+        stream.start()
+        assert first.wait(60)
         text, panel = tab.predict("hi", system="", temperature=0.0, top_p=1.0, max_tokens=16, repetition_penalty=1.0,
                                   seed=0, api_name="/chat")
-        stream.join(60)
+        stream.join(120)
         tab.close()
-        assert text and "16 tokens" in panel
-        assert streamed_text["text"][1] == "length" and streamed_text["text"][0]
+        assert not stream.is_alive() and "16 tokens" in panel
+        metrics = app.metrics()
+        assert metrics["mlx_mistral_decode_rows_max"] >= 2  # the tab's row and the API's in one step
+        assert metrics["mlx_mistral_generated_tokens_total"] == 16 + usage[-1].completion_tokens  # one model
+        # each answer is what it is alone (greedy): the same requests again, one at a time
+        assert text == chat(api, "hi", max_tokens=16).choices[0].message.content
+        assert "".join(pieces) == chat(api, "hello", max_tokens=API_TOKENS).choices[0].message.content
     finally:
         assert app.stop() == 130

@@ -9,7 +9,7 @@ import mlx.core as mx
 from ..cache import RollingKVCache, make_cache
 from ..errors import MistralError
 from ..model import Mistral
-from ..sample import Sampler, check_repetition_penalty, make_sampler, penalize_repetition
+from ..sample import Sampler, check_repetition_penalty, make_sampler, with_repetition_penalty
 from ..tokenizer import StreamingDetokenizer, Tokenizer, ToolCall
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -62,23 +62,12 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: RollingKVCache, 
     Step n+1 is scheduled with async_eval before token n is handed out, so the
     device computes while Python works: one sync (`.item()`) per token.
     """
-    penalize = repetition_penalty != 1.0
-    recent = mx.array(list(prompt[-repetition_context:]), dtype=mx.uint32)[None]
-
-    def next_token(logits: mx.array) -> mx.array:
-        nonlocal recent
-        if penalize:
-            logits = penalize_repetition(logits, recent, repetition_penalty)
-        y = sampler(logits)
-        if penalize:
-            recent = mx.concatenate([recent, y[:, None].astype(mx.uint32)], axis=1)[:, -repetition_context:]
-        return y
-
-    y = next_token(prefill(model, prompt, cache, prefill_chunk))
-    mx.async_eval(y, recent)
+    sampler = with_repetition_penalty(sampler, prompt, repetition_penalty, repetition_context)
+    y = sampler(prefill(model, prompt, cache, prefill_chunk))
+    mx.async_eval(y)
     while True:
-        next_y = next_token(model(y[:, None], cache)[:, -1])
-        mx.async_eval(next_y, recent)
+        next_y = sampler(model(y[:, None], cache)[:, -1])
+        mx.async_eval(next_y)
         yield y.item()
         y = next_y
 
