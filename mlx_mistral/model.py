@@ -13,8 +13,9 @@ from .config import ModelArgs
 
 class Attention(nn.Module):
     fold_gqa = False  # True on the CPU backend (set by cpu.prepare_for_cpu)
-    # On the CPU backend: () -> this thread's CPU streams, one per core, to run the K/V heads
-    # of quantized_attention at once (set by cpu.prepare_for_cpu; None: the default stream).
+    # On the CPU backend: () -> this thread's CPU streams, one per core, to run the K/V heads of
+    # quantized_attention at once (MLX's CPU quantized_matmul uses one core: 2x on 2 cores at
+    # 16k tokens of context). Set by cpu.prepare_for_cpu; None: the default stream.
     head_streams = None
 
     def __init__(self, args: ModelArgs):
