@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--positions", type=int, default=2048)
     p.add_argument("--chunk", type=int, default=512)
     a = p.parse_args()
-    model, _ = load_windowless(a)
+    model, _, _ = load_windowless(a)
     bits = [int(b) for b in a.kv_bits.split(",")]
     caches = {b: make_cache(model.args, a.positions, dtype=model.dtype, kv_bits=b, kv_group_size=a.kv_group_size)
               for b in [None] + bits}

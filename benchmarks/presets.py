@@ -84,8 +84,10 @@ def kv_bench_parser(description: str) -> argparse.ArgumentParser:
 
 
 def load_windowless(a: argparse.Namespace):
-    """(model, dtype name): --model, or the windowless preset written in this backend's fast dtype."""
+    """(model, dtype name, directory): --model, or the windowless preset written in this
+    backend's fast dtype."""
     from mlx_mistral import load
 
     dtype = "float32" if mx.default_device() == mx.cpu else "float16"
-    return load(a.model or str(make_checkpoint(a.preset, dtype, sliding_window=None)))[0], dtype
+    path = a.model or str(make_checkpoint(a.preset, dtype, sliding_window=None))
+    return load(path)[0], dtype, path

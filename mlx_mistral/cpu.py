@@ -5,6 +5,7 @@ this runs. Each path keeps the model's maths; the measured reasons are in the do
 MLX_MISTRAL_CPU_PATHS=0 turns them off, so that Linux runs the code path a Mac runs.
 """
 
+import functools
 import os
 import threading
 import time
@@ -64,7 +65,8 @@ class ParallelQuantizedLinear(nn.QuantizedLinear):
     result is bit for bit that of nn.QuantizedLinear (measured: 4-bit decode 1.6x on 2
     cores). The weights stay whole: a slice of leading rows is a view, not a copy.
 
-    Only this product is split: it calls no BLAS. Splitting attention (which does) or
+    Only products that call no BLAS are split (this one, and the attention on a quantized
+    cache: Attention.head_streams). Splitting the float attention (which calls BLAS) or
     SwiGLU too made some processes hang at exit in OpenBLAS 0.3.21's shutdown (~1 in 25).
     """
 
@@ -108,7 +110,8 @@ def prepare_for_cpu(model: nn.Module) -> None:
     """Switch `model` to the CPU backend's faster paths, in place: float nn.Linear (no bias)
     -> TransposedLinear where this CPU measures it faster (transposed_pays, on the first
     layer's matrices), affine nn.QuantizedLinear -> ParallelQuantizedLinear
-    (one CPU stream per core), and folded decode attention (model.Attention.fold_gqa)."""
+    (one CPU stream per core), folded decode attention (model.Attention.fold_gqa) and the
+    K/V heads of a quantized cache attended to on one CPU stream per core (head_streams)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parts = min(cores, 8)
     modules = model.named_modules()
@@ -125,6 +128,8 @@ def prepare_for_cpu(model: nn.Module) -> None:
         else:
             if isinstance(module, Attention):
                 module.fold_gqa = True
+                if parts > 1:
+                    module.head_streams = functools.partial(cpu_streams, parts)
             continue
         model.update_modules(tree_unflatten([(path, swap)]))
         del module, swap

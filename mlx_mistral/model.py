@@ -13,6 +13,10 @@ from .config import ModelArgs
 
 class Attention(nn.Module):
     fold_gqa = False  # True on the CPU backend (set by cpu.prepare_for_cpu)
+    # On the CPU backend: () -> this thread's CPU streams, one per core, to run the K/V heads of
+    # quantized_attention at once (MLX's CPU quantized_matmul uses one core: 2x on 2 cores at
+    # 16k tokens of context). Set by cpu.prepare_for_cpu; None: the default stream.
+    head_streams = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -34,7 +38,8 @@ class Attention(nn.Module):
         k = self.rope(k, offset=cache.rope_offset)
         k, v = cache.update_and_fetch(layer, k, v)
         if cache.bits:
-            out = quantized_attention(q * self.scale, k, v, mask, cache.group_size, cache.bits)
+            streams = self.head_streams() if self.head_streams else None
+            out = quantized_attention(q * self.scale, k, v, mask, cache.group_size, cache.bits, streams)
             return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         # The fused kernel takes n_kv_heads < n_heads as is: K/V are never repeated.
         if self.fold_gqa and L == 1:
@@ -47,7 +52,8 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, bits: int) -> mx.array:
+def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, bits: int,
+                        streams: list[mx.Stream] | None = None) -> mx.array:
     """softmax(q K^T) V with K and V in mx.quantize's format, never dequantized.
 
     q [B, H, L, hd] (already scaled); k, v (codes, scales, biases) of [B, n_kv, S, .].
@@ -57,6 +63,7 @@ def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, 
     place (all heads at once, the strided view would be copied: a layer's K/V per step).
     What grows with the context is the score matrix: [B, H / n_kv * L, S] per head, though
     MLX may hold every head's at once (measured: H * L float32 per token of context).
+    `streams`: K/V head h runs on streams[h * len(streams) // n_kv] (heads are independent).
     """
     B, H, L, hd = q.shape
     n_kv = k[0].shape[1]
@@ -66,14 +73,16 @@ def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, group_size: int, 
         mask = mx.tril(mx.ones((L, L), dtype=mx.bool_))
     elif mask is not None and mask.ndim == 4:  # [B, 1, 1, S] (ragged decode): one more axis for rep
         mask = mask[:, :, None]
+    streams = streams or [mx.default_stream(mx.default_device())]
     outs = []
     for h in range(n_kv):
-        kh, vh = (tuple(x[:, h:h + 1] for x in kv) for kv in (k, v))
-        scores = mx.quantized_matmul(q[:, h:h + 1], *kh, transpose=True, group_size=group_size, bits=bits)
-        if mask is not None:
-            scores = mx.where(mask, scores.reshape(B, 1, rep, L, -1), -mx.inf).reshape(B, 1, rep * L, -1)
-        probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
-        outs.append(mx.quantized_matmul(probs, *vh, transpose=False, group_size=group_size, bits=bits))
+        with mx.stream(streams[h * len(streams) // n_kv]):
+            kh, vh = (tuple(x[:, h:h + 1] for x in kv) for kv in (k, v))
+            scores = mx.quantized_matmul(q[:, h:h + 1], *kh, transpose=True, group_size=group_size, bits=bits)
+            if mask is not None:
+                scores = mx.where(mask, scores.reshape(B, 1, rep, L, -1), -mx.inf).reshape(B, 1, rep * L, -1)
+            probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+            outs.append(mx.quantized_matmul(probs, *vh, transpose=False, group_size=group_size, bits=bits))
     return mx.concatenate(outs, axis=1).reshape(B, H, L, hd)
 
 

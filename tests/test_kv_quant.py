@@ -1,7 +1,9 @@
 """The KV cache at 8 and 4 bits: mlx-lm's quantized cache as the oracle, wrapping chunks,
 ragged batches, quality against the float cache, memory, and bad input."""
 
+import functools
 import json
+import os
 
 import mlx.core as mx
 import mlx_lm
@@ -72,6 +74,32 @@ def test_matches_mlx_lm_quantized_cache(windowless_dir, load_model, bits, group)
         diff = np.abs(ours - theirs).max()
         print(f"{bits}-bit group {group}, {name}: max abs logit diff vs mlx-lm {diff:.2e}")
         assert diff <= 1e-4, name
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_heads_on_cpu_streams_equal_one_stream(windowless_dir, monkeypatch, bits):
+    """The CPU path attends to the K/V heads of a quantized cache on one CPU stream per core
+    (Attention.head_streams, set by cpu.prepare_for_cpu; never on the Mac path). Same kernels
+    on the same inputs: the same logits bit for bit, chunks and decode."""
+    from mlx_mistral.cpu import cpu_streams
+    from mlx_mistral.model import Attention
+
+    monkeypatch.setenv("MLX_MISTRAL_CPU_PATHS", "0")
+    assert all(m.head_streams is None for m in load(str(windowless_dir))[0].modules() if isinstance(m, Attention))
+    monkeypatch.setenv("MLX_MISTRAL_CPU_PATHS", "1")
+    model, _ = load(str(windowless_dir))
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    assert all(m.head_streams for m in attention) == (len(os.sched_getaffinity(0)) > 1)
+
+    def logits(head_streams, sizes):
+        for m in attention:
+            m.head_streams = head_streams
+        return run_chunks(model, make_cache(model.args, 64, kv_bits=bits), IDS, sizes)
+
+    for sizes in (CHUNKINGS["uneven"], CHUNKINGS["token by token"]):
+        one = logits(None, sizes)
+        for parts in (2, 3):
+            assert np.array_equal(logits(functools.partial(cpu_streams, parts), sizes), one)
 
 
 def test_quantization_changes_the_logits(windowless_dir):
