@@ -7,7 +7,8 @@ Both servers are started by the script on 127.0.0.1 with the same float32 checkp
 weights), greedy, /v1/completions streamed (no chat template: mlx-lm's needs one). For each
 number of clients, all start at once with a different prompt of --prompt-tokens tokens; the
 table shows aggregate generated tok/s (the tokens each server's `usage` reports / wall time),
-TTFT p50 and p95, and the server's peak resident memory (VmHWM). --pause also measures the longest gap between the tokens of 4
+those tokens and the wall time (a greedy answer may end at EOS before --answer-tokens), TTFT p50
+and p95, and the server's peak resident memory (VmHWM). --pause also measures the longest gap between the tokens of 4
 running streams while a 4096-token prompt is admitted, with and without interleaved prefill.
 Our server runs with --max-kv-size (prompt + answer, rounded up) so rows do not allocate the
 4096-token window.
@@ -117,7 +118,7 @@ def run_clients(server: Server, model: str, n: int, prompt_tokens: int, answer_t
     wall = time.perf_counter() - start
     ttft = sorted(o["times"][0] for o in outs if o.get("times"))
     tokens = sum(o.get("tokens", 0) for o in outs)
-    return dict(clients=n, tok_s=tokens / wall, tokens=tokens, ttft_p50=statistics.median(ttft),
+    return dict(clients=n, tok_s=tokens / wall, tokens=tokens, wall_s=wall, ttft_p50=statistics.median(ttft),
                 ttft_p95=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))])
 
 
@@ -204,10 +205,12 @@ def main() -> int:
         print(json.dumps(results, indent=2))
         return 0
     print(f"{args.preset} float32, greedy, {args.prompt_tokens}-token prompts, {args.answer_tokens}-token answers")
-    print(f"{'server':8} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'peak RSS':>9}")
+    print(f"{'server':8} {'clients':>7} {'tok/s':>8} {'tokens':>7} {'wall':>7} {'TTFT p50':>9} {'TTFT p95':>9} "
+          f"{'peak RSS':>9}")
     for kind in args.servers:
         for r in results[kind]["rows"]:
-            print(f"{kind:8} {r['clients']:7d} {r['tok_s']:8.1f} {r['ttft_p50']:8.2f}s {r['ttft_p95']:8.2f}s "
+            print(f"{kind:8} {r['clients']:7d} {r['tok_s']:8.1f} {r['tokens']:7d} {r['wall_s']:6.2f}s "
+                  f"{r['ttft_p50']:8.2f}s {r['ttft_p95']:8.2f}s "
                   f"{results[kind]['peak_rss'] / 2**20:7.0f}MiB")
     for name in ("interleaved", "whole"):
         if f"pause_{name}_s" in results:

@@ -38,6 +38,8 @@ from .tokenizer import ToolCall
 
 # KV cache slots for a model without a sliding window (v0.2, v0.3), unless max_kv_size says otherwise.
 DEFAULT_MAX_KV_SIZE = 8192
+# Out of idle, how long admission may wait for a burst of requests to finish arriving (see _gather).
+GATHER_S = 0.05
 
 
 class QueueFull(MistralError):
@@ -338,7 +340,20 @@ class Scheduler:
         if self._rows:
             self._decode()
 
+    def _gather(self) -> None:
+        """Out of idle, let a burst of requests (clients that start together) finish arriving,
+        so that they are prefilled side by side rather than the first one alone: wait while
+        new ones keep coming, each within 5 ms of the last, for at most GATHER_S."""
+        deadline, n = time.perf_counter() + GATHER_S, len(self._waiting)
+        while n < self.max_batch and time.perf_counter() < deadline:
+            time.sleep(0.005)
+            if len(self._waiting) == n:
+                return
+            n = len(self._waiting)
+
     def _admit(self) -> None:
+        if self._waiting and not self._rows and not self._prefilling:
+            self._gather()
         fresh: list[_Row] = []
         while self._waiting and len(self._rows) + self._n_prefilling() + len(fresh) < self.max_batch:
             rows = len(self._rows) + self._n_prefilling() + len(fresh) + 1
