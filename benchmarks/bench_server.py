@@ -5,16 +5,18 @@
 
 Both servers are started by the script on 127.0.0.1 with the same float32 checkpoint (random
 weights), greedy, /v1/completions streamed (no chat template: mlx-lm's needs one). For each
-number of clients, all start at once with a different prompt of --prompt-tokens tokens; the
-table shows aggregate generated tok/s (the tokens each server's `usage` reports / wall time),
-those tokens and the wall time (a greedy answer may end at EOS before --answer-tokens), TTFT p50
-and p95, and the server's peak resident memory (VmHWM). --pause also measures the longest gap between the tokens of 4
+number of clients, all start at once (over one connection pool) with prompts of --prompt-tokens
+tokens never sent before (mlx_lm.server keeps a prompt cache); the table shows aggregate
+generated tok/s (the tokens each server's `usage` reports / wall time), those tokens and the wall
+time (a greedy answer may end at EOS before --answer-tokens), TTFT p50 and p95, and the server's
+peak resident memory (VmHWM). --pause also measures the longest gap between the tokens of 4
 running streams while a 4096-token prompt is admitted, with and without interleaved prefill.
 Our server runs with --max-kv-size (prompt + answer, rounded up) so rows do not allocate the
 4096-token window.
 """
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -41,6 +44,9 @@ TOKENIZER = Tokenizer(TOKENIZER_V1)  # the presets' tokenizer
 # benchmarks: without it MLX's Linux CPU wheel multiplies ~40x slower, and the comparison would say nothing.
 MLX_LM_SERVER = "import mlx_mistral, sys; from mlx_lm.server import main; sys.argv[0] = 'mlx_lm.server'; main()"
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+# One connection pool for every stream, as one app or agent talking to a server has: a new client per
+# request would spend tens of ms of the benchmark's own CPU on each (SSL context, connection).
+CLIENT = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
 
 
 def free_port() -> int:
@@ -85,7 +91,7 @@ class Server:
 
 
 def prompt(i: int, tokens: int) -> str:
-    """About `tokens` tokens of text (BOS included), different for each client."""
+    """About `tokens` tokens of text (BOS included), different for each i."""
     text = " ".join(WORDS[(i * 7 + j) % len(WORDS)] + str(i) for j in range(tokens))
     return TOKENIZER.decode(TOKENIZER.encode(text)[: tokens - 1])
 
@@ -96,7 +102,7 @@ def stream(url: str, model: str, text: str, max_tokens: int, out: dict) -> None:
     body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
     start, times, tokens = time.perf_counter(), [], None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with CLIENT.stream("POST", url + "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data:") and line != "data: [DONE]":
                 chunk = json.loads(line[5:])
@@ -106,10 +112,14 @@ def stream(url: str, model: str, text: str, max_tokens: int, out: dict) -> None:
     out.update(start=start, times=times, tokens=len(times) if tokens is None else tokens)
 
 
-def run_clients(server: Server, model: str, n: int, prompt_tokens: int, answer_tokens: int) -> dict:
+def run_clients(server: Server, model: str, n: int, prompt_tokens: int, answer_tokens: int,
+                prompts: Iterator[int]) -> dict:
+    """n streams at once, each with the next prompt of `prompts`: never one a server has seen
+    (mlx_lm.server keeps a prompt cache; repeated prompts would skip their prefill)."""
     outs = [{} for _ in range(n)]
-    threads = [threading.Thread(target=stream, args=(server.url, model, prompt(i, prompt_tokens), answer_tokens,
-                                                     outs[i])) for i in range(n)]
+    texts = [prompt(next(prompts), prompt_tokens) for _ in range(n)]
+    threads = [threading.Thread(target=stream, args=(server.url, model, texts[i], answer_tokens, outs[i]))
+               for i in range(n)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -181,10 +191,11 @@ def main() -> int:
         for kind in args.servers:
             server = Server(kind, model, ["--max-kv-size", kv] if kind == "ours" else [])
             try:
-                run_clients(server, model, 1, 16, 4)  # warm-up
+                prompts = itertools.count()  # the same prompts for each server, in the same order
+                run_clients(server, model, 1, 16, 4, prompts)  # warm-up
                 rows = []
                 for n in args.clients:
-                    rows.append(run_clients(server, model, n, args.prompt_tokens, args.answer_tokens))
+                    rows.append(run_clients(server, model, n, args.prompt_tokens, args.answer_tokens, prompts))
                     print(kind, rows[-1], file=sys.stderr, flush=True)  # as they come: a long run is not lost
                 results[kind] = dict(rows=rows, peak_rss=server.peak_rss())
             finally:

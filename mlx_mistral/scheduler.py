@@ -343,9 +343,9 @@ class Scheduler:
 
     def _gather(self) -> None:
         """Out of idle, let a burst of requests (clients that start together) finish arriving,
-        so that they are prefilled side by side rather than the first one alone (a lone
-        request waits GATHER_GAP_S: 5% of a 128-token prompt's TTFT on this CPU; 16 HTTP
-        clients started together by one Python process arrive over ~150 ms)."""
+        so that they are prefilled side by side rather than the first one alone: clients that
+        start together still arrive ms apart (one HTTP event loop parses them in turn). A lone
+        request waits GATHER_GAP_S, 5% of a 128-token prompt's TTFT on this CPU."""
         deadline, n = time.perf_counter() + GATHER_S, len(self._waiting)
         while n < self.max_batch and time.perf_counter() < deadline:
             time.sleep(GATHER_GAP_S)
