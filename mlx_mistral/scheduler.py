@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import RollingKVCache, check_kv_quantization, make_cache
+from .cache import RollingKVCache, check_kv_quantization
 from .errors import MistralError
 from .generate import DEFAULT_PREFILL_CHUNK, TextStream, _check_request
 from .loading import load
@@ -234,11 +234,6 @@ class Scheduler:
             del future
             self.call(gc.collect)
             raise
-
-    def new_cache(self) -> RollingKVCache:
-        """A one-row cache of `capacity` slots (warning once if it rolls), made on the model thread."""
-        return self.call(make_cache, self.model.args, self.max_kv_size, dtype=self.model.dtype,
-                         kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
 
     def plan(self, request: Request) -> tuple[list[int], int]:
         """(the prompt as `request` would be fed, how many of its tokens an idle cache holds),

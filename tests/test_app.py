@@ -352,7 +352,7 @@ def test_windowless_model_gets_a_bounded_cache(tmp_path):
     engine = Engine(str(tmp_path))
     try:
         assert engine.window is None and engine.max_kv_size == 8192
-        assert engine.new_cache().capacity == 8192
+        assert engine.capacity == 8192  # the slots of every row's cache
     finally:
         engine.close()
     small = Engine(str(tmp_path), max_kv_size=16)
