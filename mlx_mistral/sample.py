@@ -94,11 +94,12 @@ def with_repetition_penalty(sampler: Sampler, tokens: Sequence[int], penalty: fl
     `context` tokens it has seen: the end of `tokens` (its prompt), then each token it picked."""
     if penalty == 1.0:
         return sampler
-    recent = [mx.array(list(tokens[-context:]), dtype=mx.uint32)[None]]
+    recent = mx.array(list(tokens[-context:]), dtype=mx.uint32)[None]
 
     def sample(logits: mx.array) -> mx.array:
-        y = sampler(penalize_repetition(logits, recent[0], penalty))
-        recent[0] = mx.concatenate([recent[0], y[:, None].astype(mx.uint32)], axis=1)[:, -context:]
+        nonlocal recent
+        y = sampler(penalize_repetition(logits, recent, penalty))
+        recent = mx.concatenate([recent, y[:, None].astype(mx.uint32)], axis=1)[:, -context:]
         return y
 
     return sample

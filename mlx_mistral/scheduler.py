@@ -162,10 +162,11 @@ class Scheduler:
     thread-local (MLX >= 0.31.2 on Metal): every MLX call runs here.
 
     Every row gets a cache of `capacity` slots (the sliding window, or max_kv_size if
-    smaller), quantized to `kv_bits` (8 or 4, in groups of kv_group_size) if given; admission stops at `max_batch` rows or when one more row would pass
-    `kv_budget` bytes; the next `max_queue` requests wait, in order; past them submit()
-    raises QueueFull. Up to `max_idle` finished caches (and `max_idle_bytes`) are kept,
-    least recently used out first, for requests that continue them.
+    smaller), quantized to `kv_bits` (8 or 4, in groups of kv_group_size) if given;
+    admission stops at `max_batch` rows or when one more row would pass `kv_budget` bytes;
+    the next `max_queue` requests wait, in order; past them submit() raises QueueFull. Up to
+    `max_idle` finished caches (and `max_idle_bytes`) are kept, least recently used out
+    first, for requests that continue them.
     """
 
     def __init__(self, model: str = "demo", max_kv_size: int | None = None, max_batch: int = 8,
@@ -189,11 +190,11 @@ class Scheduler:
         self._rows: list[_Row] = []  # the decode batch, in the order of the cache's rows
         self._cache: RollingKVCache | None = None
         self._y: mx.array | None = None  # each row's last token, not yet fed
-        self._idle: OrderedDict[int, _Held] = OrderedDict()  # least recently used first
+        self._idle: OrderedDict[Hashable, _Held] = OrderedDict()  # by session or id(cache), LRU first
         self._outbox: list[tuple[Request, Event]] = []  # sent once the step's bookkeeping is done
-        self.counters = dict(steps=0, rows=0, max_rows=0, max_prefill_rows=0, generated_tokens=0, prefilled_tokens=0,
-                             reused_tokens=0, stop=0, length=0, tool_calls=0, cancelled=0,
-                             error=0)
+        self.counters = dict(steps=0, rows=0, max_rows=0, max_prefill_rows=0, generated_tokens=0,
+                             prefilled_tokens=0, reused_tokens=0, stop=0, length=0, tool_calls=0,
+                             cancelled=0, error=0)
         self.tokens_per_second = 0.0  # the last decode step's rows / its time
         self.model = self.tokenizer = None
         threading.Thread(target=self._serve, name="mlx", daemon=True).start()
@@ -327,7 +328,7 @@ class Scheduler:
             for row in gone:
                 self._finish(row, "cancelled")
             if gone:
-                self._split(group, [b for b, row in enumerate(group.rows) if not row.request.cancelled])
+                self._keep(group, [b for b, row in enumerate(group.rows) if not row.request.cancelled])
         self._prefilling = [group for group in self._prefilling if group.rows]
         if not self._rows and not self._prefilling:
             mx.reset_peak_memory()  # the Events' peak_memory: since the scheduler was last idle
@@ -352,8 +353,10 @@ class Scheduler:
         if self._waiting and not self._rows and not self._prefilling:
             self._gather()
         fresh: list[_Row] = []
-        while self._waiting and len(self._rows) + self._n_prefilling() + len(fresh) < self.max_batch:
-            rows = len(self._rows) + self._n_prefilling() + len(fresh) + 1
+        while self._waiting:
+            rows = len(self._rows) + self._n_prefilling() + len(fresh) + 1  # with this request's
+            if rows > self.max_batch:
+                break
             if self.kv_budget is not None and (rows + len(self._idle)) * self.row_bytes > self.kv_budget:
                 if not self._idle:
                     break
@@ -444,7 +447,9 @@ class Scheduler:
         if not ready:
             return
         rows = [group.rows[b] for b in ready]
-        cache = self._split(group, [b for b in range(len(group.rows)) if b not in ready])
+        rest = [b for b in range(len(group.rows)) if b not in ready]
+        cache = group.cache.rows(ready) if rest else group.cache  # all ready: the group's cache as is
+        self._keep(group, rest)
         if self._cache is None:
             self._cache = cache
         else:
@@ -453,16 +458,12 @@ class Scheduler:
         self._y = y if self._y is None else mx.concatenate([self._y, y.astype(self._y.dtype)])
         self._rows.extend(rows)
 
-    def _split(self, group: _Group, keep: list[int]) -> RollingKVCache | None:
-        """Keep rows `keep` in `group`; return the cache of the others (None if there are none)."""
-        others = [b for b in range(len(group.rows)) if b not in keep]
-        if not keep:
-            cache = group.cache
-        else:
-            cache = group.cache.rows(others) if others else None
+    @staticmethod
+    def _keep(group: _Group, keep: list[int]) -> None:
+        """Only rows `keep` of `group` go on being prefilled (none: the group is done)."""
+        if keep:
             group.cache.keep(keep)
         group.rows = [group.rows[b] for b in keep]
-        return cache
 
     def _decode(self) -> None:
         start = time.perf_counter()
@@ -507,7 +508,8 @@ class Scheduler:
     def _leave(self, gone: list[int]) -> None:
         """Rows `gone` leave the batch; their caches become idle ones."""
         for b in gone:
-            self._hold(self._rows[b], self._cache.rows([b]) if self.max_idle else None)
+            if self.max_idle and self._rows[b].answer:
+                self._hold(self._rows[b], self._cache.rows([b]))
         keep = [b for b in range(len(self._rows)) if b not in gone]
         if keep:
             self._cache.keep(keep)
@@ -516,11 +518,9 @@ class Scheduler:
             self._cache = self._y = None
         self._rows = [self._rows[b] for b in keep]
 
-    def _hold(self, row: _Row, cache: RollingKVCache | None) -> None:
+    def _hold(self, row: _Row, cache: RollingKVCache) -> None:
         """Keep a finished (or cancelled) row's cache: it holds the prompt and all but the
         last token of the answer. A session's replaces the one it had."""
-        if cache is None or not self.max_idle or not row.answer:
-            return
         request, actual = row.request, row.ids + row.answer
         template, marks = [], [(0, 0)]
         if request.echo is not None:
