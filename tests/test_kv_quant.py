@@ -197,8 +197,9 @@ def test_cli_and_app_take_kv_bits(capsys):
         assert len(errors) == 1 and errors[0].startswith(message), errors
 
 
+@pytest.mark.parametrize("path", ["cpu paths on", "cpu paths off"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_peak_memory_grows_only_by_the_score_matrix(bits):
+def test_peak_memory_grows_only_by_the_score_matrix(bits, path):
     """The bound: a step of L tokens at context n needs, beyond weights and cache, what a
     context of 0 needs plus per context token
       decode (L = 1): the score matrix only, H * L float32 (the cache is read in place);
@@ -206,13 +207,19 @@ def test_peak_memory_grows_only_by_the_score_matrix(bits):
                       then joined to the chunk's (L bools again): a chunk that does not wrap
                       the buffer is written first and attends to the slots in place.
     Dequantizing K/V (as a float cache) would add 2 * n_kv * head_dim * 4 bytes per token per
-    layer; attending to [held slots, chunk] concatenated, one layer's quantized K/V."""
+    layer; attending to [held slots, chunk] concatenated, one layer's quantized K/V. Both the
+    path a Mac runs and the CPU backend's (cpu.prepare_for_cpu: the K/V heads on its streams)."""
     from mlx_mistral import Mistral, ModelArgs
+    from mlx_mistral.cpu import prepare_for_cpu
 
     args = ModelArgs(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=256, vocab_size=512,
                      sliding_window=None, max_position_embeddings=16384)
     model = Mistral(args)
     mx.eval(model.parameters())
+    if path == "cpu paths on":
+        if mx.default_device() != mx.cpu:
+            pytest.skip("cpu.py's paths exist only on the CPU backend")
+        prepare_for_cpu(model)
     for L, allowed in ((1, args.n_heads * 4), (16, args.n_heads * 16 * 4 + 2 * 16)):
         peaks = []
         for n in (512, 8192):  # a long span: the allocator's noise (~100 KB) is a few B per token
