@@ -25,20 +25,30 @@ def windowless(tmp_path_factory):
 
 
 @pytest.fixture(params=["cpu paths on", "cpu paths off"])
-def loader(request, monkeypatch):
-    """`load` under MLX_MISTRAL_CPU_PATHS=1 (cpu.py's swaps, the Linux default) and =0 (the
-    path a Mac runs: plain nn.Linear, unfolded attention), asserting that the model took it."""
-    from mlx_mistral import load  # first: it preloads OpenBLAS before MLX
-    from mlx_mistral.cpu import TransposedLinear
-    from mlx_mistral.model import Attention
-
+def cpu_paths(request, monkeypatch) -> bool:
+    """Each of the two code paths in turn: MLX_MISTRAL_CPU_PATHS=1 (cpu.py's swaps, the Linux
+    default; True) and =0 (the path a Mac runs; False)."""
+    import mlx_mistral  # noqa: F401  (first: it preloads OpenBLAS before MLX)
     import mlx.core as mx
-    import mlx.nn as nn
 
     on = request.param == "cpu paths on"
     if on and mx.default_device() != mx.cpu:
         pytest.skip("cpu.py's paths exist only on the CPU backend")
     monkeypatch.setenv("MLX_MISTRAL_CPU_PATHS", "1" if on else "0")
+    return on
+
+
+@pytest.fixture
+def loader(cpu_paths):
+    """`load` on each code path (cpu_paths), asserting that the model took it: plain
+    nn.Linear and unfolded attention on the Mac's."""
+    from mlx_mistral import load
+    from mlx_mistral.cpu import TransposedLinear
+    from mlx_mistral.model import Attention
+
+    import mlx.nn as nn
+
+    on = cpu_paths
 
     def load_on_path(path, dtype=None):
         model, tokenizer = load(str(path), dtype)

@@ -197,9 +197,8 @@ def test_cli_and_app_take_kv_bits(capsys):
         assert len(errors) == 1 and errors[0].startswith(message), errors
 
 
-@pytest.mark.parametrize("path", ["cpu paths on", "cpu paths off"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_peak_memory_grows_only_by_the_score_matrix(bits, path):
+def test_peak_memory_grows_only_by_the_score_matrix(bits, cpu_paths):
     """The bound: a step of L tokens at context n needs, beyond weights and cache, what a
     context of 0 needs plus per context token
       decode (L = 1): the score matrix only, H * L float32 (the cache is read in place);
@@ -210,16 +209,17 @@ def test_peak_memory_grows_only_by_the_score_matrix(bits, path):
     layer; attending to [held slots, chunk] concatenated, one layer's quantized K/V. Both the
     path a Mac runs and the CPU backend's (cpu.prepare_for_cpu: the K/V heads on its streams)."""
     from mlx_mistral import Mistral, ModelArgs
-    from mlx_mistral.cpu import prepare_for_cpu
+    from mlx_mistral.cpu import cpu_paths_on, prepare_for_cpu
+    from mlx_mistral.model import Attention
 
     args = ModelArgs(dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=256, vocab_size=512,
                      sliding_window=None, max_position_embeddings=16384)
     model = Mistral(args)
     mx.eval(model.parameters())
-    if path == "cpu paths on":
-        if mx.default_device() != mx.cpu:
-            pytest.skip("cpu.py's paths exist only on the CPU backend")
+    if cpu_paths_on():  # as loading.build_model does
         prepare_for_cpu(model)
+    streams = [bool(m.head_streams) for m in model.modules() if isinstance(m, Attention)]
+    assert set(streams) == {cpu_paths and len(os.sched_getaffinity(0)) > 1}  # the path it was given
     for L, allowed in ((1, args.n_heads * 4), (16, args.n_heads * 16 * 4 + 2 * 16)):
         peaks = []
         for n in (512, 8192):  # a long span: the allocator's noise (~100 KB) is a few B per token
