@@ -365,8 +365,7 @@ class Scheduler:
             with self._waiting_lock:
                 request = self._waiting.popleft()
             if request.cancelled:
-                self.counters["cancelled"] += 1
-                self._outbox.append((request, Event("", len(request.tokens), 0, finish_reason="cancelled")))
+                self._end(request, "cancelled")
                 continue
             ids, cache, held, marks = self._reuse(request)
             text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
@@ -501,9 +500,13 @@ class Scheduler:
         return r.finish_reason is not None
 
     def _finish(self, row: _Row, reason: str, error: str | None = None) -> None:
+        self._end(row.request, reason, error, len(row.answer), row.reused)
+
+    def _end(self, request: Request, reason: str, error: str | None = None, generated: int = 0,
+             reused: int = 0) -> None:
+        """Send a request's last event, one that carries no token (cancelled, error)."""
         self.counters[reason] += 1
-        event = Event("", len(row.request.tokens), len(row.answer), None, reason, error, row.reused)
-        self._outbox.append((row.request, event))
+        self._outbox.append((request, Event("", len(request.tokens), generated, None, reason, error, reused)))
 
     def _leave(self, gone: list[int]) -> None:
         """Rows `gone` leave the batch; their caches become idle ones."""
@@ -540,8 +543,7 @@ class Scheduler:
         with self._waiting_lock:
             waiting, self._waiting = list(self._waiting), deque()
         for request in waiting:
-            self.counters["error"] += 1
-            self._outbox.append((request, Event("", len(request.tokens), 0, None, "error", message)))
+            self._end(request, "error", message)
         self._rows, self._prefilling, self._cache, self._y = [], [], None, None
 
     def _free(self) -> None:
