@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mlx_mistral  # noqa: E402  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from mlx_mistral import distributed, make_cache, make_sampler  # noqa: E402
+from mlx_mistral import distributed, make_cache, make_sampler, shard  # noqa: E402
 from mlx_mistral.generate import generate_step  # noqa: E402
 from mlx_mistral.memory import MODELS  # noqa: E402
 
@@ -71,7 +71,7 @@ def worker(model_dir: str, prompt: int, tokens: int, out: str) -> None:
     result = {
         "ranks": n, "rank": rank, "prefill_tps": prompt / (first - start), "decode_tps": tokens / (end - first),
         "load_peak_bytes": load_peak, "peak_bytes": mx.get_peak_memory(),
-        "layer_bytes": distributed.sharded_bytes(model), "kv_bytes": cache.nbytes,
+        "layer_bytes": shard.sharded_bytes(model), "kv_bytes": cache.nbytes,
         "comm_bytes_per_token": comm_bytes_per_token(model.args.dim, model.args.n_layers, dtype_bytes) if group else 0,
         "all_sum_latency_s": latency,
     }

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_json
 from .cpu import cpu_paths_on, prepare_for_cpu
-from .distributed import shard
+from .shard import shard
 from .errors import MistralError
 from .model import Mistral
 from .tokenizer import Tokenizer
@@ -208,7 +208,7 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
     """A model with `weights` loaded strictly (names and shapes checked) and evaluated once.
 
     With a `group` of several ranks, only this rank's share of each layer is kept
-    (distributed.shard slices the lazy weights), evaluated one layer at a time. `weights` is
+    (shard.shard slices the lazy weights), evaluated one layer at a time. `weights` is
     emptied: the model owns the arrays, and a full tensor must not outlive its slice.
     """
     dtype = dtype or default_dtype(weights)

@@ -92,7 +92,7 @@ def per_rank(args: ModelArgs, ranks: int, tokens: int, bits: int | None = None, 
 def ranks_report(args: ModelArgs, ranks: int, tokens: int, mac_gb: float, kv_bits: int | None = None,
                  kv_group: int = GROUP) -> dict:
     """Per-machine bytes of `args` on `ranks` machines, and which Mistral models fit on them."""
-    from .distributed import check_shardable
+    from .shard import check_shardable
 
     check_shardable(replace(args, quantization=None), ranks)
     shard = replace(args, n_kv_heads=args.n_kv_heads // ranks)

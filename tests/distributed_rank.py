@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_mistral import batch_stream_generate, distributed, make_cache, make_sampler, stream_generate
+from mlx_mistral import batch_stream_generate, distributed, make_cache, make_sampler, shard, stream_generate
 
 PROMPT = list(range(300, 323))  # 23 tokens: past the tiny models' window of 8
 BATCH = [list(range(400, 405)), list(range(500, 511))]
@@ -29,7 +29,7 @@ def observe(model, tokenizer, sampler) -> dict[str, np.ndarray]:
     batch = [[], []]
     for i, r in batch_stream_generate(model, tokenizer, BATCH, max_tokens=6, sampler=sampler):
         batch[i].append(r.token)
-    sharded = distributed.sharded_bytes(model)
+    sharded = shard.sharded_bytes(model)
     return {"logits": np.array(logits), "tokens": np.array(tokens), "batch": np.array(batch[0] + [-1] + batch[1]),
             "sharded_bytes": np.array(sharded), "kv_bytes": np.array(cache.nbytes),
             "other_bytes": np.array(sum(v.nbytes for _, v in tree_flatten(model.parameters())) - sharded)}

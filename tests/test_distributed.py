@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from checkpoints import tiny_config, write_hf
 from distributed_rank import observe
-from mlx_mistral import distributed, load, make_sampler
+from mlx_mistral import distributed, load, make_sampler, shard
 from mlx_mistral.config import ModelArgs, Quantization
 from mlx_mistral.convert import convert
 from mlx_mistral.errors import MistralError
@@ -208,11 +208,11 @@ def test_a_rank_that_dies_mid_run_ends_the_others(models, tmp_path):
 def test_shardable_checks():
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=100,
                      quantization=Quantization(group_size=64, bits=4))
-    distributed.check_shardable(args, 1)
+    shard.check_shardable(args, 1)
     with pytest.raises(MistralError, match="cannot split 2 K/V heads over 4 ranks"):
-        distributed.check_shardable(args, 4)
+        shard.check_shardable(args, 4)
     with pytest.raises(MistralError, match="o_proj's 64 quantized input columns over 2 ranks: 32 per rank"):
-        distributed.check_shardable(args, 2)
+        shard.check_shardable(args, 2)
 
 
 def test_a_process_not_started_by_mlx_launch_runs_alone(monkeypatch):
