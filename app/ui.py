@@ -50,20 +50,8 @@ def build(engine: Engine, store: SessionStore | None = None) -> gr.Blocks:
     def free_session(request: gr.Request) -> None:
         store.close(request.session_hash)
 
-    window = f"{engine.window}-token sliding window" if engine.window else "no sliding window"
     with gr.Blocks(title="mlx-mistral chat", fill_height=True) as demo:
-        with gr.Sidebar(position="right", width=420, open=True):
-            gr.Markdown(f"**Model** `{engine.name}` · {window} · KV cache of {engine.capacity} tokens")
-            stats = gr.Markdown("Stats appear after the first answer.", elem_id="stats")
-            system = gr.Textbox(label="System prompt", lines=3, elem_id="system",
-                                placeholder="You are a helpful assistant.")
-            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = greedy",
-                                    elem_id="temperature")
-            top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
-            max_tokens = gr.Slider(1, 4096, value=512, step=1, label="Max new tokens", elem_id="max-tokens")
-            repetition_penalty = gr.Slider(1, 2, value=1.0, step=0.05, label="Repetition penalty",
-                                           info="1 = off")
-            seed = gr.Number(value=0, precision=0, label="Seed", info="empty = random")
+        stats, knobs = sidebar(engine)
         if engine.name == "demo":
             gr.Markdown(NOTICE)
         chat_ui = gr.ChatInterface(
@@ -72,7 +60,7 @@ def build(engine: Engine, store: SessionStore | None = None) -> gr.Blocks:
                                elem_id="chatbot"),
             textbox=gr.Textbox(placeholder="Type a message...", show_label=False, elem_id="message",
                                submit_btn=True, stop_btn=True, scale=7, autofocus=True),
-            additional_inputs=[system, temperature, top_p, max_tokens, repetition_penalty, seed],
+            additional_inputs=knobs,
             additional_outputs=[stats],
             editable=True,
             validator=lambda message: gr.validate(bool(message.strip()), "Type a message first."),
@@ -86,6 +74,25 @@ def build(engine: Engine, store: SessionStore | None = None) -> gr.Blocks:
         demo.unload(free_session)
     demo.store = store  # the app's sessions, for tests and for the curious
     return demo
+
+
+def sidebar(engine: Engine) -> tuple[gr.Markdown, list[gr.components.Component]]:
+    """The right sidebar: the model's line, the stats panel, and the knobs that chat() takes
+    after the message and history (system prompt, temperature, top-p, max tokens, repetition
+    penalty, seed)."""
+    window = f"{engine.window}-token sliding window" if engine.window else "no sliding window"
+    with gr.Sidebar(position="right", width=420, open=True):
+        gr.Markdown(f"**Model** `{engine.name}` · {window} · KV cache of {engine.capacity} tokens")
+        stats = gr.Markdown("Stats appear after the first answer.", elem_id="stats")
+        system = gr.Textbox(label="System prompt", lines=3, elem_id="system",
+                            placeholder="You are a helpful assistant.")
+        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = greedy",
+                                elem_id="temperature")
+        top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
+        max_tokens = gr.Slider(1, 4096, value=512, step=1, label="Max new tokens", elem_id="max-tokens")
+        repetition_penalty = gr.Slider(1, 2, value=1.0, step=0.05, label="Repetition penalty", info="1 = off")
+        seed = gr.Number(value=0, precision=0, label="Seed", info="empty = random")
+    return stats, [system, temperature, top_p, max_tokens, repetition_penalty, seed]
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs):
