@@ -6,7 +6,8 @@ import sys
 from mlx_mistral.cache import check_kv_bits
 from mlx_mistral.demo import NOTICE
 from mlx_mistral.errors import run_command
-from mlx_mistral.server import check_host, check_port, create_app, is_loopback, serve as serve_api
+from mlx_mistral.serve import create_app
+from mlx_mistral.server import check_host, check_port, is_loopback, serve as serve_api
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,9 +8,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from mlx_mistral import MistralError, RollingKVCache
-from mlx_mistral.scheduler import Event, Request, Scheduler
+from mlx_mistral.serve import Event, Request, Scheduler
 
-# The one model and the one MLX thread (mlx_mistral/scheduler.py): the app's tabs share it.
+# The one model and the one MLX thread (mlx_mistral/serve/scheduler.py): the app's tabs share it.
 Engine = Scheduler
 
 
@@ -56,7 +56,7 @@ class ChatSession:
 
     Each answer is a scheduler Request of this session, decoded in the same batch as the
     other tabs' and the API's. The KV cache and the rule that reuses it are the scheduler's
-    (Scheduler._plan): the session's last cache is kept as long as the scheduler's idle LRU
+    (PrefixCache.plan): the session's last cache is kept as long as the scheduler's idle LRU
     allows, and a next turn that continues it prefills only the new tokens, with the
     model's own answer tokens in place of the re-encoded ones; an edited, regenerated or
     undone turn, a cleared chat or a changed system prompt gets a fresh cache. Either way

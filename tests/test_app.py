@@ -300,7 +300,7 @@ def test_closing_a_session_frees_its_cache(engine):
 def kept(store):
     """The sessions whose cache the scheduler keeps, least recently answered first."""
     names = {session: name for name, session in store.sessions.items()}
-    return [names[key] for key in list(store.engine._idle) if key in names]
+    return [names[key] for key in store.engine.prefixes.keys() if key in names]
 
 
 def test_only_the_most_recent_sessions_keep_a_cache():

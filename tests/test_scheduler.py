@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from mlx_mistral import MistralError, make_sampler, stream_generate
-from mlx_mistral.scheduler import QueueFull, Request, Scheduler
+from mlx_mistral.serve import QueueFull, Request, Scheduler
 
 TEXT = "Grouped-query attention shares key and value heads between query heads, so the cache is smaller. "
 

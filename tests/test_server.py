@@ -319,7 +319,7 @@ def test_503_while_the_model_loads():
 
     from fastapi.testclient import TestClient
 
-    from mlx_mistral.server import create_app
+    from mlx_mistral.serve import create_app
 
     client = TestClient(create_app(Future(), name="demo"))  # in-process: no socket
     assert client.get("/health").status_code == 503

@@ -11,10 +11,9 @@ import openai
 import pytest
 import uvicorn
 
-import mlx_mistral.scheduler as scheduler_module
+import mlx_mistral.serve.batch as scheduler_module
 from checkpoints import TOKENIZER_V3, tiny_config, write_hf
-from mlx_mistral.scheduler import Scheduler
-from mlx_mistral.server import create_app
+from mlx_mistral.serve import Scheduler, create_app
 from mlx_mistral.tokenizer import Tokenizer
 from test_server import free_port
 

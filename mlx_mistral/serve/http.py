@@ -1,0 +1,143 @@
+"""What every API route shares: the Service (scheduler, model id, auth), error objects, the
+body limit, waiting for a whole answer, SSE framing and the Prometheus text of /metrics."""
+
+import asyncio
+import json
+import secrets
+import time
+from collections import Counter
+from concurrent.futures import Future
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse
+
+from .request import Event
+from .scheduler import Scheduler
+
+MAX_BODY_BYTES = 1 << 20
+DISCONNECT_POLL_S = 0.5  # how often a request answered whole looks whether its client left
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code, self.headers = status, type, param, code, headers
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Service:
+    """What the routes need: the scheduler, or the Future of one still loading (503 until it
+    is ready), the model's id, and `authorize` (a FastAPI dependency: 401 without the key)."""
+
+    def __init__(self, scheduler: Scheduler | Future, api_key: str | None, model_id: str):
+        self.scheduler, self.api_key, self.model_id = scheduler, api_key, model_id
+
+    def loading(self) -> bool:
+        return isinstance(self.scheduler, Future) and not self.scheduler.done()
+
+    def ready(self) -> Scheduler:
+        if isinstance(self.scheduler, Scheduler):
+            return self.scheduler
+        if not self.scheduler.done():
+            raise APIError(503, "the model is still loading; try again shortly", "server_error",
+                           code="loading", headers={"Retry-After": "5"})
+        return self.scheduler.result()
+
+    def authorize(self, request: HTTPRequest) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        given = given[7:] if given.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                           code="invalid_api_key")
+
+
+class BodyLimitAndCount:
+    """ASGI middleware: 413 once a body passes max_body bytes (declared or streamed), and a count
+    of the response statuses for /metrics."""
+
+    def __init__(self, app, max_body: int, statuses: Counter):
+        self.app, self.max_body, self.statuses = app, max_body, statuses
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        received, too_large = 0, not length.isdigit() or int(length) > self.max_body
+
+        async def limited_receive():
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:  # the app sees an empty body end: its answer is replaced
+                too_large = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def counted_send(message):
+            if too_large:
+                return
+            if message["type"] == "http.response.start":
+                self.statuses[message["status"]] += 1
+            await send(message)
+
+        if not too_large:
+            await self.app(scope, limited_receive, counted_send)
+        if too_large:
+            too_large = False
+            await error_response(413, f"request body is larger than {self.max_body} bytes")(scope, receive,
+                                                                                            counted_send)
+
+
+async def collect(events: asyncio.Queue, http: HTTPRequest) -> tuple[list[str], Event]:
+    """The text pieces and the last event of a request answered whole. Every DISCONNECT_POLL_S
+    it looks whether the client has left (then 499, and the caller cancels the row); the
+    pending get is never cancelled in between, so no event is lost."""
+    pieces, getter, next_check = [], None, time.monotonic() + DISCONNECT_POLL_S
+    while True:
+        getter = getter or asyncio.ensure_future(events.get())
+        done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + DISCONNECT_POLL_S
+            if await http.is_disconnected():
+                getter.cancel()
+                raise APIError(499, "the client closed the connection", code="client_closed")
+        if not done:
+            continue
+        event, getter = getter.result(), None
+        if event.finish_reason:
+            return pieces, event
+        pieces.append(event.text)
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def prometheus(stats: dict, statuses: Counter) -> str:
+    """The scheduler's counters and the HTTP statuses as Prometheus text."""
+    lines = ["# TYPE mlx_mistral_http_requests_total counter"]
+    lines += [f'mlx_mistral_http_requests_total{{status="{s}"}} {n}' for s, n in sorted(statuses.items())]
+    lines.append("# TYPE mlx_mistral_finished_requests_total counter")
+    lines += [f'mlx_mistral_finished_requests_total{{reason="{r}"}} {stats[r]}'
+              for r in ("stop", "length", "tool_calls", "cancelled", "error")]
+    for name, key, kind in (
+        ("queue_depth", "waiting", "gauge"), ("running_rows", "running", "gauge"),
+        ("prefilling_rows", "prefilling", "gauge"), ("decode_steps_total", "steps", "counter"),
+        ("decode_rows_total", "rows", "counter"), ("decode_rows_max", "max_rows", "gauge"),
+        ("prefill_rows_max", "max_prefill_rows", "gauge"),
+        ("generated_tokens_total", "generated_tokens", "counter"),
+        ("prefilled_tokens_total", "prefilled_tokens", "counter"),
+        ("reused_tokens_total", "reused_tokens", "counter"),
+        ("tokens_per_second", "tokens_per_second", "gauge"), ("kv_bytes", "kv_bytes", "gauge"),
+        ("idle_caches", "idle_caches", "gauge"),
+    ):
+        lines += [f"# TYPE mlx_mistral_{name} {kind}", f"mlx_mistral_{name} {stats[key]}"]
+    return "\n".join(lines) + "\n"

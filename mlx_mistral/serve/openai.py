@@ -1,0 +1,220 @@
+"""OpenAI's API: /v1/models, /v1/chat/completions and /v1/completions, streamed and whole.
+
+The pydantic schemas of the requests, and each request turned into a scheduler Request
+whose Events become OpenAI's response objects or SSE chunks.
+"""
+
+import asyncio
+import time
+import uuid
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+from ..errors import MistralError
+from .http import APIError, Service, collect, sse
+from .request import Event, QueueFull, Request
+
+DEFAULT_MAX_TOKENS = 512  # when a request names none (and the context allows)
+# Fields of OpenAI's API that would change the answer: refused unless off (None, False, 0, empty).
+UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "functions",
+               "best_of", "echo", "suffix")
+
+
+class Function(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallIn(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: Function
+
+
+class Message(BaseModel):
+    """A chat turn: an assistant turn may be function calls (content null), a tool turn their result."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def has_content(self) -> "Message":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs its content (only assistant tool calls may have none)")
+        return self
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """The fields chat and completions share; unknown harmless fields are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: StrictInt | None = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt = 1
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")  # description, strict: handed to mistral-common as given
+    name: str
+    parameters: dict = Field(default_factory=dict)
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, gt=0)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str = Field(min_length=1)
+
+
+def add_routes(app: FastAPI, service: Service) -> None:
+    auth = [Depends(service.authorize)]
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        service.ready()
+        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": 0,
+                                            "owned_by": "mlx-mistral"}]}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(body: ChatRequest, http: HTTPRequest):
+        tok = service.ready().tokenizer
+        if body.tool_choice not in (None, "auto", "none"):
+            raise APIError(400, "tool_choice: only 'auto' and 'none' are supported (the model decides whether to "
+                           "call a function)", param="tool_choice")
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if body.tool_choice != "none" else []
+        try:
+            tokens = tok.chat_tokens([m.model_dump(exclude_none=True) for m in body.messages], tools=tools)
+        except MistralError as e:
+            raise APIError(400, str(e), param="tools" if tools and tok.tool_calls_id is None else "messages")
+        request = to_request(service, body, tokens, body.max_completion_tokens or body.max_tokens, tok.encode,
+                             bool(tools))
+        return await run(service, request, body, "chat", http)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        tokens = service.ready().tokenizer.encode(body.prompt, bos=True)
+        return await run(service, to_request(service, body, tokens, body.max_tokens, None), body, "text", http)
+
+
+def to_request(service: Service, body: Sampling, tokens: list[int], max_tokens: int | None, echo,
+               tools: bool = False) -> Request:
+    if body.model != service.model_id:
+        raise APIError(404, f"model {body.model!r} not found (this server has {service.model_id!r})",
+                       param="model", code="model_not_found")
+    if body.n != 1:
+        raise APIError(400, "n: only n = 1 is supported", param="n")
+    for name in UNSUPPORTED:
+        if (body.model_extra or {}).get(name) not in (None, False, 0, [], {}):
+            raise APIError(400, f"{name}: not supported by this server", param=name)
+    fmt = (body.model_extra or {}).get("response_format")
+    if fmt not in (None, {"type": "text"}):
+        raise APIError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
+    if max_tokens is None:
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, service.ready().context - len(tokens)))
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    return Request(tokens, max_tokens, body.temperature, body.top_p, body.seed, stop, echo, tool_calls=tools)
+
+
+async def run(service: Service, request: Request, body: Sampling, kind: str, http: HTTPRequest):
+    """Submit `request` and answer it: an SSE stream, or the whole completion object."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(event: Event) -> None:  # on the scheduler thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone
+            request.cancel()
+
+    request.sink = sink
+    try:
+        service.ready().submit(request)
+    except QueueFull as e:
+        raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    except MistralError as e:
+        raise APIError(400, str(e), param="messages" if kind == "chat" else "prompt")
+    ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    head = {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": service.model_id}
+    if body.stream:
+        return StreamingResponse(stream(request, events, body, kind, head), media_type="text/event-stream")
+    try:
+        pieces, event = await collect(events, http)
+    finally:
+        request.cancel()  # a no-op once finished; frees the row if the client left
+    if event.finish_reason == "error":
+        raise APIError(500, f"generation failed: {event.error}", "server_error")
+    text = "".join(pieces) + event.text
+    choice = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}
+    if event.tool_calls:
+        choice["message"] = {"role": "assistant", "content": None,
+                             "tool_calls": [c.to_openai() for c in event.tool_calls]}
+    else:
+        choice |= {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
+    return head | {"choices": [choice], "usage": usage(event)}
+
+
+async def stream(request: Request, events: asyncio.Queue, body: Sampling, kind: str, head: dict):
+    """The SSE chunks of a streamed answer; `head` is the completion object's id, model and time."""
+    head = head | {"object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+
+    def chunk(text: str | None, finish: str | None, first: bool = False, calls: list | None = None) -> str:
+        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if kind == "chat":
+            choice["delta"] = ({"role": "assistant"} if first else {}) | \
+                ({"content": text} if text is not None else {}) | \
+                ({"tool_calls": [{"index": i} | c.to_openai() for i, c in enumerate(calls)]} if calls else {})
+        else:
+            choice["text"] = text or ""
+        return sse(head | {"choices": [choice]})
+
+    try:
+        if kind == "chat":
+            yield chunk("", None, first=True)
+        while True:
+            event = await events.get()
+            if event.finish_reason == "error":
+                error = {"message": f"generation failed: {event.error}", "type": "server_error"}
+                yield sse({"error": error | {"param": None, "code": None}})
+                break
+            if event.text:
+                yield chunk(event.text, None)
+            if event.tool_calls:  # held back until the end: whole calls in one chunk
+                yield chunk(None, None, calls=event.tool_calls)
+            if event.finish_reason:
+                yield chunk(None, event.finish_reason)
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse(head | {"choices": [], "usage": usage(event)})
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        request.cancel()  # the client left mid-stream: its row leaves the batch
+
+
+def usage(event: Event) -> dict:
+    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.generated_tokens,
+            "total_tokens": event.prompt_tokens + event.generated_tokens}

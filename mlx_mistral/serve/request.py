@@ -1,0 +1,98 @@
+"""What a client hands the scheduler (a Request) and what it gets back (its Events)."""
+
+import queue
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+
+from ..errors import MistralError
+from ..generate import _check_request
+from ..model import Mistral
+from ..sample import check_repetition_penalty, check_sampler
+from ..tokenizer import ToolCall
+
+
+class QueueFull(MistralError):
+    """Every row is busy and the waiting queue is full: try again later."""
+
+
+@dataclass
+class Event:
+    """One generated token's text, or the end of a request (finish_reason set)."""
+
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    token: int | None = None
+    # on the last event: "stop" (EOS or stop string), "length", "tool_calls", "cancelled" or "error"
+    finish_reason: str | None = None
+    error: str | None = None
+    reused_tokens: int = 0  # prompt tokens found in an idle cache: not prefilled again
+    tool_calls: list[ToolCall] | None = None  # on the last event when the answer is function calls
+    # the row's stats on each token's event (TextStream's, and what the row's own cache holds)
+    prefilled_tokens: int = 0  # prompt tokens fed for this request (the conversation, less reused_tokens)
+    ttft: float = 0.0  # seconds from submit() to the first token
+    generation_tps: float = 0.0
+    peak_memory: int = 0  # bytes, since the scheduler was last idle
+    kv_tokens: int = 0  # tokens the row's cache holds (at most `capacity`)
+
+
+@dataclass(eq=False)
+class Request:
+    """What to generate. `tokens` is the whole prompt (a chat's every turn); `echo` turns an
+    answer's text into the tokens a client sends back for it (chat: tokenizer.encode), so
+    that the next turn can reuse this answer's cache. `sink` receives the events on the
+    scheduler's thread (it must not block); by default they wait for events(). With
+    `tool_calls` (the prompt offered tools), an answer that begins with [TOOL_CALLS] ends
+    as parsed calls (TextStream). The requests of one `session` (a chat tab) share one idle
+    cache, the last one's (see PrefixCache.plan); `reuse=False` prefills the whole prompt all
+    the same (benchmarks). With `roll`, a windowless model's prompt and answer may pass the KV
+    cache, which then rolls as a sliding window (the chat app's rule) instead of being refused."""
+
+    tokens: list[int]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    echo: Callable[[str], list[int]] | None = None
+    sink: Callable[[Event], None] | None = None
+    tool_calls: bool = False
+    repetition_penalty: float = 1.0  # over the row's last 64 tokens, prompt included (1 = off)
+    session: Hashable | None = None
+    reuse: bool = True
+    roll: bool = False
+
+    def __post_init__(self):
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self.sink = self.sink or self._events.put
+
+    def check(self, model: Mistral, context: int) -> None:
+        """Raise MistralError unless `model` can answer this request within `context` tokens
+        (prompt + max_tokens; a rolling request's is the model's own)."""
+        tokens, vocab = self.tokens, model.args.vocab_size
+        if not tokens or any(not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
+            raise MistralError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
+        _check_request(model, 0, tokens, self.max_tokens, self.stop)
+        check_sampler(self.temperature, self.top_p)
+        check_repetition_penalty(self.repetition_penalty)
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise MistralError(f"seed must be an integer, got {self.seed!r}")
+        context = model.args.max_position_embeddings if self.roll else context
+        if len(tokens) + self.max_tokens > context:
+            raise MistralError(f"prompt ({len(tokens)} tokens) + max_tokens ({self.max_tokens}) is past "
+                               f"the context of {context} tokens")
+
+    def cancel(self) -> None:
+        """Stop generating (the client left): the row leaves the batch before the next step."""
+        self.cancelled = True
+
+    def events(self) -> Iterator[Event]:
+        """The events of a request submitted without a sink, up to the last one."""
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finish_reason:
+                return

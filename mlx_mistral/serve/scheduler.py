@@ -1,0 +1,327 @@
+"""The scheduler: the one model in memory and its continuous batch, run on the model thread.
+
+Who owns MLX: the Scheduler's ModelThread (thread.py), the only thread that runs the model.
+Everything else (the HTTP server, the chat app) hands the Scheduler `Request`s and reads
+their `Event`s, or runs a function on its thread with `call`. It knows nothing of HTTP or
+Gradio. A request waits in the scheduler's `_waiting` queue, then in a prefill group.
+
+Between two decode steps the thread (1) drops rows whose client cancelled, (2) admits
+waiting requests while `max_batch` and the KV budget allow: the fresh ones admitted together
+form one prefill group with one cache of that many rows, a request that extends an idle
+cache (the next turn of a chat, found by the PrefixCache) a group of its own with that cache,
+(3) prefills at most `prefill_chunk` prompt tokens, a group's rows side by side (one [rows, n]
+forward, which BLAS runs far faster than n-token products one row at a time), so running
+streams keep flowing while a long prompt goes in; a row whose prompt is in but its last token
+joins the batch with that token, (4) runs one decode step for all rows with one sync (for a
+row that just joined, it gives the first answer token). A row that ends leaves the batch and
+its cache goes to the PrefixCache. Each row keeps its own positions (a ragged batch) and its
+own sampler, so greedy output of a row never depends on its neighbours.
+"""
+
+import atexit
+import gc
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+
+import mlx.core as mx
+
+from ..cache import RollingKVCache, check_kv_quantization
+from ..errors import MistralError
+from ..generate import DEFAULT_PREFILL_CHUNK, TextStream
+from ..loading import load
+from ..memory import kv_bytes_per_token
+from .batch import Batch, Group, Row
+from .prefix_cache import Held, PrefixCache
+from .request import Event, QueueFull, Request
+from .thread import ModelThread
+
+# KV cache slots for a model without a sliding window (v0.2, v0.3), unless max_kv_size says otherwise.
+DEFAULT_MAX_KV_SIZE = 8192
+# Out of idle, admission waits for a burst of requests to finish arriving (see _gather): while
+# each comes within GATHER_GAP_S of the last, for GATHER_S at most.
+GATHER_GAP_S, GATHER_S = 0.02, 0.25
+
+__all__ = ["DEFAULT_MAX_KV_SIZE", "Event", "QueueFull", "Request", "Scheduler"]
+
+
+class Scheduler:
+    """The one model in memory, the one thread that runs it, and its continuous batch.
+
+    Every row gets a cache of `capacity` slots (the sliding window, or max_kv_size if
+    smaller), quantized to `kv_bits` (8 or 4, in groups of kv_group_size) if given;
+    admission stops at `max_batch` rows or when one more row would pass `kv_budget` bytes;
+    the next `max_queue` requests wait, in order; past them submit() raises QueueFull. Up to
+    `max_idle` finished caches (and `max_idle_bytes`) are kept, least recently used out
+    first, for requests that continue them.
+    """
+
+    def __init__(self, model: str = "demo", max_kv_size: int | None = None, max_batch: int = 8,
+                 max_queue: int = 32, kv_budget: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 max_idle: int = 4, max_idle_bytes: int | None = None, kv_bits: int | None = None,
+                 kv_group_size: int = 64):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
+                            ("prefill_chunk", prefill_chunk)):
+            if not isinstance(value, int) or value <= 0:
+                raise MistralError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("max_kv_size", max_kv_size), ("kv_budget", kv_budget)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise MistralError(f"{name} must be a positive integer, got {value!r}")
+        self.max_batch, self.max_queue, self.kv_budget = max_batch, max_queue, kv_budget
+        self.prefill_chunk = prefill_chunk
+        self.prefixes = PrefixCache(max_idle, max_idle_bytes)  # finished rows' caches, for requests that continue them
+        self._waiting: deque[Request] = deque()
+        self._waiting_lock = threading.Lock()
+        self._prefilling: list[Group] = []  # oldest first
+        self._batch = Batch()
+        self._outbox: list[tuple[Request, Event]] = []  # sent once the step's bookkeeping is done
+        self.counters = dict(steps=0, rows=0, max_rows=0, max_prefill_rows=0, generated_tokens=0,
+                             prefilled_tokens=0, reused_tokens=0, stop=0, length=0, tool_calls=0,
+                             cancelled=0, error=0)
+        self.tokens_per_second = 0.0  # the last decode step's rows / its time
+        self.model = self.tokenizer = None
+        self._thread = ModelThread(self._tick, lambda: bool(self._batch.rows or self._prefilling or self._waiting))
+        self.name = model
+        self.model, self.tokenizer = self.call(load, model)
+        atexit.register(self.close)
+        args = self.model.args
+        try:
+            check_kv_quantization(args, kv_bits, kv_group_size, self.model.dtype)
+        except MistralError:
+            self.close()
+            raise
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.window = args.sliding_window
+        if max_kv_size is None and self.window is None:
+            max_kv_size = DEFAULT_MAX_KV_SIZE
+        self.max_kv_size = max_kv_size
+        self.capacity = min(n for n in (self.window, max_kv_size) if n)  # KV cache slots per row
+        # prompt + answer: a windowless model stops at its cache, a windowed one slides on
+        self.context = self.capacity if self.window is None else args.max_position_embeddings
+        self.row_bytes = self.capacity * kv_bytes_per_token(args, self.model.dtype.size, bits=kv_bits,
+                                                            group=kv_group_size)  # K and V of one row
+        if kv_budget is not None and kv_budget < self.row_bytes:
+            self.close()
+            raise MistralError(f"kv_budget of {kv_budget} bytes is less than one row's KV cache "
+                               f"({self.row_bytes} bytes: {self.capacity} slots)")
+
+    # --- any thread ---------------------------------------------------------------------
+
+    def call(self, fn: Callable, *args, **kwargs):
+        """Run fn on the model thread (between two steps) and return its result (or raise)."""
+        return self._thread.call(fn, *args, **kwargs)
+
+    def plan(self, request: Request) -> tuple[list[int], int]:
+        """(the prompt as `request` would be fed, how many of its tokens an idle cache holds),
+        changing nothing (see PrefixCache.plan)."""
+        ids, _, held, _ = self.call(self.prefixes.plan, request)
+        return ids, held
+
+    def held(self, session: Hashable) -> Held | None:
+        """The idle cache kept for `session` (a chat tab), if any."""
+        return self.prefixes.get(session)
+
+    def forget(self, session: Hashable) -> None:
+        """Drop the idle cache kept for `session` (a closed chat tab)."""
+        self.call(self.prefixes.forget, session)
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (MistralError if it is invalid, QueueFull if the queue is)."""
+        if self.model is None:
+            raise MistralError("the model is closed")
+        request.check(self.model, self.context)
+        with self._waiting_lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); try again later")
+            self._waiting.append(request)
+        self._thread.wake()
+        return request
+
+    def stats(self) -> dict:
+        """A snapshot for /metrics and tests: counters, rows, queue depth, KV bytes held."""
+        prefilling = self._n_prefilling()
+        rows = len(self._batch.rows) + prefilling
+        return dict(self.counters, waiting=len(self._waiting), running=len(self._batch.rows),
+                    prefilling=prefilling, idle_caches=len(self.prefixes),
+                    kv_bytes=(rows + len(self.prefixes)) * self.row_bytes,
+                    tokens_per_second=self.tokens_per_second)
+
+    def close(self) -> None:
+        """Fail what is pending and free the model (at exit at the latest); the thread stays, idle."""
+        if self.model is not None:
+            self.call(self._free)
+
+    @property
+    def max_idle(self) -> int:
+        return self.prefixes.max_idle
+
+    def _n_prefilling(self) -> int:
+        return sum(len(group.rows) for group in self._prefilling)
+
+    # --- the model thread ---------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self.model is not None:
+            try:
+                self._step()
+            except Exception as e:  # an MLX failure: every row gets it, the scheduler goes on
+                self._fail_all(f"{type(e).__name__}: {e}")
+        self._send()
+
+    def _send(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for request, event in outbox:
+            request.sink(event)
+
+    def _step(self) -> None:
+        gone = [b for b, row in enumerate(self._batch.rows) if row.request.cancelled]
+        for b in gone:
+            self._finish(self._batch.rows[b], "cancelled")
+        if gone:
+            self._leave(gone)
+        for group in self._prefilling:
+            gone = [row for row in group.rows if row.request.cancelled]
+            for row in gone:
+                self._finish(row, "cancelled")
+            if gone:
+                group.keep([b for b, row in enumerate(group.rows) if not row.request.cancelled])
+        self._prefilling = [group for group in self._prefilling if group.rows]
+        if not self._batch.rows and not self._prefilling:
+            mx.reset_peak_memory()  # the Events' peak_memory: since the scheduler was last idle
+        self._admit()
+        self._prefill()
+        if self._batch.rows:
+            self._decode()
+
+    def _gather(self) -> None:
+        """Out of idle, let a burst of requests (clients that start together) finish arriving,
+        so that they are prefilled side by side rather than the first one alone: clients that
+        start together still arrive ms apart (one HTTP event loop parses them in turn). A lone
+        request waits GATHER_GAP_S, 5% of a 128-token prompt's TTFT on this CPU."""
+        deadline, n = time.perf_counter() + GATHER_S, len(self._waiting)
+        while n < self.max_batch and time.perf_counter() < deadline:
+            time.sleep(GATHER_GAP_S)
+            if len(self._waiting) == n:
+                return
+            n = len(self._waiting)
+
+    def _admit(self) -> None:
+        if self._waiting and not self._batch.rows and not self._prefilling:
+            self._gather()
+        fresh: list[Row] = []
+        while self._waiting:
+            rows = len(self._batch.rows) + self._n_prefilling() + len(fresh) + 1  # with this request's
+            if rows > self.max_batch:
+                break
+            if self.kv_budget is not None and (rows + len(self.prefixes)) * self.row_bytes > self.kv_budget:
+                if not self.prefixes.evict():
+                    break
+                continue
+            with self._waiting_lock:
+                request = self._waiting.popleft()
+            if request.cancelled:
+                self._end(request, "cancelled")
+                continue
+            ids, cache, held, marks = self.prefixes.take(request)
+            text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
+                              request.submitted, request.tool_calls)
+            row = Row(request, ids, held, text, marks)
+            self.counters["reused_tokens"] += held
+            if cache is None:
+                fresh.append(row)
+            else:
+                self._prefilling.append(Group([row], cache))
+        if fresh:
+            roll = any(row.request.roll for row in fresh) and self.window != self.capacity  # warn when it rolls
+            cache = RollingKVCache(self.model.args, self.capacity, len(fresh), dtype=self.model.dtype,
+                                   warn_on_roll=roll, bits=self.kv_bits, group_size=self.kv_group_size)
+            self._prefilling.append(Group(fresh, cache))
+
+    def _prefill(self) -> None:
+        """Up to prefill_chunk prompt tokens, oldest group first. Every row of a group gets
+        the same n tokens: at most the fewest any row has left before its last token, so
+        the rows stay at one position. Rows down to their last token join the batch."""
+        budget = self.prefill_chunk
+        for group in self._prefilling:
+            self._join(group)
+            if not group.rows or budget <= 0:
+                continue
+            rows = group.rows
+            n = min(min(len(row.feed) for row in rows) - 1, max(1, budget // len(rows)), self.capacity)
+            group.prefill(self.model, n)
+            budget -= n * len(rows)
+            self.counters["prefilled_tokens"] += n * len(rows)
+            self.counters["max_prefill_rows"] = max(self.counters["max_prefill_rows"], len(rows))
+            self._join(group)
+        self._prefilling = [group for group in self._prefilling if group.rows]
+
+    def _join(self, group: Group) -> None:
+        """The rows of `group` with only their last prompt token left join the decode batch."""
+        ready = group.take_ready()
+        if ready:
+            self._batch.join(*ready)
+
+    def _decode(self) -> None:
+        start = time.perf_counter()
+        tokens = self._batch.step(self.model)
+        n = len(tokens)
+        self.counters["steps"] += 1
+        self.counters["rows"] += n
+        self.counters["max_rows"] = max(self.counters["max_rows"], n)
+        self.tokens_per_second = n / (time.perf_counter() - start)
+        done = [b for b, (row, token) in enumerate(zip(self._batch.rows, tokens))
+                if self._emit(row, token, self._batch.cache)]
+        if done:
+            self._leave(done)
+
+    def _emit(self, row: Row, token: int, cache: RollingKVCache) -> bool:
+        """Send the event of one generated token; True when it ends the request."""
+        r = row.text.add(token, cache)
+        row.answer.append(token)
+        row.pieces.append(r.text)
+        self.counters["generated_tokens"] += 1
+        if r.finish_reason:
+            self.counters[r.finish_reason] += 1
+        n = r.generation_tokens
+        self._outbox.append((row.request, Event(
+            r.text, len(row.request.tokens), n, token, r.finish_reason, reused_tokens=row.reused,
+            tool_calls=r.tool_calls, prefilled_tokens=len(row.ids) - row.reused, ttft=r.ttft,
+            generation_tps=r.generation_tps, peak_memory=r.peak_memory,
+            kv_tokens=min(len(row.ids) + n - 1, self.capacity))))  # all but the newest token are fed
+        return r.finish_reason is not None
+
+    def _finish(self, row: Row, reason: str, error: str | None = None) -> None:
+        self._end(row.request, reason, error, len(row.answer), row.reused)
+
+    def _end(self, request: Request, reason: str, error: str | None = None, generated: int = 0,
+             reused: int = 0) -> None:
+        """Send a request's last event, one that carries no token (cancelled, error)."""
+        self.counters[reason] += 1
+        self._outbox.append((request, Event("", len(request.tokens), generated, None, reason, error, reused)))
+
+    def _leave(self, gone: list[int]) -> None:
+        """Rows `gone` leave the batch; their caches become idle ones."""
+        for b in gone:
+            row = self._batch.rows[b]
+            if self.prefixes.max_idle and row.answer:
+                self.prefixes.hold(row.request, self._batch.cache.rows([b]), row.ids + row.answer,
+                                   "".join(row.pieces), row.marks, self.tokenizer.eos_id)
+        self._batch.drop(gone)
+
+    def _fail_all(self, message: str) -> None:
+        for row in self._batch.rows + [row for group in self._prefilling for row in group.rows]:
+            self._finish(row, "error", message)
+        with self._waiting_lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
+            self._end(request, "error", message)
+        self._batch, self._prefilling = Batch(), []
+
+    def _free(self) -> None:
+        self._fail_all("the model was closed")
+        self._send()
+        self.prefixes.clear()
+        self.model = self.tokenizer = None
+        gc.collect()
