@@ -22,6 +22,12 @@ from .errors import MistralError
 SORT_FROM = 64
 
 
+def is_router(path: str) -> bool:
+    """Whether a module path is a router (`convert` keeps routers unquantized: they are 0.01% of
+    Mixtral's bytes, and a token's experts are a discrete choice that a 4-bit error can flip)."""
+    return path.endswith("block_sparse_moe.gate")
+
+
 class SwitchLinear(nn.Module):
     """E stacked bias-free Linears: weight [E, out, in]; row i of x goes through expert indices[i]."""
 

@@ -45,12 +45,10 @@ def write_mixtral(path, config: dict, seed: int = 0) -> MixtralForCausalLM:
 
 def to_original_mixtral(path_hf, path) -> None:
     """The same checkpoint in the original layout: params.json with `moe`, feed_forward.experts.E.wN."""
-    from mlx_mistral.loading import read_checkpoint  # noqa: F401  (only for the config's values)
+    from safetensors import safe_open
 
     path.mkdir(parents=True, exist_ok=True)
     config = json.loads((path_hf / "config.json").read_text())
-    tensors = {}
-    from safetensors import safe_open
     with safe_open(str(path_hf / "model.safetensors"), "pt") as f:
         hf = {k: f.get_tensor(k) for k in f.keys()}
     heads, kv, L = config["num_attention_heads"], config["num_key_value_heads"], config["num_hidden_layers"]
@@ -273,3 +271,55 @@ def test_bad_mixtral_configs_are_one_line_errors(tmp_path, change, message):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(MistralError, match=message):
         load(str(path))
+
+
+@pytest.fixture(scope="module")
+def windowless_mixtral(tmp_path_factory):
+    """mlx-lm 0.32 ignores sliding_window and reads rope_theta only at the top level (else 1e6):
+    interop is checked on a windowless Mixtral whose config.json has it there too, as the hub's do."""
+    path = tmp_path_factory.mktemp("mixtral_windowless")
+    hf = write_mixtral(path, mixtral_config(), seed=1)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"rope_theta": config["rope_parameters"]["rope_theta"]}))
+    return path, hf
+
+
+def greedy(model, ids: list[int], cache, steps: int = 16) -> list[int]:
+    """Greedy tokens of one prefill and `steps` decode steps through `cache`."""
+    out, x = [], mx.array([ids])
+    for _ in range(steps):
+        token = mx.argmax(model(x, cache)[0, -1]).item()
+        out.append(token)
+        x = mx.array([[token]])
+    return out
+
+
+def same_greedy_tokens(path) -> None:
+    """Our load of `path` and mlx_lm.load's answer a prompt with the same greedy tokens."""
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    ours, tok = load(str(path))
+    theirs = mlx_lm.load(str(path))[0]
+    ids = prompt(tok)
+    assert greedy(theirs, ids, make_prompt_cache(theirs)) == greedy(ours, ids, make_cache(ours.args, N + 16))
+
+
+def test_mlx_lm_loads_our_4_bit_mixtral(windowless_mixtral, tmp_path):
+    from mlx_mistral.config import Quantization
+    from mlx_mistral.convert import convert
+
+    convert(str(windowless_mixtral[0]), tmp_path / "q4", quantization=Quantization(64, 4))
+    stored = mx.load(str(tmp_path / "q4" / "model.safetensors"))
+    assert "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.scales" in stored  # experts quantized
+    assert "model.layers.0.block_sparse_moe.gate.scales" not in stored  # the router is not
+    same_greedy_tokens(tmp_path / "q4")
+
+
+def test_we_load_mlx_lms_4_bit_mixtral(windowless_mixtral, tmp_path):
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    mlx_lm_convert(str(windowless_mixtral[0]), str(tmp_path / "q4"), quantize=True, q_group_size=64, q_bits=4,
+                   dtype="float32")
+    assert "model.layers.0.block_sparse_moe.gate.scales" in mx.load(str(tmp_path / "q4" / "model.safetensors"))
+    same_greedy_tokens(tmp_path / "q4")  # its router quantized too
