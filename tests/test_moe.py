@@ -323,3 +323,18 @@ def test_we_load_mlx_lms_4_bit_mixtral(windowless_mixtral, tmp_path):
                    dtype="float32")
     assert "model.layers.0.block_sparse_moe.gate.scales" in mx.load(str(tmp_path / "q4" / "model.safetensors"))
     same_greedy_tokens(tmp_path / "q4")  # its router quantized too
+
+
+def test_memory_counts_every_expert_and_the_active_ones(mixtral):
+    from mlx.utils import tree_flatten
+
+    from mlx_mistral.memory import MODELS, parameter_counts, report
+
+    model, _ = load(str(mixtral[0]))
+    held = sum(v.size for _, v in tree_flatten(model.parameters()))
+    assert held == sum(parameter_counts(model.args))  # the formula, against a real model's parameters
+    r = report(MODELS["Mixtral 8x7B"], [32768], [1], None)
+    assert 46.6e9 < r["parameters"] < 46.8e9  # Mixtral 8x7B: 46.7B parameters, 12.9B active per token
+    active = r["active_weights"]["fp16"] / 2
+    assert 12.8e9 < active < 13.0e9
+    assert r["fits"]["4bit"]["macs_gb"][0] == 48  # 4-bit weights + 32k tokens of fp16 KV: 28.5 GiB
