@@ -96,6 +96,7 @@ class SparseMoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.k = args.n_experts_per_tok
+        self.group = None  # tensor parallel (shard.shard_experts): this rank holds 1/N of each expert
         self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
         self.switch_mlp = SwitchGLU(args.dim, args.hidden_dim, args.n_experts)
 
@@ -108,7 +109,8 @@ class SparseMoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         experts, weights = self.route(x)
-        return (self.switch_mlp(x, experts) * weights[..., None]).sum(axis=-2)
+        y = (self.switch_mlp(x, experts) * weights[..., None]).sum(axis=-2)
+        return y if self.group is None else mx.distributed.all_sum(y, group=self.group)
 
 
 # A checkpoint's per-expert tensors (HF's and, renamed, the original layout's): w1 = gate, w2 = down, w3 = up.

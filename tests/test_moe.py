@@ -338,3 +338,14 @@ def test_memory_counts_every_expert_and_the_active_ones(mixtral):
     active = r["active_weights"]["fp16"] / 2
     assert 12.8e9 < active < 13.0e9
     assert r["fits"]["4bit"]["macs_gb"][0] == 48  # 4-bit weights + 32k tokens of fp16 KV: 28.5 GiB
+
+
+def test_experts_that_do_not_split_over_the_ranks_are_refused(mixtral):
+    from mlx_mistral.shard import check_shardable
+
+    from dataclasses import replace
+
+    args = load(str(mixtral[0]))[0].args
+    check_shardable(args, 2)
+    with pytest.raises(MistralError, match=r"cannot split the MLP's 127 hidden units over 2 ranks \(each expert's\)"):
+        check_shardable(replace(args, hidden_dim=127), 2)
