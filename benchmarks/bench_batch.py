@@ -21,6 +21,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlx_mistral.memory import MISTRAL_7B, report  # noqa: E402
+from presets import PRESETS  # noqa: E402
 
 
 def run_batch(model, tokenizer, prompts, tokens: int) -> dict:
@@ -36,7 +37,7 @@ def run_batch(model, tokenizer, prompts, tokens: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=("tiny", "small", "7b"), default="small")
+    p.add_argument("--preset", choices=PRESETS, default="small")
     p.add_argument("--model", help="a checkpoint directory instead of a preset")
     p.add_argument("--batches", default="1,2,4,8,16")
     p.add_argument("--tokens", type=int, default=32, help="tokens generated per row")

@@ -7,6 +7,7 @@ first / their time (greedy). On Linux both processes use OpenBLAS (preloaded by
 mlx_mistral before mlx is imported) and float32, the CPU backend's fast dtype.
 
     python benchmarks/bench_generate.py --preset small [--quantize 4] [--reps 3] [--json]
+    python benchmarks/bench_generate.py --preset small-moe [--quantize 4]   # Mixtral's experts
     python benchmarks/bench_generate.py --window 0 --prompts 1024,4096,16384 --kv-bits 8
         # the KV cache quantized in both runtimes (mlx-lm: from the first token)
     python benchmarks/bench_generate.py --model DIR     # any MLX/HF checkpoint directory
@@ -24,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import mlx_mistral  # noqa: E402,F401  (OpenBLAS before mlx, for both runtimes)
 import mlx.core as mx  # noqa: E402
+
+from presets import PRESETS  # noqa: E402
 
 RUNTIMES = ("mlx_mistral", "mlx_lm")
 
@@ -80,7 +83,7 @@ def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=("tiny", "small", "7b"), default="small")
+    p.add_argument("--preset", choices=PRESETS, default="small")
     p.add_argument("--model", help="benchmark this checkpoint directory instead of a preset")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the preset with mlx-lm first")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),

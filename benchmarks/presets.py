@@ -1,7 +1,7 @@
 """Random-weight Mistral checkpoints in Hugging Face layout, for the benchmarks.
 
-Presets: `tiny`, `small` (~240M: dim 1024, 8 layers, 16 heads, 4 KV heads) and `7b`
-(the real Mistral 7B v0.1 shape). Weights are written one tensor group at a time
+Presets: `tiny`, `small` (~240M: dim 1024, 8 layers, 16 heads, 4 KV heads), `small-moe`
+(small with Mixtral's 8 experts, 2 per token: ~1.2B) and `7b` (the real Mistral 7B v0.1 shape). Weights are written one tensor group at a time
 (one shard per layer), so even the 7b preset never holds the whole model in memory.
 """
 
@@ -24,6 +24,7 @@ PRESETS = {
     "small": dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=6144),
     "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336),
 }
+PRESETS["small-moe"] = dict(PRESETS["small"], n_experts=8, n_experts_per_tok=2)  # Mixtral-shaped, small's size
 
 
 def preset_args(name: str, sliding_window: int | None = 4096) -> ModelArgs:

@@ -16,6 +16,8 @@ HF_IGNORED = {
     "use_cache", "model_type", "rope_parameters", "rope_scaling", "quantization",
     "quantization_config", "_name_or_path", "output_attentions", "output_hidden_states",
     "return_dict", "is_decoder", "layer_types", "max_window_layers", "use_sliding_window",
+    # Mixtral's training-only router settings (no effect at inference: no jitter, no aux loss)
+    "router_aux_loss_coef", "output_router_logits", "router_jitter_noise",
 }
 # params.json keys of original Mistral checkpoints that we do not need.
 PARAMS_IGNORED = {"max_batch_size", "max_seq_len", "model_type"}
@@ -42,6 +44,12 @@ class ModelArgs:
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     quantization: Quantization | None = None
+    n_experts: int = 0  # Mixtral: experts per layer (0: a dense MLP)
+    n_experts_per_tok: int = 0  # the k experts each token goes through
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
@@ -55,6 +63,13 @@ class ModelArgs:
             )
         if not isinstance(self.tie_word_embeddings, bool):
             raise MistralError(f"config: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("n_experts", "n_experts_per_tok"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise MistralError(f"config: {name} must be a non-negative integer, got {value!r}")
+        if self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts:
+            raise MistralError(f"config: num_experts_per_tok must be 1 to num_local_experts ({self.n_experts}), "
+                               f"got {self.n_experts_per_tok}")
         if self.head_dim % 2:
             raise MistralError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None and (
@@ -76,9 +91,9 @@ class ModelArgs:
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> "ModelArgs":
         """From a Hugging Face / MLX `config.json` dictionary."""
-        if config.get("model_type") != "mistral":
+        if config.get("model_type") not in ("mistral", "mixtral"):
             raise MistralError(
-                f"config.json: model_type must be 'mistral', got {config.get('model_type')!r}"
+                f"config.json: model_type must be 'mistral' or 'mixtral', got {config.get('model_type')!r}"
             )
         if config.get("hidden_act", "silu") != "silu":
             raise MistralError(f"config.json: hidden_act must be 'silu', got {config['hidden_act']!r}")
@@ -92,6 +107,7 @@ class ModelArgs:
             "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
             "sliding_window", "max_position_embeddings", "tie_word_embeddings",
+            "num_local_experts", "num_experts_per_tok",
         }
         if unknown:
             warnings.warn(f"config.json: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
@@ -106,6 +122,8 @@ class ModelArgs:
                 hidden_dim=config["intermediate_size"],
                 vocab_size=config["vocab_size"],
             )
+            if config["model_type"] == "mixtral":
+                args.update(n_experts=config["num_local_experts"], n_experts_per_tok=config["num_experts_per_tok"])
         except KeyError as e:
             raise MistralError(f"config.json: missing required key {e.args[0]!r}") from None
         theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -122,14 +140,17 @@ class ModelArgs:
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "ModelArgs":
         """From an original Mistral `params.json` dictionary."""
-        if params.get("moe") or params.get("vision_encoder"):
-            raise MistralError("params.json: mixture-of-experts / vision models are not supported")
+        if params.get("vision_encoder"):
+            raise MistralError("params.json: vision models are not supported")
+        moe = params.get("moe") or {}
+        if not isinstance(moe, dict) or (moe and set(moe) != {"num_experts", "num_experts_per_tok"}):
+            raise MistralError(f"params.json: moe must be {{'num_experts', 'num_experts_per_tok'}}, got {moe!r}")
         names = ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size")
         missing = [n for n in names if n not in params]
         if missing:
             raise MistralError(f"params.json: missing required key {missing[0]!r}")
         extra = set(params) - PARAMS_IGNORED - set(names) - {
-            "n_kv_heads", "head_dim", "norm_eps", "rope_theta", "sliding_window",
+            "n_kv_heads", "head_dim", "norm_eps", "rope_theta", "sliding_window", "moe",
         }
         if extra:
             warnings.warn(f"params.json: ignoring unknown keys {sorted(extra)}", stacklevel=2)
@@ -140,6 +161,8 @@ class ModelArgs:
             norm_eps=params.get("norm_eps", 1e-5),
             rope_theta=params.get("rope_theta", 10000.0),
             sliding_window=params.get("sliding_window"),
+            n_experts=moe.get("num_experts", 0),
+            n_experts_per_tok=moe.get("num_experts_per_tok", 0),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -161,6 +184,9 @@ class ModelArgs:
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
         }
+        if self.moe:
+            config.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                          num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok)
         if self.quantization:
             q = {"group_size": self.quantization.group_size, "bits": self.quantization.bits}
             config["quantization"] = config["quantization_config"] = q

@@ -27,6 +27,7 @@ from .config import ModelArgs, Quantization
 from .errors import MistralError
 from .loading import check_weights, read_checkpoint, resolve
 from .model import Mistral
+from .moe import is_router
 from .tokenizer import Tokenizer
 
 BITS = (4, 8)
@@ -122,9 +123,10 @@ def hf_tokenizer_config(tokenizer_file: Path) -> dict | None:
 
 
 def quantize_weights(args: ModelArgs, weights: dict[str, mx.array], q: Quantization) -> dict[str, mx.array]:
-    """mlx-lm's format (lazy): each layer nn.quantize replaces (every Linear and Embedding; norms
-    stay as they are) holds `weight` (uint32), `scales` and `biases` from mx.quantize."""
-    layers = {path for path, m in Mistral(args).named_modules() if hasattr(m, "to_quantized")}
+    """mlx-lm's format (lazy): each layer nn.quantize replaces (every Linear and Embedding, and
+    Mixtral's stacked experts; norms and Mixtral's routers stay as they are) holds `weight`
+    (uint32), `scales` and `biases` from mx.quantize."""
+    layers = {path for path, m in Mistral(args).named_modules() if hasattr(m, "to_quantized") and not is_router(path)}
     out = {}
     for name, w in weights.items():
         layer = name.removesuffix(".weight")

@@ -16,6 +16,7 @@ from .cpu import cpu_paths_on, prepare_for_cpu
 from .shard import shard
 from .errors import MistralError
 from .model import Mistral
+from .moe import stack_experts
 from .tokenizer import Tokenizer
 
 # Original Mistral names -> Hugging Face names (the layout of every MLX checkpoint).
@@ -26,7 +27,9 @@ ORIGINAL_LAYER_NAMES = {
     "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj",
     "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "feed_forward.gate": "block_sparse_moe.gate",  # Mixtral's router
 }
+ORIGINAL_EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])")  # -> block_sparse_moe.experts.E.wN
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -78,7 +81,7 @@ def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
     else:
         weights = _from_original(args, _load_original(path))
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
-    return args, weights, find_tokenizer(path)
+    return args, stack_experts(args, weights), find_tokenizer(path)
 
 
 def find_tokenizer(path: Path) -> Path:
@@ -156,6 +159,10 @@ def _from_original(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, m
             out[ORIGINAL_NAMES[stem] + ".weight"] = w
             continue
         m = re.fullmatch(r"layers\.(\d+)\.(.+)", stem)
+        expert = m and ORIGINAL_EXPERT.fullmatch(m.group(2))
+        if expert:
+            out[f"model.layers.{m.group(1)}.block_sparse_moe.experts.{expert[1]}.{expert[2]}.weight"] = w
+            continue
         if not m or m.group(2) not in ORIGINAL_LAYER_NAMES:
             raise MistralError(f"original checkpoint: unexpected tensor '{name}'")
         kind = m.group(2)

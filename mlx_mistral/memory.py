@@ -30,7 +30,14 @@ MODELS = {
                                    hidden_dim=32768, vocab_size=131072),
     "Mistral Large 123B": ModelArgs(dim=12288, n_layers=88, n_heads=96, n_kv_heads=8, head_dim=128,
                                     hidden_dim=28672, vocab_size=32768),
+    "Mixtral 8x7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
+                              vocab_size=32000, rope_theta=1e6, n_experts=8, n_experts_per_tok=2),
+    "Mixtral 8x22B": ModelArgs(dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, head_dim=128, hidden_dim=16384,
+                               vocab_size=32768, rope_theta=1e6, max_position_embeddings=65536, n_experts=8,
+                               n_experts_per_tok=2),
 }
+PRESETS = {"mistral-7b": MISTRAL_7B, "mixtral-8x7b": MODELS["Mixtral 8x7B"]}
+MAC_GB = (8, 16, 24, 32, 36, 48, 64, 96, 128, 192)  # Apple silicon memory sizes
 USABLE = 0.75  # share of a Mac's memory the GPU may use by default (macOS's working-set limit)
 
 
@@ -54,10 +61,13 @@ def kv_bytes(args: ModelArgs, tokens: int, batch: int = 1, dtype_bytes: int = 2,
     return {"mha": batch * tokens * mha, "gqa": batch * tokens * gqa, "gqa_rolling": batch * held * gqa}
 
 
-def layer_parameters(args: ModelArgs) -> int:
-    """Parameters in the attention and MLP matrices of all layers."""
+def layer_parameters(args: ModelArgs, active: bool = False) -> int:
+    """Parameters in the attention and MLP matrices of all layers: with experts, all E of them
+    and the router, or (`active`) the k a token goes through and the router."""
     attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
-    return args.n_layers * (attention + 3 * args.dim * args.hidden_dim)
+    experts = (args.n_experts_per_tok if active else args.n_experts) if args.moe else 1
+    router = args.dim * args.n_experts
+    return args.n_layers * (attention + experts * 3 * args.dim * args.hidden_dim + router)
 
 
 def parameter_counts(args: ModelArgs) -> tuple[int, int]:
@@ -75,6 +85,17 @@ def weight_bytes(args: ModelArgs, bits: int | None = None) -> int:
     """Weights at 16 bits, or quantized to `bits` (+16-bit scale and bias per group)."""
     matrices, norms = parameter_counts(args)
     return int(matrices * bits_per_weight(bits) / 8) + 2 * norms
+
+
+def active_weight_bytes(args: ModelArgs, bits: int | None = None) -> int:
+    """The weights one token reads (a Mixtral token: its k experts of E), what bounds decode speed."""
+    return weight_bytes(args, bits) - int((layer_parameters(args) - layer_parameters(args, active=True))
+                                          * bits_per_weight(bits) / 8)
+
+
+def macs_that_fit(nbytes: int) -> list[int]:
+    """The Mac memory sizes (GB) whose GPU share (USABLE) holds `nbytes`."""
+    return [gb for gb in MAC_GB if nbytes <= USABLE * gb * 1e9]
 
 
 def per_rank(args: ModelArgs, ranks: int, tokens: int, bits: int | None = None, kv_bits: int | None = None,
@@ -157,8 +178,14 @@ def report(args: ModelArgs, lengths: list[int], batches: list[int], budget_gb: f
         "by_kv_bits": {n: {name: kv_bytes(args, n, bits=b, group=group)["gqa_rolling"]
                            for name, b in (("fp16", None), ("8bit", 8), ("4bit", 4))} for n in lengths},
         "weights": {"fp16": weight_bytes(args), "8bit": weight_bytes(args, 8), "4bit": weight_bytes(args, 4)},
+        "active_weights": {"fp16": active_weight_bytes(args), "8bit": active_weight_bytes(args, 8),
+                           "4bit": active_weight_bytes(args, 4)},
         "parameters": sum(parameter_counts(args)),
     }
+    n = max(lengths)
+    out["fits"] = {w: {"bytes": wb + out["by_length"][n]["gqa_rolling"], "tokens": n,
+                       "macs_gb": macs_that_fit(wb + out["by_length"][n]["gqa_rolling"])}
+                   for w, wb in out["weights"].items()}
     if budget_gb:
         budget, n = budget_gb * 1e9, max(lengths)
         out["max_batch"] = {
@@ -194,6 +221,13 @@ def print_report(r: dict, budget_gb: float | None) -> None:
     for bsz, b in r["by_batch"].items():
         print(f"{bsz:>8} {gib(b['mha']):>22} {gib(b['gqa']):>22} {gib(b['gqa_rolling']):>22}")
     print("\nweights: " + ", ".join(f"{k} {gib(v)}" for k, v in r["weights"].items()))
+    if r["active_weights"] != r["weights"]:
+        print(f"read per token ({c['n_experts_per_tok']} of {c['n_experts']} experts): "
+              + ", ".join(f"{k} {gib(v)}" for k, v in r["active_weights"].items()))
+    for w, f in r["fits"].items():
+        fits = ", ".join(f"{gb} GB" for gb in f["macs_gb"]) or "none"
+        print(f"weights {w} + one {f['tokens']}-token KV cache (fp16 unless --kv-bits): {gib(f['bytes'])}; "
+              f"fits Macs of {fits} ({USABLE:.0%} usable by the GPU)")
     if budget_gb:
         print(f"\nlargest batch of {n}-token sequences in {budget_gb:g} GB (weights + KV cache):")
         for w, m in r["max_batch"].items():
@@ -201,8 +235,8 @@ def print_report(r: dict, budget_gb: float | None) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    if a.model == "mistral-7b":
-        args = MISTRAL_7B
+    if a.model in PRESETS:
+        args = PRESETS[a.model]
     else:
         from pathlib import Path
 
@@ -235,7 +269,8 @@ def run(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_mistral.memory", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="mistral-7b", help="'mistral-7b' (v0.1 shape) or a checkpoint directory")
+    p.add_argument("--model", default="mistral-7b",
+                   help="'mistral-7b' (v0.1 shape), 'mixtral-8x7b', or a checkpoint directory")
     p.add_argument("--window", type=int, help="override the sliding window (0 = none)")
     p.add_argument("--lengths", default="4096,8192,16384,32768")
     p.add_argument("--batches", default="1,4,8,16")

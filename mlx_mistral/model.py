@@ -1,4 +1,4 @@
-"""Mistral: RMSNorm, RoPE, grouped-query sliding-window attention, SwiGLU.
+"""Mistral: RMSNorm, RoPE, grouped-query sliding-window attention, SwiGLU (or Mixtral's experts: moe.py).
 
 Module and parameter names are Hugging Face's (the layout mlx-lm uses), so weights
 load without renaming. The model holds no state: the caller passes the cache in.
@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from .cache import RollingKVCache
 from .config import ModelArgs
+from .moe import SparseMoE
 
 
 class Attention(nn.Module):
@@ -101,13 +102,21 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.self_attn = Attention(args)
-        self.mlp = MLP(args)
+        if args.moe:  # mlx-lm's (and HF's) name for Mixtral's block
+            self.block_sparse_moe = SparseMoE(args)
+        else:
+            self.mlp = MLP(args)
         self.input_layernorm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.dim, eps=args.norm_eps)
 
     def __call__(self, x: mx.array, mask, cache: RollingKVCache, layer: int) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.feed_forward(self.post_attention_layernorm(h))
+
+    @property
+    def feed_forward(self) -> nn.Module:
+        """The dense MLP, or the sparse mixture of experts."""
+        return self["block_sparse_moe"] if "block_sparse_moe" in self else self.mlp
 
 
 class MistralModel(nn.Module):

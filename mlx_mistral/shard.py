@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 from .config import ModelArgs
 from .errors import MistralError
 from .model import Mistral
+from .moe import SparseMoE
 
 
 def check_shardable(args: ModelArgs, size: int) -> None:
@@ -32,7 +33,8 @@ def check_shardable(args: ModelArgs, size: int) -> None:
             f"of the number of ranks"
         )
     if args.hidden_dim % size:
-        raise MistralError(f"cannot split the MLP's {args.hidden_dim} hidden units over {size} ranks")
+        raise MistralError(f"cannot split the MLP's {args.hidden_dim} hidden units over {size} ranks"
+                           + (" (each expert's)" if args.moe else ""))
     q = args.quantization
     for name, inputs in (("o_proj", args.n_heads * args.head_dim), ("down_proj", args.hidden_dim)):
         if q and (inputs // size) % q.group_size:
@@ -55,11 +57,14 @@ def shard(model: Mistral, group: mx.distributed.Group) -> None:
     n = group.size()
     check_shardable(model.args, n)
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for module, names, sharding in ((attn, ("q_proj", "k_proj", "v_proj"), "all-to-sharded"),
-                                        (attn, ("o_proj",), "sharded-to-all"),
-                                        (mlp, ("gate_proj", "up_proj"), "all-to-sharded"),
-                                        (mlp, ("down_proj",), "sharded-to-all")):
+        attn = layer.self_attn
+        parts = [(attn, ("q_proj", "k_proj", "v_proj"), "all-to-sharded"), (attn, ("o_proj",), "sharded-to-all")]
+        if model.args.moe:
+            shard_experts(layer.block_sparse_moe, group)
+        else:
+            parts += [(layer.mlp, ("gate_proj", "up_proj"), "all-to-sharded"),
+                      (layer.mlp, ("down_proj",), "sharded-to-all")]
+        for module, names, sharding in parts:
             for name in names:
                 setattr(module, name, shard_linear(getattr(module, name), sharding, group=group))
         attn.n_heads //= n
@@ -68,7 +73,22 @@ def shard(model: Mistral, group: mx.distributed.Group) -> None:
     model.args = replace(a, n_heads=a.n_heads // n, n_kv_heads=a.n_kv_heads // n, hidden_dim=a.hidden_dim // n)
 
 
+def shard_experts(moe: SparseMoE, group: mx.distributed.Group) -> None:
+    """Keep this rank's 1/N of every expert, split along its hidden axis as the dense MLP is:
+    output rows of gate/up, input columns of down (of weight, scales and biases alike: whole
+    groups, see check_shardable). The router stays whole, so every rank picks the same
+    experts; the block's output is summed over the ranks (SparseMoE.group)."""
+    n, r = group.size(), group.rank()
+    for name, axis in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
+        proj = getattr(moe.switch_mlp, name)
+        for key, w in proj.parameters().items():
+            step = w.shape[axis] // n
+            proj[key] = w[(slice(None),) * axis + (slice(r * step, (r + 1) * step),)]
+    moe.group = group
+
+
 def sharded_bytes(model: nn.Module) -> int:
-    """Bytes of this rank's attention and MLP parameters (what sharding divides by N)."""
-    return sum(v.nbytes for layer in model.model.layers for part in (layer.self_attn, layer.mlp)
+    """Bytes of this rank's attention and MLP (or experts') parameters: what sharding divides by N."""
+    return sum(v.nbytes for layer in model.model.layers
+               for part in (layer.self_attn, layer.mlp if "mlp" in layer else layer.block_sparse_moe.switch_mlp)
                for _, v in tree_flatten(part.parameters()))

@@ -19,6 +19,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from checkpoints import tiny_config, write_hf
+from test_moe import mixtral_config, write_mixtral
 from distributed_rank import observe
 from mlx_mistral import distributed, load, make_sampler, shard
 from mlx_mistral.config import ModelArgs, Quantization
@@ -31,7 +32,7 @@ from mlx_mistral.memory import main as memory_main
 
 TESTS = Path(__file__).parent
 MLX_LAUNCH = str(Path(sys.executable).parent / "mlx.launch")  # the launcher mlx installs beside python
-MODELS = ["windowed", "windowless", "windowed-4bit", "windowless-4bit", "windowed-8bit"]
+MODELS = ["windowed", "windowless", "windowed-4bit", "windowless-4bit", "windowed-8bit", "mixtral", "mixtral-4bit"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -93,12 +94,15 @@ def cli(*args: str) -> list[str]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Tiny windowed (W = 8) and windowless models, float32, 4-bit and 8-bit (group 32: o_proj's
-    64 input columns split into one whole group per rank)."""
+    64 input columns split into one whole group per rank), and a tiny Mixtral (W = 8; 4 experts
+    whose down_proj's 128 input columns split into two groups per rank)."""
     root = tmp_path_factory.mktemp("dist")
     out = {"windowed": root / "windowed", "windowless": root / "windowless"}
     write_hf(out["windowed"], tiny_config(sliding_window=8))
     write_hf(out["windowless"], tiny_config(sliding_window=None), seed=1)
-    for name, bits in (("windowed", 4), ("windowless", 4), ("windowed", 8)):
+    out["mixtral"] = root / "mixtral"
+    write_mixtral(out["mixtral"], mixtral_config(sliding_window=8))
+    for name, bits in (("windowed", 4), ("windowless", 4), ("windowed", 8), ("mixtral", 4)):
         out[f"{name}-{bits}bit"] = root / f"{name}-{bits}bit"
         convert(str(out[name]), out[f"{name}-{bits}bit"], quantization=Quantization(group_size=32, bits=bits))
     return out
