@@ -349,3 +349,14 @@ def test_experts_that_do_not_split_over_the_ranks_are_refused(mixtral):
     check_shardable(args, 2)
     with pytest.raises(MistralError, match=r"cannot split the MLP's 127 hidden units over 2 ranks \(each expert's\)"):
         check_shardable(replace(args, hidden_dim=127), 2)
+
+
+def test_a_router_of_the_wrong_shape_is_named(tmp_path):
+    path = tmp_path / "m"
+    write_mixtral(path, mixtral_config())
+    weights = mx.load(str(path / "model.safetensors"))
+    weights["model.layers.1.block_sparse_moe.gate.weight"] = mx.zeros((3, 64))
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    with pytest.raises(MistralError, match=r"tensor 'model\.layers\.1\.block_sparse_moe\.gate\.weight' has shape "
+                                           r"\(3, 64\), config expects \(4, 64\)"):
+        load(str(path))
