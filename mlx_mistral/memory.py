@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 
-from .cache import RollingKVCache, check_kv_quantization
+from .cache import check_kv_quantization, make_cache
 from .config import ModelArgs
 from .errors import MistralError, run_command
 
@@ -46,12 +46,20 @@ def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, heads: int | None 
     return 2 * args.n_layers * (heads or args.n_kv_heads) * per_head
 
 
+def rolling_kv_bytes(args: ModelArgs, tokens: int, dtype_bytes: int = 2, bits: int | None = None,
+                     group: int = GROUP) -> int:
+    """One sequence's rolling-buffer KV cache at `tokens`: each layer holds the last
+    min(tokens, its sliding window) tokens (a full-attention layer: all of them)."""
+    per_layer = kv_bytes_per_token(args, dtype_bytes, bits=bits, group=group) // args.n_layers
+    return per_layer * sum(min(tokens, window or tokens) for window in args.windows)
+
+
 def kv_bytes(args: ModelArgs, tokens: int, batch: int = 1, dtype_bytes: int = 2, bits: int | None = None,
              group: int = GROUP) -> dict[str, int]:
     """KV cache bytes for `batch` sequences of `tokens`: MHA, GQA, GQA + rolling buffer."""
-    held = min(tokens, args.sliding_window or tokens)
     gqa, mha = (kv_bytes_per_token(args, dtype_bytes, heads, bits, group) for heads in (None, args.n_heads))
-    return {"mha": batch * tokens * mha, "gqa": batch * tokens * gqa, "gqa_rolling": batch * held * gqa}
+    return {"mha": batch * tokens * mha, "gqa": batch * tokens * gqa,
+            "gqa_rolling": batch * rolling_kv_bytes(args, tokens, dtype_bytes, bits, group)}
 
 
 def layer_parameters(args: ModelArgs) -> int:
@@ -83,9 +91,8 @@ def per_rank(args: ModelArgs, ranks: int, tokens: int, bits: int | None = None, 
     and MLP weights and the KV cache (one sequence of `tokens`, fp16 or kv_bits) split by N;
     embeddings, output head and norms whole on every machine."""
     layers = int(layer_parameters(args) * bits_per_weight(bits) / 8)
-    held = min(tokens, args.sliding_window or tokens)
     out = {"sharded_weights": layers // ranks, "whole_weights": weight_bytes(args, bits) - layers,
-           "kv": held * kv_bytes_per_token(args, bits=kv_bits, group=kv_group) // ranks}
+           "kv": rolling_kv_bytes(args, tokens, bits=kv_bits, group=kv_group) // ranks}
     return {**out, "total": sum(out.values())}
 
 
@@ -96,10 +103,10 @@ def ranks_report(args: ModelArgs, ranks: int, tokens: int, mac_gb: float, kv_bit
 
     check_shardable(replace(args, quantization=None), ranks)
     shard = replace(args, n_kv_heads=args.n_kv_heads // ranks)
-    capacity = min(args.sliding_window or tokens, tokens, 4096)
+    capacity = min(args.sliding_window or tokens, tokens, 4096, args.max_position_embeddings)
     kv = dict(kv_bits=kv_bits, kv_group=kv_group)
     measured = measured_kv_bytes(shard, capacity, bits=kv_bits, group=kv_group)
-    if measured != capacity * kv_bytes_per_token(args, bits=kv_bits, group=kv_group) // ranks:
+    if measured != rolling_kv_bytes(args, capacity, bits=kv_bits, group=kv_group) // ranks:
         raise MistralError(f"cache cross-check failed: a rank's cache allocates {measured} bytes")
     kinds = {"fp16": None, "8bit": 8, "4bit": 4}
     fits = {name: {k: per_rank(m, ranks, tokens, b, **kv)["total"] for k, b in kinds.items()}
@@ -129,8 +136,9 @@ def print_ranks_report(r: dict) -> None:
 
 def measured_kv_bytes(args: ModelArgs, capacity: int, batch: int = 1, bits: int | None = None,
                       group: int = GROUP) -> int:
-    """Bytes a real RollingKVCache allocates (float16, or quantized) for `capacity` slots."""
-    cache = RollingKVCache(args, capacity, batch, mx.float16, bits=bits, group_size=group)
+    """Bytes a real cache allocates (float16, or quantized) for `capacity` slots (fewer in a
+    layer with a smaller window)."""
+    cache = make_cache(args, capacity, batch, mx.float16, kv_bits=bits, kv_group_size=group)
     nbytes = cache.nbytes
     del cache
     return nbytes
@@ -141,10 +149,10 @@ def report(args: ModelArgs, lengths: list[int], batches: list[int], budget_gb: f
     """The tables, with the KV cache in fp16 or quantized to `bits` in groups of `group`."""
     q = dict(bits=bits, group=group)
     per_token_gqa, per_token_mha = kv_bytes_per_token(args, **q), kv_bytes_per_token(args, heads=args.n_heads, **q)
-    window = args.sliding_window
-    check_capacity = min(window or 4096, 4096)  # keep the real allocation modest
+    # keep the real allocation modest
+    check_capacity = min(args.sliding_window or 4096, 4096, args.max_position_embeddings)
     measured = measured_kv_bytes(args, check_capacity, **q)
-    expected = check_capacity * per_token_gqa
+    expected = rolling_kv_bytes(args, check_capacity, **q)
     if measured != expected:
         raise MistralError(f"cache cross-check failed: allocated {measured} bytes, formula says {expected}")
     out = {
@@ -172,10 +180,18 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB ({n / 1e9:.2f} GB)" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def windows_text(config: dict) -> str:
+    """The sliding window, or each layer's as "4096 x 27, none x 9" (none: full attention)."""
+    windows = config["layer_windows"]
+    if not windows:
+        return str(config["sliding_window"])
+    return "per layer " + ", ".join(f"{w or 'none'} x {windows.count(w)}" for w in dict.fromkeys(windows))
+
+
 def print_report(r: dict, budget_gb: float | None) -> None:
     c, kv = r["config"], r["kv_per_token"]
     print(f"config: {c['n_layers']} layers, {c['n_heads']} heads, {c['n_kv_heads']} KV heads, head_dim "
-          f"{c['head_dim']}, window {c['sliding_window']}; {r['parameters'] / 1e9:.2f}B parameters")
+          f"{c['head_dim']}, window {windows_text(c)}; {r['parameters'] / 1e9:.2f}B parameters")
     bits = f"{r['kv_bits']}-bit, group {r['kv_group_size']}" if r["kv_bits"] else "fp16"
     print(f"KV cache per token ({bits}): MHA {kv['mha'] / 1024:.0f} KiB, GQA {kv['gqa'] / 1024:.0f} KiB "
           f"({kv['ratio']:.0f}x smaller)")
@@ -210,7 +226,7 @@ def run(a: argparse.Namespace) -> int:
 
         args = read_config(Path(a.model))
     if a.window is not None:
-        args = replace(args, sliding_window=a.window or None)
+        args = replace(args, sliding_window=a.window or None, layer_windows=None)
     try:
         lengths = [int(x) for x in a.lengths.split(",")]
         batches = [int(x) for x in a.batches.split(",")]
@@ -236,7 +252,7 @@ def run(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_mistral.memory", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mistral-7b", help="'mistral-7b' (v0.1 shape) or a checkpoint directory")
-    p.add_argument("--window", type=int, help="override the sliding window (0 = none)")
+    p.add_argument("--window", type=int, help="override the sliding window of every layer (0 = none)")
     p.add_argument("--lengths", default="4096,8192,16384,32768")
     p.add_argument("--batches", default="1,4,8,16")
     p.add_argument("--kv-bits", type=int, help="the KV cache quantized to 8 or 4 bits (default: fp16)")
