@@ -4,7 +4,7 @@ Reproduces the memory arithmetic of the Mistral 7B paper for any config: KV cach
 of multi-head attention (MHA) vs grouped-query attention (GQA) vs GQA with the
 rolling buffer, per token, per sequence length and per batch size, with the cache in
 fp16 or quantized to 8 / 4 bits (--kv-bits), and weights at fp16 / 8-bit / 4-bit.
-The cache figures are cross-checked against the bytes a RollingKVCache really allocates.
+The cache figures are cross-checked against the bytes a real cache (make_cache) allocates.
 """
 
 import argparse
@@ -20,6 +20,11 @@ from .errors import MistralError, run_command
 
 MISTRAL_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                        vocab_size=32000, sliding_window=4096, max_position_embeddings=32768)
+# Ministral 8B 2410 (params.json: sliding_window [null, 32768, 32768, 32768], 128k context)
+MINISTRAL_8B = ModelArgs(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=12288,
+                         vocab_size=131072, rope_theta=1e8, layer_windows=(None, 32768, 32768, 32768) * 9,
+                         max_position_embeddings=131072)
+NAMED = {"mistral-7b": MISTRAL_7B, "ministral-8b": MINISTRAL_8B}  # --model
 GROUP = 64  # quantization group size; each group stores a scale and a bias at 16 bits
 # The larger Mistral models one may spread over several Macs (shapes from their config.json).
 MODELS = {
@@ -119,7 +124,7 @@ def ranks_report(args: ModelArgs, ranks: int, tokens: int, mac_gb: float, kv_bit
 def print_ranks_report(r: dict) -> None:
     n = r["ranks"]
     kv = f"{r['kv_bits']}-bit" if r["kv_bits"] else "fp16"
-    print(f"on each of {n} machines, one sequence of {r['tokens']} tokens (KV {kv}; a rank's RollingKVCache "
+    print(f"on each of {n} machines, one sequence of {r['tokens']} tokens (KV {kv}; a rank's KV cache "
           f"of {r['cross_check']['capacity']} slots allocates {r['cross_check']['allocated_per_rank']} bytes, "
           f"1/{n} of one machine's):")
     print(f"{'weights':>8} {'layers (1/' + str(n) + ')':>22} {'embed + head (whole)':>22} {'KV':>22} {'total':>22}")
@@ -196,7 +201,7 @@ def print_report(r: dict, budget_gb: float | None) -> None:
     print(f"KV cache per token ({bits}): MHA {kv['mha'] / 1024:.0f} KiB, GQA {kv['gqa'] / 1024:.0f} KiB "
           f"({kv['ratio']:.0f}x smaller)")
     x = r["cross_check"]
-    print(f"cross-check: a RollingKVCache of {x['capacity']} slots allocates {x['allocated']} bytes "
+    print(f"cross-check: a KV cache of {x['capacity']} slots allocates {x['allocated']} bytes "
           f"(formula {x['formula']}): {'OK' if x['allocated'] == x['formula'] else 'MISMATCH'}")
     print(f"\n{'tokens':>8} {'MHA':>22} {'GQA':>22} {'GQA + rolling buffer':>22} {'saving':>7}")
     for n, b in r["by_length"].items():
@@ -217,8 +222,8 @@ def print_report(r: dict, budget_gb: float | None) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    if a.model == "mistral-7b":
-        args = MISTRAL_7B
+    if a.model in NAMED:
+        args = NAMED[a.model]
     else:
         from pathlib import Path
 
@@ -251,7 +256,7 @@ def run(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_mistral.memory", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="mistral-7b", help="'mistral-7b' (v0.1 shape) or a checkpoint directory")
+    p.add_argument("--model", default="mistral-7b", help="'mistral-7b' (v0.1 shape), 'ministral-8b' or a checkpoint directory")
     p.add_argument("--window", type=int, help="override the sliding window of every layer (0 = none)")
     p.add_argument("--lengths", default="4096,8192,16384,32768")
     p.add_argument("--batches", default="1,4,8,16")
