@@ -227,6 +227,22 @@ def test_ministral_8b_kv_at_128k():
     assert f"{kv['gqa_rolling'] / 2**30:.3f}" == "7.875" and kv["gqa"] == 18 * 2**30
 
 
+def test_convert_writes_layer_types_that_we_and_mlx_lm_read(ministral, ministral_original, tmp_path):
+    """params.json's list -> convert -> config.json with layer_types (model_type mistral): it
+    loads here and in mlx-lm (llama.py honours layer_types) with the oracle's logits."""
+    from mlx_mistral.convert import convert
+
+    convert(str(ministral_original), tmp_path / "mlx")
+    config = json.loads((tmp_path / "mlx" / "config.json").read_text())
+    assert (config["model_type"], config["layer_types"], config["sliding_window"]) == ("mistral", TYPES, W)
+    model, tokenizer = load(str(tmp_path / "mlx"))
+    ids = prompt_ids(tokenizer, 5 * W)
+    oracle = oracle_logits(ministral[1], ids)
+    assert np.abs(run_chunks(model, ids, MODES["chunks wrapping mid-chunk"]) - oracle).max() <= 1e-4
+    theirs, _ = mlx_lm.load(str(tmp_path / "mlx"))
+    assert np.abs(np.array(theirs(mx.array([ids]))[0]) - oracle).max() <= 1e-4
+
+
 def test_config_json_round_trips_and_uniform_types_are_todays_model(ministral):
     config = json.loads((ministral[0] / "config.json").read_text())
     args = ModelArgs.from_hf(config)
