@@ -221,7 +221,7 @@ def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequenc
                                  kv_group_size=kv_group_size))
         first.append(sampler(prefill(model, row, caches[-1], prefill_chunk)))
         mx.async_eval(first[-1])
-    cache, y = type(caches[0]).stack(caches), mx.concatenate(first)
+    cache, y = type(caches[0]).stack(caches), mx.concatenate(first)  # a RollingKVCache or LayeredKVCache
     del caches, first
     rows = list(range(len(prompts)))  # prompt index of each batch row
     while rows:
