@@ -80,7 +80,8 @@ def sidebar(engine: Engine) -> tuple[gr.Markdown, list[gr.components.Component]]
     """The right sidebar: the model's line, the stats panel, and the knobs that chat() takes
     after the message and history (system prompt, temperature, top-p, max tokens, repetition
     penalty, seed)."""
-    window = f"{engine.window}-token sliding window" if engine.window else "no sliding window"
+    window = "per-layer sliding windows" if engine.model.args.layer_windows else \
+        f"{engine.window}-token sliding window" if engine.window else "no sliding window"
     with gr.Sidebar(position="right", width=420, open=True):
         gr.Markdown(f"**Model** `{engine.name}` · {window} · KV cache of {engine.capacity} tokens")
         stats = gr.Markdown("Stats appear after the first answer.", elem_id="stats")

@@ -7,6 +7,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .config import ModelArgs
 from .errors import MistralError
+from .layered_cache import LayeredKVCache
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)  # those mx.quantize supports
@@ -64,12 +65,13 @@ class RollingKVCache:
 
     def __init__(self, args: ModelArgs, capacity: int, batch_size: int = 1,
                  dtype: mx.Dtype = mx.float32, warn_on_roll: bool = False,
-                 bits: int | None = None, group_size: int = 64):
+                 bits: int | None = None, group_size: int = 64, n_layers: int | None = None):
         check_kv_quantization(args, bits, group_size, dtype)
         self.bits, self.group_size, self.dtype = bits, group_size, dtype
         shape = (batch_size, args.n_kv_heads, capacity)
-        self.keys = [self._zeros(shape, args.head_dim) for _ in range(args.n_layers)]
-        self.values = [self._zeros(shape, args.head_dim) for _ in range(args.n_layers)]
+        n_layers = n_layers or args.n_layers  # fewer: a group of a LayeredKVCache
+        self.keys = [self._zeros(shape, args.head_dim) for _ in range(n_layers)]
+        self.values = [self._zeros(shape, args.head_dim) for _ in range(n_layers)]
         mx.eval(self.keys, self.values)
         self.capacity = capacity
         self.offsets = [0] * batch_size  # absolute position of each row's next token
@@ -189,6 +191,10 @@ class RollingKVCache:
         k = self.slot_positions()[None, : min(start, C)]  # all >= 0, all < q
         return mx.concatenate([k > start + i - C, chunk], axis=1)
 
+    def layer_masks(self, length: int) -> list:
+        """mask(length) for each layer: one mask, built once, since all share the capacity."""
+        return [self.mask(length)] * len(self.keys)
+
     def _decode_mask(self) -> mx.array | None:
         """Slots in use after this step's write all hold one of the last C positions of a
         row, except in a ragged batch, where a shorter row may not fill them yet."""
@@ -260,21 +266,39 @@ class RollingKVCache:
         self.offsets = [o + length for o in self.offsets]
 
 
+KVCache = RollingKVCache | LayeredKVCache  # what make_cache returns, and the model takes
+
+
+def kv_slots(args: ModelArgs, max_kv_size: int | None = None) -> list[int]:
+    """Each layer's KV cache slots: its sliding window, or max_position_embeddings for a
+    full-attention layer, capped at max_kv_size."""
+    if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size <= 0):
+        raise MistralError(f"max_kv_size must be a positive integer, got {max_kv_size!r}")
+    full = args.max_position_embeddings
+    return [min(window or full, max_kv_size or window or full) for window in args.windows]
+
+
 def make_cache(args: ModelArgs, max_kv_size: int | None = None, batch_size: int = 1,
                dtype: mx.Dtype = mx.float32, kv_bits: int | None = None,
-               kv_group_size: int = 64) -> RollingKVCache:
+               kv_group_size: int = 64, warn_on_roll: bool = True) -> KVCache:
     """A cache for `args`: the sliding window, or fewer slots when max_kv_size is smaller.
 
     kv_bits (8 or 4) stores keys and values quantized in groups of kv_group_size along
     head_dim (None: `dtype` floats).
 
     A windowless model gets max_kv_size slots (default: max_position_embeddings) and rolls
-    past them with a one-time warning, since that changes its output.
+    past them with a one-time warning (unless warn_on_roll is False), since that changes its
+    output. With per-layer windows (args.layer_windows), each layer gets the slots of its
+    own window (kv_slots) and the layers of each capacity share one RollingKVCache: a
+    LayeredKVCache of them (one RollingKVCache when every layer has the same capacity).
     """
-    window = args.sliding_window or args.max_position_embeddings
-    if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size <= 0):
-        raise MistralError(f"max_kv_size must be a positive integer, got {max_kv_size!r}")
-    capacity = min(window, max_kv_size or window)
-    warn = args.sliding_window is None or capacity < args.sliding_window
-    return RollingKVCache(args, capacity, batch_size, dtype, warn_on_roll=warn, bits=kv_bits,
-                          group_size=kv_group_size)
+    groups: dict[int, list[int]] = {}  # capacity -> its layers
+    for layer, capacity in enumerate(kv_slots(args, max_kv_size)):
+        groups.setdefault(capacity, []).append(layer)
+    caches = []
+    for capacity, layers in groups.items():
+        # it rolls, changing the output, where it holds less than one of its layers' windows
+        rolls = any(args.windows[i] is None or capacity < args.windows[i] for i in layers)
+        caches.append(RollingKVCache(args, capacity, batch_size, dtype, warn_on_roll=warn_on_roll and rolls,
+                                     bits=kv_bits, group_size=kv_group_size, n_layers=len(layers)))
+    return caches[0] if len(caches) == 1 else LayeredKVCache(caches, list(groups.values()))

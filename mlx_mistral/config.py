@@ -15,10 +15,11 @@ HF_IGNORED = {
     "hidden_act", "initializer_range", "torch_dtype", "dtype", "transformers_version",
     "use_cache", "model_type", "rope_parameters", "rope_scaling", "quantization",
     "quantization_config", "_name_or_path", "output_attentions", "output_hidden_states",
-    "return_dict", "is_decoder", "layer_types", "max_window_layers", "use_sliding_window",
+    "return_dict", "is_decoder", "max_window_layers", "use_sliding_window",
     # Mixtral's training-only router settings (no effect at inference: no jitter, no aux loss)
     "router_aux_loss_coef", "output_router_logits", "router_jitter_noise",
-}
+}  # (max_window_layers, use_sliding_window: Qwen2's; transformers' Mistral/Ministral never read them)
+LAYER_TYPES = {"sliding_attention", "full_attention"}  # config.json's layer_types entries
 # params.json keys of original Mistral checkpoints that we do not need.
 PARAMS_IGNORED = {"max_batch_size", "max_seq_len", "model_type"}
 
@@ -40,7 +41,9 @@ class ModelArgs:
     vocab_size: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    sliding_window: int | None = None  # None: plain causal attention
+    sliding_window: int | None = None  # the widest layer window; None: a layer attends to everything
+    # Each layer's window when they differ (None entries: full attention); None: all are sliding_window.
+    layer_windows: tuple[int | None, ...] | None = None
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     quantization: Quantization | None = None
@@ -72,12 +75,13 @@ class ModelArgs:
                                f"got {self.n_experts_per_tok}")
         if self.head_dim % 2:
             raise MistralError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
-        if self.sliding_window is not None and (
-            not isinstance(self.sliding_window, int) or self.sliding_window <= 0
+        for window in (self.sliding_window, *(self.layer_windows or ())):
+            _check_window(window)
+        if self.layer_windows is not None and (
+            len(self.layer_windows) != self.n_layers or self.sliding_window != _widest(self.layer_windows)
         ):
-            raise MistralError(
-                f"config: sliding_window must be a positive integer or null, got {self.sliding_window!r}"
-            )
+            raise MistralError(f"config: layer_windows must have n_layers ({self.n_layers}) entries, the widest "
+                               f"being sliding_window ({self.sliding_window}), got {self.layer_windows!r}")
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -88,12 +92,18 @@ class ModelArgs:
                 f"config: quantization must have bits in 2-6 or 8 and group_size 32/64/128, got {q}"
             )
 
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full attention)."""
+        return self.layer_windows or (self.sliding_window,) * self.n_layers
+
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> "ModelArgs":
         """From a Hugging Face / MLX `config.json` dictionary."""
-        if config.get("model_type") not in ("mistral", "mixtral"):
+        if config.get("model_type") not in ("mistral", "ministral", "mixtral"):
             raise MistralError(
-                f"config.json: model_type must be 'mistral' or 'mixtral', got {config.get('model_type')!r}"
+                "config.json: model_type must be 'mistral', 'ministral' or 'mixtral', "
+                f"got {config.get('model_type')!r}"
             )
         if config.get("hidden_act", "silu") != "silu":
             raise MistralError(f"config.json: hidden_act must be 'silu', got {config['hidden_act']!r}")
@@ -106,7 +116,7 @@ class ModelArgs:
         unknown = set(config) - HF_IGNORED - {
             "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
-            "sliding_window", "max_position_embeddings", "tie_word_embeddings",
+            "sliding_window", "max_position_embeddings", "tie_word_embeddings", "layer_types",
             "num_local_experts", "num_experts_per_tok",
         }
         if unknown:
@@ -131,7 +141,7 @@ class ModelArgs:
             **args,
             norm_eps=config.get("rms_norm_eps", 1e-5),
             rope_theta=theta,
-            sliding_window=config.get("sliding_window"),
+            **_hf_windows(config.get("sliding_window"), config.get("layer_types"), args["n_layers"]),
             max_position_embeddings=config.get("max_position_embeddings", 32768),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             quantization=_quantization(config.get("quantization")),
@@ -154,13 +164,22 @@ class ModelArgs:
         }
         if extra:
             warnings.warn(f"params.json: ignoring unknown keys {sorted(extra)}", stacklevel=2)
+        window = params.get("sliding_window")
+        if isinstance(window, list):  # one entry per layer, repeated over the layers (mistral-inference)
+            n = params["n_layers"]
+            if not window or not isinstance(n, int) or n % len(window):
+                raise MistralError(f"params.json: sliding_window has {len(window)} entries, which must divide "
+                                   f"n_layers ({n!r}): the list repeats over the layers")
+            windows = _per_layer(window * (n // len(window)), "params.json")
+        else:
+            windows = dict(sliding_window=window)
         return cls(
             **{n: params[n] for n in names},
             n_kv_heads=params.get("n_kv_heads", params["n_heads"]),
             head_dim=params.get("head_dim") or _div(params["dim"], params["n_heads"]),
             norm_eps=params.get("norm_eps", 1e-5),
             rope_theta=params.get("rope_theta", 10000.0),
-            sliding_window=params.get("sliding_window"),
+            **windows,
             n_experts=moe.get("num_experts", 0),
             n_experts_per_tok=moe.get("num_experts_per_tok", 0),
         )
@@ -187,6 +206,12 @@ class ModelArgs:
         if self.moe:
             config.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
                           num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok)
+        if self.layer_windows:  # config.json holds one window, for the layers typed sliding_attention
+            sliding = {w for w in self.layer_windows if w}
+            if len(sliding) > 1:
+                raise MistralError(f"config.json holds one sliding window, these layers have {sorted(sliding)}")
+            config["sliding_window"] = sliding.pop()
+            config["layer_types"] = ["sliding_attention" if w else "full_attention" for w in self.layer_windows]
         if self.quantization:
             q = {"group_size": self.quantization.group_size, "bits": self.quantization.bits}
             config["quantization"] = config["quantization_config"] = q
@@ -195,6 +220,41 @@ class ModelArgs:
 
 def _div(dim: Any, n_heads: Any) -> Any:
     return dim // n_heads if isinstance(dim, int) and isinstance(n_heads, int) and n_heads else 0
+
+
+def _check_window(window: Any, where: str = "config") -> None:
+    if window is not None and (not isinstance(window, int) or window <= 0):
+        raise MistralError(f"{where}: sliding_window must be a positive integer or null, got {window!r}")
+
+
+def _widest(windows: tuple[int | None, ...]) -> int | None:
+    return None if None in windows else max(windows)
+
+
+def _per_layer(windows: list, where: str) -> dict[str, Any]:
+    """sliding_window and layer_windows from each layer's window (read from file `where`):
+    equal windows are one sliding_window (the model of a config without per-layer windows)."""
+    for window in windows:
+        _check_window(window, where)
+    if len(set(windows)) == 1:
+        return dict(sliding_window=windows[0])
+    return dict(sliding_window=_widest(tuple(windows)), layer_windows=tuple(windows))
+
+
+def _hf_windows(window: Any, layer_types: Any, n_layers: Any) -> dict[str, Any]:
+    """config.json's sliding_window, applied to the layers layer_types calls sliding_attention."""
+    if layer_types is None:
+        return dict(sliding_window=window)
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers:
+        raise MistralError(f"config.json: layer_types must be a list of num_hidden_layers ({n_layers!r}) "
+                           f"entries, got {layer_types!r}")
+    unknown = [t for t in layer_types if t not in LAYER_TYPES]
+    if unknown:
+        raise MistralError(f"config.json: layer_types entries must be 'sliding_attention' or 'full_attention', "
+                           f"got {unknown[0]!r}")
+    if window is None and "sliding_attention" in layer_types:
+        raise MistralError("config.json: layer_types has sliding_attention layers but sliding_window is null")
+    return _per_layer([window if t == "sliding_attention" else None for t in layer_types], "config.json")
 
 
 def _quantization(q: Any) -> Quantization | None:

@@ -4,7 +4,7 @@ Reproduces the memory arithmetic of the Mistral 7B paper for any config: KV cach
 of multi-head attention (MHA) vs grouped-query attention (GQA) vs GQA with the
 rolling buffer, per token, per sequence length and per batch size, with the cache in
 fp16 or quantized to 8 / 4 bits (--kv-bits), and weights at fp16 / 8-bit / 4-bit.
-The cache figures are cross-checked against the bytes a RollingKVCache really allocates.
+The cache figures are cross-checked against the bytes a real cache (make_cache) allocates.
 """
 
 import argparse
@@ -14,12 +14,16 @@ from dataclasses import replace
 
 import mlx.core as mx
 
-from .cache import RollingKVCache, check_kv_quantization
+from .cache import check_kv_quantization, make_cache
 from .config import ModelArgs
 from .errors import MistralError, run_command
 
 MISTRAL_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                        vocab_size=32000, sliding_window=4096, max_position_embeddings=32768)
+# Ministral 8B 2410 (params.json: sliding_window [null, 32768, 32768, 32768], 128k context)
+MINISTRAL_8B = ModelArgs(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=12288,
+                         vocab_size=131072, rope_theta=1e8, layer_windows=(None, 32768, 32768, 32768) * 9,
+                         max_position_embeddings=131072)
 GROUP = 64  # quantization group size; each group stores a scale and a bias at 16 bits
 # The larger Mistral models one may spread over several Macs (shapes from their config.json).
 MODELS = {
@@ -36,7 +40,7 @@ MODELS = {
                                vocab_size=32768, rope_theta=1e6, max_position_embeddings=65536, n_experts=8,
                                n_experts_per_tok=2),
 }
-PRESETS = {"mistral-7b": MISTRAL_7B, "mixtral-8x7b": MODELS["Mixtral 8x7B"]}
+PRESETS = {"mistral-7b": MISTRAL_7B, "ministral-8b": MINISTRAL_8B, "mixtral-8x7b": MODELS["Mixtral 8x7B"]}
 MAC_GB = (8, 16, 24, 32, 36, 48, 64, 96, 128, 192)  # Apple silicon memory sizes
 USABLE = 0.75  # share of a Mac's memory the GPU may use by default (macOS's working-set limit)
 
@@ -53,12 +57,20 @@ def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, heads: int | None 
     return 2 * args.n_layers * (heads or args.n_kv_heads) * per_head
 
 
+def rolling_kv_bytes(args: ModelArgs, tokens: int, dtype_bytes: int = 2, bits: int | None = None,
+                     group: int = GROUP) -> int:
+    """One sequence's rolling-buffer KV cache at `tokens`: each layer holds the last
+    min(tokens, its sliding window) tokens (a full-attention layer: all of them)."""
+    per_layer = kv_bytes_per_token(args, dtype_bytes, bits=bits, group=group) // args.n_layers
+    return per_layer * sum(min(tokens, window or tokens) for window in args.windows)
+
+
 def kv_bytes(args: ModelArgs, tokens: int, batch: int = 1, dtype_bytes: int = 2, bits: int | None = None,
              group: int = GROUP) -> dict[str, int]:
     """KV cache bytes for `batch` sequences of `tokens`: MHA, GQA, GQA + rolling buffer."""
-    held = min(tokens, args.sliding_window or tokens)
     gqa, mha = (kv_bytes_per_token(args, dtype_bytes, heads, bits, group) for heads in (None, args.n_heads))
-    return {"mha": batch * tokens * mha, "gqa": batch * tokens * gqa, "gqa_rolling": batch * held * gqa}
+    return {"mha": batch * tokens * mha, "gqa": batch * tokens * gqa,
+            "gqa_rolling": batch * rolling_kv_bytes(args, tokens, dtype_bytes, bits, group)}
 
 
 def layer_parameters(args: ModelArgs, active: bool = False) -> int:
@@ -104,9 +116,8 @@ def per_rank(args: ModelArgs, ranks: int, tokens: int, bits: int | None = None, 
     and MLP weights and the KV cache (one sequence of `tokens`, fp16 or kv_bits) split by N;
     embeddings, output head and norms whole on every machine."""
     layers = int(layer_parameters(args) * bits_per_weight(bits) / 8)
-    held = min(tokens, args.sliding_window or tokens)
     out = {"sharded_weights": layers // ranks, "whole_weights": weight_bytes(args, bits) - layers,
-           "kv": held * kv_bytes_per_token(args, bits=kv_bits, group=kv_group) // ranks}
+           "kv": rolling_kv_bytes(args, tokens, bits=kv_bits, group=kv_group) // ranks}
     return {**out, "total": sum(out.values())}
 
 
@@ -117,10 +128,10 @@ def ranks_report(args: ModelArgs, ranks: int, tokens: int, mac_gb: float, kv_bit
 
     check_shardable(replace(args, quantization=None), ranks)
     shard = replace(args, n_kv_heads=args.n_kv_heads // ranks)
-    capacity = min(args.sliding_window or tokens, tokens, 4096)
+    capacity = min(args.sliding_window or tokens, tokens, 4096, args.max_position_embeddings)
     kv = dict(kv_bits=kv_bits, kv_group=kv_group)
     measured = measured_kv_bytes(shard, capacity, bits=kv_bits, group=kv_group)
-    if measured != capacity * kv_bytes_per_token(args, bits=kv_bits, group=kv_group) // ranks:
+    if measured != rolling_kv_bytes(args, capacity, bits=kv_bits, group=kv_group) // ranks:
         raise MistralError(f"cache cross-check failed: a rank's cache allocates {measured} bytes")
     kinds = {"fp16": None, "8bit": 8, "4bit": 4}
     fits = {name: {k: per_rank(m, ranks, tokens, b, **kv)["total"] for k, b in kinds.items()}
@@ -133,7 +144,7 @@ def ranks_report(args: ModelArgs, ranks: int, tokens: int, mac_gb: float, kv_bit
 def print_ranks_report(r: dict) -> None:
     n = r["ranks"]
     kv = f"{r['kv_bits']}-bit" if r["kv_bits"] else "fp16"
-    print(f"on each of {n} machines, one sequence of {r['tokens']} tokens (KV {kv}; a rank's RollingKVCache "
+    print(f"on each of {n} machines, one sequence of {r['tokens']} tokens (KV {kv}; a rank's KV cache "
           f"of {r['cross_check']['capacity']} slots allocates {r['cross_check']['allocated_per_rank']} bytes, "
           f"1/{n} of one machine's):")
     print(f"{'weights':>8} {'layers (1/' + str(n) + ')':>22} {'embed + head (whole)':>22} {'KV':>22} {'total':>22}")
@@ -150,8 +161,9 @@ def print_ranks_report(r: dict) -> None:
 
 def measured_kv_bytes(args: ModelArgs, capacity: int, batch: int = 1, bits: int | None = None,
                       group: int = GROUP) -> int:
-    """Bytes a real RollingKVCache allocates (float16, or quantized) for `capacity` slots."""
-    cache = RollingKVCache(args, capacity, batch, mx.float16, bits=bits, group_size=group)
+    """Bytes a real cache allocates (float16, or quantized) for `capacity` slots (fewer in a
+    layer with a smaller window)."""
+    cache = make_cache(args, capacity, batch, mx.float16, kv_bits=bits, kv_group_size=group)
     nbytes = cache.nbytes
     del cache
     return nbytes
@@ -162,10 +174,10 @@ def report(args: ModelArgs, lengths: list[int], batches: list[int], budget_gb: f
     """The tables, with the KV cache in fp16 or quantized to `bits` in groups of `group`."""
     q = dict(bits=bits, group=group)
     per_token_gqa, per_token_mha = kv_bytes_per_token(args, **q), kv_bytes_per_token(args, heads=args.n_heads, **q)
-    window = args.sliding_window
-    check_capacity = min(window or 4096, 4096)  # keep the real allocation modest
+    # keep the real allocation modest
+    check_capacity = min(args.sliding_window or 4096, 4096, args.max_position_embeddings)
     measured = measured_kv_bytes(args, check_capacity, **q)
-    expected = check_capacity * per_token_gqa
+    expected = rolling_kv_bytes(args, check_capacity, **q)
     if measured != expected:
         raise MistralError(f"cache cross-check failed: allocated {measured} bytes, formula says {expected}")
     out = {
@@ -199,15 +211,23 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB ({n / 1e9:.2f} GB)" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def windows_text(config: dict) -> str:
+    """The sliding window, or each layer's as "4096 x 27, none x 9" (none: full attention)."""
+    windows = config["layer_windows"]
+    if not windows:
+        return str(config["sliding_window"])
+    return "per layer " + ", ".join(f"{w or 'none'} x {windows.count(w)}" for w in dict.fromkeys(windows))
+
+
 def print_report(r: dict, budget_gb: float | None) -> None:
     c, kv = r["config"], r["kv_per_token"]
     print(f"config: {c['n_layers']} layers, {c['n_heads']} heads, {c['n_kv_heads']} KV heads, head_dim "
-          f"{c['head_dim']}, window {c['sliding_window']}; {r['parameters'] / 1e9:.2f}B parameters")
+          f"{c['head_dim']}, window {windows_text(c)}; {r['parameters'] / 1e9:.2f}B parameters")
     bits = f"{r['kv_bits']}-bit, group {r['kv_group_size']}" if r["kv_bits"] else "fp16"
     print(f"KV cache per token ({bits}): MHA {kv['mha'] / 1024:.0f} KiB, GQA {kv['gqa'] / 1024:.0f} KiB "
           f"({kv['ratio']:.0f}x smaller)")
     x = r["cross_check"]
-    print(f"cross-check: a RollingKVCache of {x['capacity']} slots allocates {x['allocated']} bytes "
+    print(f"cross-check: a KV cache of {x['capacity']} slots allocates {x['allocated']} bytes "
           f"(formula {x['formula']}): {'OK' if x['allocated'] == x['formula'] else 'MISMATCH'}")
     print(f"\n{'tokens':>8} {'MHA':>22} {'GQA':>22} {'GQA + rolling buffer':>22} {'saving':>7}")
     for n, b in r["by_length"].items():
@@ -244,7 +264,7 @@ def run(a: argparse.Namespace) -> int:
 
         args = read_config(Path(a.model))
     if a.window is not None:
-        args = replace(args, sliding_window=a.window or None)
+        args = replace(args, sliding_window=a.window or None, layer_windows=None)
     try:
         lengths = [int(x) for x in a.lengths.split(",")]
         batches = [int(x) for x in a.batches.split(",")]
@@ -270,8 +290,8 @@ def run(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_mistral.memory", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mistral-7b",
-                   help="'mistral-7b' (v0.1 shape), 'mixtral-8x7b', or a checkpoint directory")
-    p.add_argument("--window", type=int, help="override the sliding window (0 = none)")
+                   help="'mistral-7b' (v0.1 shape), 'ministral-8b', 'mixtral-8x7b', or a checkpoint directory")
+    p.add_argument("--window", type=int, help="override the sliding window of every layer (0 = none)")
     p.add_argument("--lengths", default="4096,8192,16384,32768")
     p.add_argument("--batches", default="1,4,8,16")
     p.add_argument("--kv-bits", type=int, help="the KV cache quantized to 8 or 4 bits (default: fp16)")

@@ -7,7 +7,7 @@ load without renaming. The model holds no state: the caller passes the cache in.
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import RollingKVCache
+from .cache import KVCache
 from .config import ModelArgs
 from .moe import SparseMoE
 
@@ -30,7 +30,7 @@ class Attention(nn.Module):
         # HF weights have q/k rows permuted for the half-split ("non-traditional") RoPE.
         self.rope = nn.RoPE(args.head_dim, traditional=False, base=args.rope_theta)
 
-    def __call__(self, x: mx.array, mask, cache: RollingKVCache, layer: int) -> mx.array:
+    def __call__(self, x: mx.array, mask, cache: KVCache, layer: int) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, hd)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, KV, L, hd)
@@ -109,7 +109,7 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.dim, eps=args.norm_eps)
 
-    def __call__(self, x: mx.array, mask, cache: RollingKVCache, layer: int) -> mx.array:
+    def __call__(self, x: mx.array, mask, cache: KVCache, layer: int) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache, layer)
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
@@ -140,12 +140,12 @@ class Mistral(nn.Module):
         """The activation dtype (that of the norms, which are never quantized)."""
         return self.model.norm.weight.dtype
 
-    def __call__(self, tokens: mx.array, cache: RollingKVCache) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: KVCache) -> mx.array:
         """tokens [B, L] at positions cache.offset.. -> logits [B, L, vocab]."""
-        mask = cache.mask(tokens.shape[1])  # built once per step, shared by all layers
+        masks = cache.layer_masks(tokens.shape[1])  # built once per step per window, shared by its layers
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, mask, cache, i)
+            h = layer(h, masks[i], cache, i)
         cache.advance(tokens.shape[1])
         h = self.model.norm(h)
         if self.args.tie_word_embeddings:

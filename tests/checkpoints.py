@@ -8,7 +8,7 @@ from pathlib import Path
 import mistral_common
 import torch
 from safetensors.torch import save_file
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import MinistralConfig, MinistralForCausalLM, MistralConfig, MistralForCausalLM
 
 DATA = Path(os.path.dirname(mistral_common.__file__)) / "data"
 TOKENIZER_V1 = DATA / "tokenizer.model.v1"
@@ -28,9 +28,11 @@ def tiny_config(sliding_window: int | None = 8, **overrides) -> dict:
 
 
 def write_hf(path: Path, config: dict, seed: int = 0, tokenizer: Path = TOKENIZER_V1) -> MistralForCausalLM:
-    """Save a random MistralForCausalLM in HF layout; return it (float32, eager attention)."""
+    """Save a random MistralForCausalLM in HF layout (MinistralForCausalLM when the config has
+    per-layer `layer_types`); return it (float32, eager attention)."""
     torch.manual_seed(seed)
-    model = MistralForCausalLM(MistralConfig(**config, attn_implementation="eager")).float().eval()
+    kind = (MinistralConfig, MinistralForCausalLM) if "layer_types" in config else (MistralConfig, MistralForCausalLM)
+    model = kind[1](kind[0](**config, attn_implementation="eager")).float().eval()
     with torch.no_grad():  # larger than HF's init so that layers matter to the logits
         for name, p in model.named_parameters():
             if "norm" not in name:
@@ -68,13 +70,23 @@ def to_original(hf: MistralForCausalLM, path: Path, tokenizer: Path = TOKENIZER_
                   hidden_dim=c.intermediate_size, n_heads=c.num_attention_heads,
                   n_kv_heads=c.num_key_value_heads, norm_eps=c.rms_norm_eps, vocab_size=c.vocab_size,
                   rope_theta=c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
-    if c.sliding_window:
+    if getattr(c, "layer_types", None):  # one window per layer, null for full attention
+        params["sliding_window"] = [c.sliding_window if t == "sliding_attention" else None for t in c.layer_types]
+    elif c.sliding_window:
         params["sliding_window"] = c.sliding_window
     (path / "params.json").write_text(json.dumps(params))
     shutil.copy(tokenizer, path / "tokenizer.model.v3" if "v3" in tokenizer.name else path / "tokenizer.model")
 
 
-def oracle_logits(hf: MistralForCausalLM, ids: list[int]):
-    """Full-sequence logits [L, vocab] as float32 numpy (no HF cache), in the model's dtype."""
-    with torch.no_grad():
-        return hf(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+def oracle_logits(hf: MistralForCausalLM, ids: list[int], **config):
+    """Full-sequence logits [L, vocab] as float32 numpy (no HF cache), in the model's dtype;
+    with the HF config's attributes `config` (e.g. sliding_window) changed for this call."""
+    saved = {name: getattr(hf.config, name) for name in config}
+    try:
+        for name, value in config.items():
+            setattr(hf.config, name, value)
+        with torch.no_grad():
+            return hf(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+    finally:
+        for name, value in saved.items():
+            setattr(hf.config, name, value)

@@ -37,15 +37,6 @@ def parity(loader, model_dir, hf, mode, label, capacity=None):
     return diff
 
 
-def oracle_with_window(hf, ids, window):
-    """Oracle logits with the HF model's sliding_window temporarily set to `window`."""
-    saved, hf.config.sliding_window = hf.config.sliding_window, window
-    try:
-        return oracle_logits(hf, ids)
-    finally:
-        hf.config.sliding_window = saved
-
-
 def prompt_ids(tokenizer, n):
     ids = tokenizer.encode(TEXT, bos=True)
     assert len(ids) >= n
@@ -126,7 +117,7 @@ def test_window_changes_the_output(hf_checkpoint):
     ids = prompt_ids(tokenizer, 3 * W)
     full = make_cache(model.args, 1000)  # capacity is capped at the window anyway
     assert full.capacity == W
-    causal = oracle_with_window(hf, ids, None)
+    causal = oracle_logits(hf, ids, sliding_window=None)
     ours = run_chunks(model, ids, [1])
     assert np.abs(ours[:W] - causal[:W]).max() <= 1e-4
     assert np.abs(ours[W:] - causal[W:]).max() > 1e-2
@@ -144,7 +135,7 @@ def test_windowless_rolls_as_a_window_past_max_kv_size(windowless):
     ids = prompt_ids(tokenizer, 5 * W)
     with pytest.warns(UserWarning, match="KV cache capacity"):
         ours = run_chunks(model, ids, [3, 1, 7], capacity=W)
-    assert np.abs(ours - oracle_with_window(hf, ids, W)).max() <= 1e-4
+    assert np.abs(ours - oracle_logits(hf, ids, sliding_window=W)).max() <= 1e-4
 
 
 @pytest.mark.parametrize("parts", [2, 3, 8])

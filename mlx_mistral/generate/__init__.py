@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..cache import RollingKVCache, make_cache
+from ..cache import KVCache, make_cache
 from ..errors import MistralError
 from ..model import Mistral
 from ..sample import Sampler, check_repetition_penalty, make_sampler, with_repetition_penalty
@@ -36,7 +36,7 @@ class GenerationResponse:
     tool_calls: list[ToolCall] | None = None  # on the last response, when the answer is function calls
 
 
-def prefill(model: Mistral, tokens: Sequence[int], cache: RollingKVCache, chunk: int) -> mx.array:
+def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int) -> mx.array:
     """Feed the prompt in chunks; return the logits [1, vocab] after its last token.
 
     All but the last token go through in chunks of at most `chunk` (and the cache's
@@ -54,7 +54,7 @@ def prefill(model: Mistral, tokens: Sequence[int], cache: RollingKVCache, chunk:
     return model(x[:, -1:], cache)[:, -1]
 
 
-def generate_step(model: Mistral, prompt: Sequence[int], cache: RollingKVCache, sampler: Sampler,
+def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler,
                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, repetition_penalty: float = 1.0,
                   repetition_context: int = 64) -> Iterator[int]:
     """Yield generated token ids without end; the caller decides when to stop.
@@ -93,7 +93,7 @@ class TextStream:
         self.prompt_tokens, self.start, self.first, self.n = prompt_tokens, start, 0.0, 0
         self.finish: str | None = None
 
-    def add(self, token: int, cache: RollingKVCache) -> GenerationResponse:
+    def add(self, token: int, cache: KVCache) -> GenerationResponse:
         """The response for the next generated token; sets `finish` on the last one."""
         self.first = self.first or time.perf_counter()
         self.n += 1
@@ -114,7 +114,7 @@ class TextStream:
         self._held = held[len(held) - keep:]
         return self._response(held[: len(held) - keep], token, cache)
 
-    def _add_call(self, token: int, cache: RollingKVCache) -> GenerationResponse:
+    def _add_call(self, token: int, cache: KVCache) -> GenerationResponse:
         self._calls.append(token)
         if token != self._eos and self.n < self._max_tokens:
             self._held += self._detokenizer.add(token)
@@ -125,7 +125,7 @@ class TextStream:
         text = self._held + ("" if token == self._eos else self._detokenizer.add(token)) + self._detokenizer.flush()
         return self._response(text, token, cache, "stop" if token == self._eos else "length")
 
-    def _response(self, text: str, token: int, cache: RollingKVCache, finish: str | None = None,
+    def _response(self, text: str, token: int, cache: KVCache, finish: str | None = None,
                   tool_calls: list[ToolCall] | None = None):
         self.finish = finish
         now, ttft, n = time.perf_counter(), self.first - self.start, self.n
@@ -158,7 +158,7 @@ def _check_request(model: Mistral, past: int, ids: list[int], max_tokens: int, s
 def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence[int],
                     max_tokens: int = 256, sampler: Sampler | None = None,
                     repetition_penalty: float = 1.0, stop: Sequence[str] = (),
-                    cache: RollingKVCache | None = None, max_kv_size: int | None = None,
+                    cache: KVCache | None = None, max_kv_size: int | None = None,
                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
                     kv_group_size: int = 64, tool_calls: bool = False) -> Iterator[GenerationResponse]:
     """Stream the answer to `prompt` (raw text, or token ids such as chat_tokens(...)).
@@ -221,7 +221,7 @@ def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequenc
                                  kv_group_size=kv_group_size))
         first.append(sampler(prefill(model, row, caches[-1], prefill_chunk)))
         mx.async_eval(first[-1])
-    cache, y = RollingKVCache.stack(caches), mx.concatenate(first)
+    cache, y = type(caches[0]).stack(caches), mx.concatenate(first)  # a RollingKVCache or LayeredKVCache
     del caches, first
     rows = list(range(len(prompts)))  # prompt index of each batch row
     while rows:

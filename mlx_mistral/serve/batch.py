@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from ..cache import RollingKVCache
+from ..cache import KVCache
 from ..generate import TextStream
 from ..model import Mistral
 from ..sample import make_sampler, with_repetition_penalty
@@ -33,7 +33,7 @@ class Group:
     (fresh rows start at 0 and are all fed the same number of tokens at every step)."""
 
     rows: list[Row]
-    cache: RollingKVCache
+    cache: KVCache
 
     def keep(self, keep: list[int]) -> None:
         """Only rows `keep` go on being prefilled (none: the group is done)."""
@@ -48,7 +48,7 @@ class Group:
         for row in self.rows:
             row.feed = row.feed[n:]
 
-    def take_ready(self) -> tuple[list[Row], RollingKVCache] | None:
+    def take_ready(self) -> tuple[list[Row], KVCache] | None:
         """Take out the rows with only their last prompt token left, and their cache rows."""
         ready = [b for b, row in enumerate(self.rows) if len(row.feed) == 1]
         if not ready:
@@ -65,10 +65,10 @@ class Batch:
     """The decode batch: rows[b]'s K/V are row b of `cache`, its next token to feed y[b]."""
 
     rows: list[Row] = field(default_factory=list)
-    cache: RollingKVCache | None = None
+    cache: KVCache | None = None
     y: mx.array | None = None
 
-    def join(self, rows: list[Row], cache: RollingKVCache) -> None:
+    def join(self, rows: list[Row], cache: KVCache) -> None:
         """Rows whose prompts are in but their last token, which they feed next."""
         if self.cache is None:
             self.cache = cache

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from ..cache import RollingKVCache
+from ..cache import KVCache
 from .request import Request
 
 Marks = list[tuple[int, int]]
@@ -21,7 +21,7 @@ class Held:
     (t, a) of `marks`, the end of one of the conversation's answers, template[:t] and
     actual[:a] are the same conversation; marks[0] is (0, 0)."""
 
-    cache: RollingKVCache
+    cache: KVCache
     fed: list[int]
     actual: list[int]
     template: list[int]
@@ -85,7 +85,7 @@ class PrefixCache:
                 return ids, None, 0, held.marks[:i + 1]
         return tokens, None, 0, [(0, 0)]
 
-    def take(self, request: Request) -> tuple[list[int], RollingKVCache | None, int, Marks]:
+    def take(self, request: Request) -> tuple[list[int], KVCache | None, int, Marks]:
         """plan's choice, with the cache it extends (or None) taken out of the idle ones; a
         session's old cache is dropped even when it cannot be continued."""
         ids, key, n, marks = self.plan(request)
@@ -94,7 +94,7 @@ class PrefixCache:
             self._idle.pop(request.session, None)
         return ids, held and held.cache, n, marks
 
-    def hold(self, request: Request, cache: RollingKVCache, actual: list[int], answer_text: str,
+    def hold(self, request: Request, cache: KVCache, actual: list[int], answer_text: str,
              marks: Marks, eos_id: int) -> None:
         """Keep a finished (or cancelled) request's cache: it holds `actual` (the prompt as fed
         and the answer's tokens) but its last token. A session's replaces the one it had."""

@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable
 
 import mlx.core as mx
 
-from ..cache import RollingKVCache, check_kv_quantization
+from ..cache import KVCache, check_kv_quantization, kv_slots, make_cache
 from ..errors import MistralError
 from ..generate import DEFAULT_PREFILL_CHUNK, TextStream
 from ..loading import load
@@ -37,7 +37,7 @@ from .prefix_cache import Held, PrefixCache
 from .request import Event, QueueFull, Request
 from .thread import ModelThread
 
-# KV cache slots for a model without a sliding window (v0.2, v0.3), unless max_kv_size says otherwise.
+# KV cache slots for a model with full-attention layers (v0.2, v0.3), unless max_kv_size says otherwise.
 DEFAULT_MAX_KV_SIZE = 8192
 # Out of idle, admission waits for a burst of requests to finish arriving (see _gather): while
 # each comes within GATHER_GAP_S of the last, for GATHER_S at most.
@@ -50,9 +50,10 @@ class Scheduler:
     """The one model in memory, the one thread that runs it, and its continuous batch.
 
     Every row gets a cache of `capacity` slots (the sliding window, or max_kv_size if
-    smaller), quantized to `kv_bits` (8 or 4, in groups of kv_group_size) if given;
-    admission stops at `max_batch` rows or when one more row would pass `kv_budget` bytes;
-    the next `max_queue` requests wait, in order; past them submit() raises QueueFull. Up to
+    smaller; with per-layer windows each layer has its own, `capacity` the largest),
+    quantized to `kv_bits` (8 or 4, in groups of kv_group_size) if given; admission stops
+    at `max_batch` rows or when one more row would pass `kv_budget` bytes; the next
+    `max_queue` requests wait, in order; past them submit() raises QueueFull. Up to
     `max_idle` finished caches (and `max_idle_bytes`) are kept, least recently used out
     first, for requests that continue them.
     """
@@ -97,11 +98,12 @@ class Scheduler:
         if max_kv_size is None and self.window is None:
             max_kv_size = DEFAULT_MAX_KV_SIZE
         self.max_kv_size = max_kv_size
-        self.capacity = min(n for n in (self.window, max_kv_size) if n)  # KV cache slots per row
-        # prompt + answer: a windowless model stops at its cache, a windowed one slides on
+        slots = kv_slots(args, max_kv_size)  # each layer's KV cache slots per row
+        self.capacity = max(slots)
+        # prompt + answer: a model with a full-attention layer stops at its cache, a windowed one slides on
         self.context = self.capacity if self.window is None else args.max_position_embeddings
-        self.row_bytes = self.capacity * kv_bytes_per_token(args, self.model.dtype.size, bits=kv_bits,
-                                                            group=kv_group_size)  # K and V of one row
+        per_slot = kv_bytes_per_token(args, self.model.dtype.size, bits=kv_bits, group=kv_group_size) // args.n_layers
+        self.row_bytes = sum(slots) * per_slot  # K and V of one row
         if kv_budget is not None and kv_budget < self.row_bytes:
             self.close()
             raise MistralError(f"kv_budget of {kv_budget} bytes is less than one row's KV cache "
@@ -234,9 +236,9 @@ class Scheduler:
             else:
                 self._prefilling.append(Group([row], cache))
         if fresh:
-            roll = any(row.request.roll for row in fresh) and self.window != self.capacity  # warn when it rolls
-            cache = RollingKVCache(self.model.args, self.capacity, len(fresh), dtype=self.model.dtype,
-                                   warn_on_roll=roll, bits=self.kv_bits, group_size=self.kv_group_size)
+            roll = any(row.request.roll for row in fresh)  # warn when it rolls
+            cache = make_cache(self.model.args, self.max_kv_size, len(fresh), self.model.dtype, self.kv_bits,
+                               self.kv_group_size, warn_on_roll=roll)
             self._prefilling.append(Group(fresh, cache))
 
     def _prefill(self) -> None:
@@ -276,7 +278,7 @@ class Scheduler:
         if done:
             self._leave(done)
 
-    def _emit(self, row: Row, token: int, cache: RollingKVCache) -> bool:
+    def _emit(self, row: Row, token: int, cache: KVCache) -> bool:
         """Send the event of one generated token; True when it ends the request."""
         r = row.text.add(token, cache)
         row.answer.append(token)
