@@ -1,7 +1,8 @@
 """Random-weight Mistral checkpoints in Hugging Face layout, for the benchmarks.
 
 Presets: `tiny`, `small` (~240M: dim 1024, 8 layers, 16 heads, 4 KV heads), `small-moe`
-(small with Mixtral's 8 experts, 2 per token: ~1.2B) and `7b` (the real Mistral 7B v0.1 shape). Weights are written one tensor group at a time
+(small with Mixtral's 8 experts, 2 per token: ~1.2B), `small-layers` (small with one full-attention
+layer in four, the others under a 512-token window) and `7b` (the real Mistral 7B v0.1 shape). Weights are written one tensor group at a time
 (one shard per layer), so even the 7b preset never holds the whole model in memory.
 """
 
@@ -25,9 +26,15 @@ PRESETS = {
     "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336),
 }
 PRESETS["small-moe"] = dict(PRESETS["small"], n_experts=8, n_experts_per_tok=2)  # Mixtral-shaped, small's size
+# Ministral 8B's pattern (one full-attention layer in four), with a 512-token window so that
+# 1k-4k prompts run the per-layer cache (a LayeredKVCache) and its two masks per step.
+PRESETS["small-layers"] = dict(PRESETS["small"], layer_windows=(None, 512, 512, 512) * 2)
 
 
 def preset_args(name: str, sliding_window: int | None = 4096) -> ModelArgs:
+    """`name`'s shape; a preset with per-layer windows keeps its own (sliding_window is ignored)."""
+    if "layer_windows" in PRESETS[name]:
+        sliding_window = None  # a full-attention layer: no window bounds the model
     return ModelArgs(**PRESETS[name], vocab_size=32000, sliding_window=sliding_window,
                      max_position_embeddings=32768)
 
