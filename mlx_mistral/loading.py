@@ -151,7 +151,7 @@ def _load_safetensors(file: Path) -> dict[str, mx.array]:
     try:
         with safe_open(str(file), framework="numpy") as f:
             arrays = mx.load(str(file))
-            # mx.load gives FP8 codes as uint8: only F8_E4M3 ones are decoded (fp8.dequantize)
+            # mx.load gives F8_E4M3 codes as uint8 (fp8.dequantize decodes them), as it does U8 tensors
             codes = [(k, f.get_slice(k).get_dtype()) for k, w in arrays.items() if w.dtype == mx.uint8]
     except FileNotFoundError:
         raise MistralError(f"{file}: weight file not found") from None
@@ -159,7 +159,7 @@ def _load_safetensors(file: Path) -> dict[str, mx.array]:
         raise MistralError(f"{file}: not a valid safetensors file ({e})".replace("\n", " ")) from None
     for name, dtype in codes:
         if dtype != "F8_E4M3":
-            raise MistralError(f"{file}: tensor '{name}' has dtype {dtype}; of 8-bit floats only F8_E4M3 is supported")
+            raise MistralError(f"{file}: tensor '{name}' has dtype {dtype}, expected a float dtype (8-bit: F8_E4M3)")
     return arrays
 
 

@@ -39,6 +39,9 @@ def family(tmp_path_factory):
         # attention_factor 0.1 ln 32 + 1 = 1.35 (mscale_all_dim 0), and a window of 16
         "ministral3 attention_factor": lambda p: write_ministral3(p, yarn(mscale_all_dim=0.0), seed=5,
                                                                   sliding_window=16),
+        # the same with head_dim 32, which a quantized KV cache (group 32) can hold
+        "ministral3 head_dim 32": lambda p: write_ministral3(p, yarn(mscale_all_dim=0.0), seed=5, sliding_window=16,
+                                                             head_dim=32),
     }
 
     def get(name):
@@ -106,6 +109,25 @@ def test_yarn_and_temperature_change_the_output(family, change):
     args, weights, _ = read_checkpoint(path)
     model = build_model(dataclasses.replace(args, **change), weights)
     assert np.abs(run_chunks(model, IDS, [10_000], N) - oracle_logits(hf, IDS)).max() > 1e-2
+
+
+def test_quantized_kv_cache_takes_the_attention_factor(family):
+    """The YaRN magnitude is folded into the softmax scale, so an 8-bit KV cache (plain keys) gets it
+    too: near the oracle (measured 0.036), while dropping it moves the logits by 1.6."""
+    from mlx_mistral import make_cache
+    from mlx_mistral.loading import build_model, read_checkpoint
+
+    path, hf = family("ministral3 head_dim 32")
+    truth = oracle_logits(hf, IDS)
+    args, weights, _ = read_checkpoint(path)
+    no_factor = dataclasses.replace(args, yarn=dataclasses.replace(args.yarn, attention_factor=1.0))
+    errors = []
+    for a in (args, no_factor):
+        model = build_model(a, dict(weights))
+        cache = make_cache(a, 16, kv_bits=8, kv_group_size=32)
+        logits = [model(mx.array([IDS[i:i + 6]]), cache)[0] for i in range(0, N, 6)]
+        errors.append(np.abs(np.array(mx.concatenate(logits)) - truth).max())
+    assert errors[0] <= 0.1 < 1.0 <= errors[1], errors
 
 
 def test_ragged_batch_past_the_original_context_equals_single_runs(family, loader):
