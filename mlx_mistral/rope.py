@@ -159,7 +159,8 @@ def rope_from_hf(rope: dict[str, Any], model_type: str, max_positions: int,
 def rope_from_params(params: dict[str, Any]) -> tuple[Yarn | None, QueryScaling | None]:
     """params.json `yarn` {factor, original_max_position_embeddings, beta, alpha, apply_scale} and
     `llama_4_scaling` {beta, original_max_position_embeddings}, mapped as transformers' and vLLM's
-    converters do: beta -> beta_fast, alpha -> beta_slow; apply_scale false -> attention_factor 1."""
+    converters do: beta -> beta_fast, alpha -> beta_slow; apply_scale false -> mscale = mscale_all_dim = 1
+    (magnitude 1; transformers' spelling, which mlx-lm also reads, where it ignores attention_factor)."""
     yarn, llama4 = params.get("yarn"), params.get("llama_4_scaling")
     for name, value, keys in (("yarn", yarn, {"factor", "original_max_position_embeddings", "beta", "alpha",
                                               "apply_scale"}),
@@ -178,7 +179,7 @@ def rope_from_params(params: dict[str, Any]) -> tuple[Yarn | None, QueryScaling 
             raise MistralError(f"params.json: yarn.apply_scale must be true or false, got {apply_scale!r}")
         out_yarn = Yarn(factor=yarn["factor"], original_max_position_embeddings=yarn["original_max_position_embeddings"],
                         beta_fast=yarn.get("beta", 32.0), beta_slow=yarn.get("alpha", 1.0),
-                        attention_factor=None if apply_scale else 1.0)
+                        mscale=None if apply_scale else 1.0, mscale_all_dim=None if apply_scale else 1.0)
     if llama4:
         if "beta" not in llama4 or "original_max_position_embeddings" not in llama4:
             raise MistralError("params.json: llama_4_scaling needs beta and original_max_position_embeddings")
