@@ -8,20 +8,44 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MistralError
+from .fp8 import check_params_quantization, check_quantization_config
+from .rope import QueryScaling, Yarn, rope_from_hf, rope_from_params, rope_to_hf
 
-# Hugging Face config keys that do not change the computation we run.
+# config.json keys that do not change the computation we run. A wrapper's vision keys are among
+# them: we run its text model only (and say so). Every key not listed here or implemented is refused.
 HF_IGNORED = {
     "architectures", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
-    "hidden_act", "initializer_range", "torch_dtype", "dtype", "transformers_version",
-    "use_cache", "model_type", "rope_parameters", "rope_scaling", "quantization",
-    "quantization_config", "_name_or_path", "output_attentions", "output_hidden_states",
-    "return_dict", "is_decoder", "max_window_layers", "use_sliding_window",
-    # Mixtral's training-only router settings (no effect at inference: no jitter, no aux loss)
-    "router_aux_loss_coef", "output_router_logits", "router_jitter_noise",
-}  # (max_window_layers, use_sliding_window: Qwen2's; transformers' Mistral/Ministral never read them)
+    "initializer_range", "torch_dtype", "dtype", "transformers_version", "use_cache",
+    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "is_decoder",
+    "max_window_layers", "use_sliding_window",  # Qwen2's: transformers' Mistral/Ministral never read them
+    "chunk_size_feed_forward", "id2label", "label2id", "problem_type", "tokenizer_class",
+    "_attn_implementation_autoset",
+    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",  # training only
+}
 LAYER_TYPES = {"sliding_attention", "full_attention"}  # config.json's layer_types entries
-# params.json keys of original Mistral checkpoints that we do not need.
-PARAMS_IGNORED = {"max_batch_size", "max_seq_len", "model_type"}
+# Keys harmless at one value (the one transformers' Mistral runs), refused at any other.
+HF_ONLY = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "is_encoder_decoder": False}
+HF_TEXT_KEYS = {
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "rope_parameters",
+    "rope_scaling", "sliding_window", "layer_types", "max_position_embeddings", "tie_word_embeddings",
+    "quantization", "quantization_config", "num_local_experts", "num_experts_per_tok",
+}
+TEXT_TYPES = ("mistral", "ministral", "ministral3", "mixtral")
+# Mistral3ForConditionalGeneration / LlavaForConditionalGeneration: the language model is text_config.
+WRAPPER_TYPES = ("mistral3", "llava")
+WRAPPER_IGNORED = HF_IGNORED | {
+    "vision_config", "image_token_index", "image_token_id", "image_seq_length", "projector_hidden_act",
+    "vision_feature_layer", "vision_feature_select_strategy", "multimodal_projector_bias",
+    "spatial_merge_size", "tie_word_embeddings", "ignore_index",  # tied or not: the weights say
+}
+# params.json: keys we do not need, and those we implement.
+PARAMS_IGNORED = {"max_batch_size", "max_seq_len", "model_type", "dtype"}
+PARAMS_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size", "norm_eps",
+               "rope_theta", "sliding_window", "yarn", "llama_4_scaling", "tied_embeddings",
+               "max_position_embeddings", "vision_encoder", "multimodal", "quantization", "moe"}
+PARAMS_ONLY = {"activation": "silu", "use_biases": False}
+IMAGES_UNSUPPORTED = "{}: a vision-language model; only its text model is loaded (image input is not supported)"
 
 
 @dataclass(frozen=True)
@@ -49,6 +73,8 @@ class ModelArgs:
     quantization: Quantization | None = None
     n_experts: int = 0  # Mixtral: experts per layer (0: a dense MLP)
     n_experts_per_tok: int = 0  # the k experts each token goes through
+    yarn: Yarn | None = None  # None: RoPE with base rope_theta
+    query_scaling: QueryScaling | None = None  # the llama-4 query temperature (ministral3)
 
     @property
     def moe(self) -> bool:
@@ -91,6 +117,15 @@ class ModelArgs:
             raise MistralError(
                 f"config: quantization must have bits in 2-6 or 8 and group_size 32/64/128, got {q}"
             )
+        for name, kind in (("yarn", Yarn), ("query_scaling", QueryScaling)):
+            if not isinstance(getattr(self, name), (kind, type(None))):
+                raise MistralError(f"config: {name} must be a {kind.__name__} or None, got {getattr(self, name)!r}")
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax scale: 1/sqrt(head_dim), times YaRN's magnitude squared (transformers scales
+        cos and sin, so q and k, by it; folded here, the cached keys stay plain)."""
+        return self.head_dim**-0.5 * (self.yarn.magnitude**2 if self.yarn else 1.0)
 
     @property
     def windows(self) -> tuple[int | None, ...]:
@@ -98,29 +133,35 @@ class ModelArgs:
         return self.layer_windows or (self.sliding_window,) * self.n_layers
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any]) -> "ModelArgs":
-        """From a Hugging Face / MLX `config.json` dictionary."""
-        if config.get("model_type") not in ("mistral", "ministral", "mixtral"):
+    def from_hf(cls, config: dict[str, Any], file: str = "config.json") -> "ModelArgs":
+        """From a Hugging Face / MLX `config.json` dictionary (a text model, or a vision-language
+        wrapper whose text model is read)."""
+        model_type = config.get("model_type")
+        if model_type in WRAPPER_TYPES:
+            text = config.get("text_config")
+            if not isinstance(text, dict):
+                raise MistralError(f"{file}: a {model_type!r} config needs a text_config object")
+            _check_keys(config, WRAPPER_IGNORED | {"model_type", "text_config", "quantization",
+                                                   "quantization_config"}, {}, file)
+            check_quantization_config(config.get("quantization_config"), config.get("quantization"), file)
+            warnings.warn(IMAGES_UNSUPPORTED.format(file), stacklevel=2)
+            # mlx-lm writes its quantization at the outer level
+            return cls.from_hf({"quantization": config.get("quantization"), **text}, f"{file} text_config")
+        if model_type not in TEXT_TYPES:
             raise MistralError(
-                "config.json: model_type must be 'mistral', 'ministral' or 'mixtral', "
-                f"got {config.get('model_type')!r}"
+                f"{file}: model_type must be one of {', '.join(TEXT_TYPES + WRAPPER_TYPES)}, got {model_type!r}"
             )
-        if config.get("hidden_act", "silu") != "silu":
-            raise MistralError(f"config.json: hidden_act must be 'silu', got {config['hidden_act']!r}")
-        rope = config.get("rope_parameters") or {}
+        _check_keys(config, HF_IGNORED | HF_TEXT_KEYS, HF_ONLY, file)
+        check_quantization_config(config.get("quantization_config"), config.get("quantization"), file)
+        rope, where = config.get("rope_parameters") or {}, "rope_parameters"
         scaling = config.get("rope_scaling")
-        if not isinstance(rope, dict):
-            raise MistralError(f"config.json: rope_parameters must be an object, got {rope!r}")
-        if rope.get("rope_type", "default") != "default" or scaling:
-            raise MistralError("config.json: only default RoPE is supported (found rope scaling)")
-        unknown = set(config) - HF_IGNORED - {
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
-            "sliding_window", "max_position_embeddings", "tie_word_embeddings", "layer_types",
-            "num_local_experts", "num_experts_per_tok",
-        }
-        if unknown:
-            warnings.warn(f"config.json: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
+        for name, value in (("rope_parameters", rope), ("rope_scaling", scaling)):
+            if value is not None and not isinstance(value, dict):
+                raise MistralError(f"{file}: {name} must be an object, got {value!r}")
+        if scaling:  # transformers 4's spelling: its type overrides rope_parameters' rope_type
+            rope, where = {**{k: v for k, v in rope.items() if k != "rope_type"}, **scaling}, "rope_scaling"
+        if model_type == "ministral3" and not rope:  # transformers would put its own YaRN defaults in
+            raise MistralError(f"{file}: a ministral3 config needs rope_parameters")
         try:
             dim, n_heads = config["hidden_size"], config["num_attention_heads"]
             args = dict(
@@ -135,23 +176,24 @@ class ModelArgs:
             if config["model_type"] == "mixtral":
                 args.update(n_experts=config["num_local_experts"], n_experts_per_tok=config["num_experts_per_tok"])
         except KeyError as e:
-            raise MistralError(f"config.json: missing required key {e.args[0]!r}") from None
-        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+            raise MistralError(f"{file}: missing required key {e.args[0]!r}") from None
+        max_positions = config.get("max_position_embeddings", 32768)
+        yarn, query_scaling = rope_from_hf(rope, model_type, max_positions, f"{file}: {where}")
         return cls(
             **args,
             norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_theta=theta,
+            rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
             **_hf_windows(config.get("sliding_window"), config.get("layer_types"), args["n_layers"]),
-            max_position_embeddings=config.get("max_position_embeddings", 32768),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             quantization=_quantization(config.get("quantization")),
+            yarn=yarn,
+            query_scaling=query_scaling,
         )
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "ModelArgs":
         """From an original Mistral `params.json` dictionary."""
-        if params.get("vision_encoder"):
-            raise MistralError("params.json: vision models are not supported")
         moe = params.get("moe") or {}
         if not isinstance(moe, dict) or (moe and set(moe) != {"num_experts", "num_experts_per_tok"}):
             raise MistralError(f"params.json: moe must be {{'num_experts', 'num_experts_per_tok'}}, got {moe!r}")
@@ -159,11 +201,15 @@ class ModelArgs:
         missing = [n for n in names if n not in params]
         if missing:
             raise MistralError(f"params.json: missing required key {missing[0]!r}")
-        extra = set(params) - PARAMS_IGNORED - set(names) - {
-            "n_kv_heads", "head_dim", "norm_eps", "rope_theta", "sliding_window", "moe",
-        }
-        if extra:
-            warnings.warn(f"params.json: ignoring unknown keys {sorted(extra)}", stacklevel=2)
+        _check_keys(params, PARAMS_IGNORED | PARAMS_KEYS, PARAMS_ONLY, "params.json")
+        multimodal = params.get("multimodal") or {}
+        if not isinstance(multimodal, dict) or set(multimodal) - {"vision_encoder_args"}:
+            raise MistralError("params.json: multimodal: only a vision encoder (vision_encoder_args) is "
+                               f"supported (its text model is loaded), got {sorted(multimodal)}")
+        if params.get("vision_encoder") or multimodal:
+            warnings.warn(IMAGES_UNSUPPORTED.format("params.json"), stacklevel=2)
+        check_params_quantization(params.get("quantization"))
+        yarn, query_scaling = rope_from_params(params)
         window = params.get("sliding_window")
         if isinstance(window, list):  # one entry per layer, repeated over the layers (mistral-inference)
             n = params["n_layers"]
@@ -180,12 +226,17 @@ class ModelArgs:
             norm_eps=params.get("norm_eps", 1e-5),
             rope_theta=params.get("rope_theta", 10000.0),
             **windows,
+            max_position_embeddings=params.get("max_position_embeddings", 32768),
+            tie_word_embeddings=params.get("tied_embeddings", False),
             n_experts=moe.get("num_experts", 0),
             n_experts_per_tok=moe.get("num_experts_per_tok", 0),
+            yarn=yarn,
+            query_scaling=query_scaling,
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """The config.json written by convert/ (keys mlx-lm and transformers read)."""
+        """The config.json written by convert/ (keys mlx-lm and transformers read): `mistral`, or
+        `ministral3` where YaRN or the llama-4 temperature is set."""
         config = {
             "architectures": ["MistralForCausalLM"],
             "model_type": "mistral",
@@ -212,10 +263,24 @@ class ModelArgs:
                 raise MistralError(f"config.json holds one sliding window, these layers have {sorted(sliding)}")
             config["sliding_window"] = sliding.pop()
             config["layer_types"] = ["sliding_attention" if w else "full_attention" for w in self.layer_windows]
+        if self.yarn or self.query_scaling:
+            if not self.moe:
+                config.update(architectures=["Ministral3ForCausalLM"], model_type="ministral3")
+            config["rope_parameters"] = rope_to_hf(self.rope_theta, self.yarn, self.query_scaling)
+            del config["rope_theta"]
         if self.quantization:
             q = {"group_size": self.quantization.group_size, "bits": self.quantization.bits}
             config["quantization"] = config["quantization_config"] = q
         return config
+
+
+def _check_keys(config: dict[str, Any], known: set[str], only: dict[str, Any], file: str) -> None:
+    """Refuse, naming it, the first key that is neither known nor at its one harmless value."""
+    for key in sorted(config):
+        if key in only and config[key] != only[key]:
+            raise MistralError(f"{file}: {key} must be {only[key]!r}, got {config[key]!r}")
+        if key not in known and key not in only:
+            raise MistralError(f"{file}: unknown key {key!r} (it may change the computation; refused)")
 
 
 def _div(dim: Any, n_heads: Any) -> Any:

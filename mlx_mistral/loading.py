@@ -5,13 +5,15 @@ what it returns, so the runtime and the converter never disagree on names or lay
 """
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs, read_json
+from .config import WRAPPER_TYPES, ModelArgs, read_json
+from .fp8 import dequantize
 from .cpu import cpu_paths_on, prepare_for_cpu
 from .shard import shard
 from .errors import MistralError
@@ -30,6 +32,12 @@ ORIGINAL_LAYER_NAMES = {
     "feed_forward.gate": "block_sparse_moe.gate",  # Mixtral's router
 }
 ORIGINAL_EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])")  # -> block_sparse_moe.experts.E.wN
+# A vision-language wrapper's tensors: its language model (published, transformers 5 and mlx-lm
+# names) and the vision tower and projector we skip; the same in the original layout.
+WRAPPED_NAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                 ("model.language_model.", "model."))
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+ORIGINAL_VISION_PREFIXES = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -72,16 +80,44 @@ def read_config(path: Path) -> ModelArgs:
 
 
 def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
-    """(args, lazy HF-named weights, tokenizer file) of a checkpoint directory."""
+    """(args, lazy HF-named weights, tokenizer file) of a checkpoint directory.
+
+    A vision-language checkpoint gives its text model: the vision tensors are dropped unread.
+    FP8 weights come dequantized (lazily: the loader evaluates them a layer at a time)."""
     args = read_config(path)
-    if (path / "config.json").exists():
+    hf = (path / "config.json").exists()
+    config = read_json(path / ("config.json" if hf else "params.json"))
+    wrapped = config.get("model_type") in WRAPPER_TYPES if hf else bool(
+        config.get("vision_encoder") or config.get("multimodal"))
+    if hf:
         weights = {}
         for file in _hf_weight_files(path):
             weights.update(_load_safetensors(file))
     else:
-        weights = _from_original(args, _load_original(path))
+        weights = _load_original(path)
+    if wrapped:
+        weights = _text_weights(weights, VISION_PREFIXES if hf else ORIGINAL_VISION_PREFIXES)
+    weights = dequantize(weights)
+    if not hf:
+        weights = _from_original(args, weights)
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    if wrapped and hf:  # transformers 5 ties by the outer flag, 4.x and mlx-lm by text_config's: the file says
+        args = replace(args, tie_word_embeddings="lm_head.weight" not in weights)
     return args, stack_experts(args, weights), find_tokenizer(path)
+
+
+def _text_weights(weights: dict[str, mx.array], vision: tuple[str, ...]) -> dict[str, mx.array]:
+    """A wrapper's language-model tensors under our names; its vision tensors dropped (never read)."""
+    out = {}
+    for name, w in weights.items():
+        if name.startswith(vision):
+            continue
+        for prefix, ours in WRAPPED_NAMES:
+            if name.startswith(prefix):
+                name = ours + name.removeprefix(prefix)
+                break
+        out[name] = w
+    return out
 
 
 def find_tokenizer(path: Path) -> Path:
@@ -116,13 +152,18 @@ def _load_safetensors(file: Path) -> dict[str, mx.array]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(file), framework="numpy"):
-            pass
-        return mx.load(str(file))
+        with safe_open(str(file), framework="numpy") as f:
+            arrays = mx.load(str(file))
+            # mx.load gives F8_E4M3 codes as uint8 (fp8.dequantize decodes them), as it does U8 tensors
+            codes = [(k, f.get_slice(k).get_dtype()) for k, w in arrays.items() if w.dtype == mx.uint8]
     except FileNotFoundError:
         raise MistralError(f"{file}: weight file not found") from None
     except Exception as e:
         raise MistralError(f"{file}: not a valid safetensors file ({e})".replace("\n", " ")) from None
+    for name, dtype in codes:
+        if dtype != "F8_E4M3":
+            raise MistralError(f"{file}: tensor '{name}' has dtype {dtype}, expected a float dtype (8-bit: F8_E4M3)")
+    return arrays
 
 
 def _load_original(path: Path) -> dict[str, mx.array]:

@@ -10,6 +10,7 @@ import mlx.nn as nn
 from .cache import KVCache
 from .config import ModelArgs
 from .moe import SparseMoE
+from .rope import RoPE
 
 
 class Attention(nn.Module):
@@ -22,13 +23,14 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
-        self.scale = args.head_dim**-0.5
+        self.scale = args.attention_scale
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         # HF weights have q/k rows permuted for the half-split ("non-traditional") RoPE.
-        self.rope = nn.RoPE(args.head_dim, traditional=False, base=args.rope_theta)
+        self.rope = RoPE(args.head_dim, args.rope_theta, args.yarn)
+        self.query_scaling = args.query_scaling
 
     def __call__(self, x: mx.array, mask, cache: KVCache, layer: int) -> mx.array:
         B, L, _ = x.shape
@@ -37,6 +39,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         q = self.rope(q, offset=cache.rope_offset)
         k = self.rope(k, offset=cache.rope_offset)
+        if self.query_scaling:  # after RoPE, queries only: the cached keys are plain
+            q = q * self.query_scaling(cache.rope_offset, L).astype(q.dtype)
         k, v = cache.update_and_fetch(layer, k, v)
         if cache.bits:
             streams = self.head_streams() if self.head_streams else None

@@ -70,7 +70,8 @@ BREAKAGES = {
     "no tokenizer": (lambda p: (p / "tokenizer.model").unlink(), "no tokenizer.model"),
     "bad tokenizer": (lambda p: (p / "tokenizer.model").write_bytes(b"\0junk"), "not a SentencePiece"),
     "config not json": (lambda p: (p / "config.json").write_text("{oops"), "not a valid JSON"),
-    "unknown model_type": (lambda p: edit_config(p, model_type="llama4"), "model_type must be 'mistral'"),
+    "unknown model_type": (lambda p: edit_config(p, model_type="llama4"),
+                           "model_type must be one of mistral, ministral3, mistral3, llava, got 'llama4'"),
     "heads not divisible": (lambda p: edit_config(p, num_key_value_heads=3), "multiple of n_kv_heads"),
     "negative window": (lambda p: edit_config(p, sliding_window=-4), "sliding_window"),
     "shape mismatch": (lambda p: edit_config(p, intermediate_size=96),
@@ -83,7 +84,7 @@ BREAKAGES = {
     "config not an object": (lambda p: (p / "config.json").write_text("[1, 2]"),
                              "expected a JSON object, got list"),
     "rope scaling": (lambda p: edit_config(p, rope_scaling={"type": "linear", "factor": 2.0}),
-                     "only default RoPE"),
+                     r"config.json: rope_scaling.rope_type 'linear' is not supported \(only 'default' and 'yarn'\)"),
     "not silu": (lambda p: edit_config(p, hidden_act="gelu"), "hidden_act must be 'silu', got 'gelu'"),
     "rope_parameters not an object": (lambda p: edit_config(p, rope_parameters=[1]),
                                       "rope_parameters must be an object"),
@@ -264,11 +265,12 @@ def test_debug_prints_a_traceback_and_the_same_exit_code(capsys, broken):
     assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1] == errors[0]
 
 
-def test_unknown_config_keys_warn_in_one_line(capsys, broken):
+def test_unknown_config_keys_are_refused_in_one_line(capsys, broken):
+    """An unknown key may change the computation (a new RoPE, a bias): refused, never guessed."""
     edit_config(broken, brand_new_key=1)
-    assert main(["--model", str(broken), "--prompt", "hi", "--max-tokens", "1"]) == 0
-    err = capsys.readouterr().err
-    assert "warning: config.json: ignoring unknown keys ['brand_new_key']" in err.splitlines()
+    code, errors = cli(capsys, "--model", str(broken), "--prompt", "hi", "--max-tokens", "1")
+    assert code == 2
+    assert errors == ["error: config.json: unknown key 'brand_new_key' (it may change the computation; refused)"]
 
 
 def test_invalid_utf8_on_stdin(capsys, monkeypatch):

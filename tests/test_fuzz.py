@@ -33,7 +33,7 @@ FIELDS = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_
           "tie_word_embeddings": "tie_word_embeddings", "quantization": "quantization", "model_type": None,
           "hidden_act": None, "rope_parameters": None, "rope_scaling": None}
 NAMED_AS = {"model_type": "model_type", "hidden_act": "hidden_act", "rope_parameters": "rope",
-            "rope_scaling": "RoPE", "quantization": "quantization"}
+            "rope_scaling": "rope_scaling", "quantization": "quantization"}
 
 
 def report(test: str, outcomes: Counter) -> None:
