@@ -2,7 +2,8 @@
 
 Presets: `tiny`, `small` (~240M: dim 1024, 8 layers, 16 heads, 4 KV heads), `small-moe`
 (small with Mixtral's 8 experts, 2 per token: ~1.2B), `small-layers` (small with one full-attention
-layer in four, the others under a 512-token window) and `7b` (the real Mistral 7B v0.1 shape). Weights are written one tensor group at a time
+layer in four, the others under a 512-token window), `small-yarn` (small with Ministral 3's YaRN
+and llama-4 query temperature) and `7b` (the real Mistral 7B v0.1 shape). Weights are written one tensor group at a time
 (one shard per layer), so even the 7b preset never holds the whole model in memory.
 """
 
@@ -19,6 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_mistral.config import ModelArgs
 from mlx_mistral.demo import TOKENIZER_V1
 from mlx_mistral.model import Mistral
+from mlx_mistral.rope import QueryScaling, Yarn
 
 PRESETS = {
     "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=768),
@@ -29,6 +31,11 @@ PRESETS["small-moe"] = dict(PRESETS["small"], n_experts=8, n_experts_per_tok=2) 
 # Ministral 8B's pattern (one full-attention layer in four), with a 512-token window so that
 # 1k-4k prompts run the per-layer cache (a LayeredKVCache) and its two masks per step.
 PRESETS["small-layers"] = dict(PRESETS["small"], layer_windows=(None, 512, 512, 512) * 2)
+# Ministral 3's RoPE (YaRN factor 16, beta 32/1, mscale 1/1, theta 1e6) and llama-4 query temperature
+# (beta 0.1), over an original context of 1024 tokens so that the temperature acts within 1k-4k prompts.
+PRESETS["small-yarn"] = dict(PRESETS["small"], rope_theta=1e6,
+                             yarn=Yarn(16.0, 1024, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+                             query_scaling=QueryScaling(0.1, 1024))
 
 
 def preset_args(name: str, sliding_window: int | None = 4096) -> ModelArgs:
