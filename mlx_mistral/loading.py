@@ -105,15 +105,17 @@ def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
 
 
 def find_tokenizer(path: Path) -> Path:
-    """Mistral's own tokenizer files first (SentencePiece, Tekken), then tokenizer.json (mlx-lm's)."""
-    for name in ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1", "tekken.json"):
+    """Mistral's own tokenizer files first: tekken.json, then the newest versioned SentencePiece
+    file (tokenizer.model.v7 over .v3: its name says its version), then a bare tokenizer.model
+    (whose version is guessed), then tokenizer.json (mlx-lm's)."""
+    if (path / "tekken.json").exists():
+        return path / "tekken.json"
+    versioned = [p for p in path.glob("tokenizer.model.v*") if re.fullmatch(r"tokenizer\.model\.v\d+\w*", p.name)]
+    if versioned:
+        return max(versioned, key=lambda p: (int(re.search(r"\d+", p.name[17:])[0]), p.name))
+    for name in ("tokenizer.model", "tokenizer.json"):
         if (path / name).exists():
             return path / name
-    found = sorted(p for p in path.glob("tokenizer.model*") if p.suffix != ".json")
-    if found:
-        return found[0]
-    if (path / "tokenizer.json").exists():
-        return path / "tokenizer.json"
     raise MistralError(f"{path}: no tokenizer.model, tekken.json or tokenizer.json")
 
 

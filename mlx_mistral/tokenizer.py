@@ -198,7 +198,7 @@ def _load_mistral(path: Path) -> MistralTokenizer:
         except (OSError, RuntimeError) as e:
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise MistralError(f"{path}: not a SentencePiece tokenizer model ({reason})") from None
-        if re.search(r"\.v\d+$", path.name):
+        if re.search(r"\.v\d+(m\d+)?$", path.name):  # its name says its version (v7m1: v7, multimodal)
             return MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
     v3 = sp.vocab_size() > 4 and sp.id_to_piece(3) == "[INST]" and sp.is_control(3)
     version = TokenizerVersion.v3 if v3 else TokenizerVersion.v1
@@ -221,9 +221,12 @@ class _SentencePieceJson:
             sentencepiece_like = model["type"] == "BPE" and model.get("byte_fallback") and "\u2581" in model["vocab"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise MistralError(f"{path}: not a Hugging Face tokenizer.json ({type(e).__name__}: {e})") from None
+        if not sentencepiece_like and model["type"] == "BPE":
+            raise MistralError(f"{path}: a byte-level BPE (a Tekken model's, as older mlx_lm.convert outputs "
+                               "hold), whose chat format version it does not record: put the model's tekken.json "
+                               "beside it")
         if not sentencepiece_like:
-            raise MistralError(f"{path}: not a SentencePiece-style BPE (byte fallback, '\u2581' spaces); "
-                               "a Tekken model needs its tekken.json")
+            raise MistralError(f"{path}: not a SentencePiece-style BPE (byte fallback, '\u2581' spaces)")
 
         def spaces_only(merge: str | list[str]) -> bool:
             return set("".join(merge.split(" ") if isinstance(merge, str) else merge)) == {"\u2581"}
