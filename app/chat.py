@@ -98,8 +98,9 @@ class ChatSession:
         ids, held = self.engine.plan(self._request(messages))
         return ids[held:], held > 0
 
-    def respond(self, messages: Sequence[dict], settings: Settings) -> Iterator[tuple[str, TurnStats]]:
-        """Stream the answer to `messages` (the last one from the user): (text so far, stats).
+    def respond(self, messages: Sequence[dict], settings: Settings) -> Iterator[tuple[str, str, TurnStats]]:
+        """Stream the answer to `messages` (the last one from the user): (reasoning so far, text
+        so far, stats); the reasoning is a reasoning model's [THINK] part (TextStream's split).
 
         Closing the iterator (the Stop button) cancels the request: its row leaves the batch
         before the next step, and the scheduler keeps its cache with every token generated
@@ -109,14 +110,14 @@ class ChatSession:
         """
         with self.answering:
             request = self.engine.submit(self._request(messages, settings))
-            self.request, self.turns, text, last = request, self.turns + 1, "", None
+            self.request, self.turns, reasoning, text, last = request, self.turns + 1, "", "", None
             events = request.events()
             try:
                 for event in events:
-                    text += event.text
+                    reasoning, text = reasoning + event.reasoning, text + event.text
                     if event.token is not None:
                         last = event
-                        yield text, self._stats(event, None)
+                        yield reasoning, text, self._stats(event, None)
             finally:
                 request.cancel()  # a no-op once finished
                 for event in events:  # to the last one: the scheduler then holds the cache
@@ -172,15 +173,29 @@ class SessionStore:
 
 def plain_messages(history: Sequence[dict], system: str = "") -> list[dict]:
     """Gradio chat history (content may be a list of {"type": "text", "text": ...} blocks)
-    as {"role", "content": str} messages, with the system prompt first if there is one."""
+    as {"role", "content": str} messages, with the system prompt first if there is one. Thought
+    messages (a reasoning block: metadata with a title) are left out, as OpenAI clients leave
+    out reasoning_content."""
     out = [{"role": "system", "content": system}] if system.strip() else []
     for m in history:
+        if (m.get("metadata") or {}).get("title"):
+            continue
         content = m.get("content")
         if isinstance(content, list):
             content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
         if isinstance(content, str) and m.get("role") in ("user", "assistant"):
             out.append({"role": m["role"], "content": content})
     return out
+
+
+def reply(reasoning: str, text: str, done: bool = False) -> str | list[dict]:
+    """The chat's answer: its text, below a "Reasoning" thought block when the model reasoned,
+    open while the reasoning streams and collapsed once the answer begins (or it is `done`)."""
+    if not reasoning:
+        return text
+    status = "done" if text or done else "pending"
+    return [{"role": "assistant", "content": reasoning, "metadata": {"title": "Reasoning", "status": status}},
+            {"role": "assistant", "content": text}]
 
 
 def describe(s: TurnStats) -> str:
@@ -216,4 +231,4 @@ def _size(n: int) -> str:
 
 
 __all__ = ["ChatSession", "Engine", "MistralError", "SessionStore", "Settings", "TurnStats",
-           "describe", "plain_messages"]
+           "describe", "plain_messages", "reply"]

@@ -8,7 +8,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no v
 
 import gradio as gr  # noqa: E402
 
-from .chat import Engine, MistralError, SessionStore, Settings, describe, plain_messages  # noqa: E402
+from .chat import Engine, MistralError, SessionStore, Settings, describe, plain_messages, reply  # noqa: E402
 
 STATS_EVERY = 32  # tokens between live stats updates while streaming
 NOTICE = ("The `demo` model has random weights: its answers are gibberish. "
@@ -26,14 +26,14 @@ def build(engine: Engine, store: SessionStore | None = None) -> gr.Blocks:
         messages = plain_messages(history, system) + [{"role": "user", "content": message}]
         settings = Settings(temperature, top_p, int(max_tokens), repetition_penalty,
                             None if seed is None else int(seed))
-        text = ""
+        reasoning = text = ""
         try:
             with closing(session.respond(messages, settings)) as replies:  # Stop closes it at once
-                for n, (text, stats) in enumerate(replies):
-                    yield text, describe(stats) if n % STATS_EVERY == 0 else gr.skip()
+                for n, (reasoning, text, stats) in enumerate(replies):
+                    yield reply(reasoning, text), describe(stats) if n % STATS_EVERY == 0 else gr.skip()
         except MistralError as e:
             raise gr.Error(str(e)) from None
-        yield text, describe(session.stats) if session.stats else gr.skip()
+        yield reply(reasoning, text, done=True), describe(session.stats) if session.stats else gr.skip()
 
     def stats_after_stop(request: gr.Request) -> str:
         """Stop closes the chat generator, which can yield no more: show its final stats here."""

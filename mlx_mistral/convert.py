@@ -90,7 +90,9 @@ def convert(src: str, dst: str | Path, dtype: str | None = None, quantization: Q
         tensors = quantize_weights(args, tensors, quantization)
         args = replace(args, quantization=quantization)
     tensor_bytes = sum(w.nbytes for w in tensors.values())
-    files = {"tokenizer.model" if tokenizer.name.startswith("tokenizer.model") else tokenizer.name: tokenizer}
+    # tokenizer.model for transformers and mlx-lm; a versioned one (.v7) also as is, for its version
+    files = {"tokenizer.model" if tokenizer.name.startswith("tokenizer.model") else tokenizer.name: tokenizer,
+             tokenizer.name: tokenizer}
     files.update({name: src_dir / name for name in TOKENIZER_JSON if (src_dir / name).exists()})
     try:
         with staging(dst) as tmp:

@@ -54,18 +54,41 @@ def resolve(path_or_repo: str) -> Path:
 
 
 def download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    """A Hub repo's files that load: one copy of the weights (download_files), config and tokenizer.
+    Offline or unreachable, a copy downloaded before (if any)."""
+    from huggingface_hub import HfApi, snapshot_download
 
     try:
-        return Path(snapshot_download(
-            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model*"]
-        ))
+        try:
+            files = HfApi().list_repo_files(repo_id)
+        except Exception:  # offline, unreachable, missing: a snapshot in the cache, if any, or its error
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=download_files(repo_id, files)))
+    except MistralError:
+        raise
     except Exception as e:  # network, auth, offline mode, missing repo: all end the same way
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MistralError(
             f"model '{repo_id}' is not a local directory and could not be downloaded from the "
             f"Hugging Face Hub (offline or unreachable? {type(e).__name__}: {reason[:200]})"
         ) from None
+
+
+def download_files(repo_id: str, files: list[str]) -> list[str]:
+    """The files of a repo to fetch: the top level's JSON, tokenizers and SYSTEM_PROMPT.txt, and the
+    weights of one layout, the Hugging Face one (config.json + model*.safetensors) when both are
+    there, else the original one (params.json + consolidated.safetensors): never both copies."""
+    top = [f for f in files if "/" not in f]
+    hf = [f for f in top if f.endswith(".safetensors") and not f.startswith("consolidated")]
+    if hf and "config.json" in top:
+        weights = hf
+    elif "consolidated.safetensors" in top and "params.json" in top:
+        weights = ["consolidated.safetensors"]
+    else:
+        raise MistralError(f"model '{repo_id}': the Hub repo has no weights this loads (config.json with "
+                           "*.safetensors, or params.json with consolidated.safetensors)")
+    rest = [f for f in top if f.endswith(".json") or f.startswith("tokenizer.model") or f == "SYSTEM_PROMPT.txt"]
+    return sorted(set(weights + rest))
 
 
 def read_config(path: Path) -> ModelArgs:
@@ -121,15 +144,17 @@ def _text_weights(weights: dict[str, mx.array], vision: tuple[str, ...]) -> dict
 
 
 def find_tokenizer(path: Path) -> Path:
-    """Mistral's own tokenizer files first (SentencePiece, Tekken), then tokenizer.json (mlx-lm's)."""
-    for name in ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1", "tekken.json"):
+    """Mistral's own tokenizer files first: tekken.json, then the newest versioned SentencePiece
+    file (tokenizer.model.v7 over .v3: its name says its version), then a bare tokenizer.model
+    (whose version is guessed), then tokenizer.json (mlx-lm's)."""
+    if (path / "tekken.json").exists():
+        return path / "tekken.json"
+    versioned = [p for p in path.glob("tokenizer.model.v*") if re.fullmatch(r"tokenizer\.model\.v\d+\w*", p.name)]
+    if versioned:
+        return max(versioned, key=lambda p: (int(re.search(r"\d+", p.name[17:])[0]), p.name))
+    for name in ("tokenizer.model", "tokenizer.json"):
         if (path / name).exists():
             return path / name
-    found = sorted(p for p in path.glob("tokenizer.model*") if p.suffix != ".json")
-    if found:
-        return found[0]
-    if (path / "tokenizer.json").exists():
-        return path / "tokenizer.json"
     raise MistralError(f"{path}: no tokenizer.model, tekken.json or tokenizer.json")
 
 
@@ -141,7 +166,7 @@ def _hf_weight_files(path: Path) -> list[Path]:
             raise MistralError(f"{index}: expected a 'weight_map' object")
         files = [path / f for f in sorted(set(weight_map.values()))]
     else:
-        files = sorted(path.glob("*.safetensors"))
+        files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("consolidated"))
     if not files:
         raise MistralError(f"{path}: no *.safetensors weight files")
     return files

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group along head_dim")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="prompt tokens prefilled between two decode steps (default %(default)s)")
+    p.add_argument("--reasoning", action="store_true",
+                   help="start every chat with the model's reasoning system prompt (reasoning models: Magistral)")
     p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (required off loopback)")
     p.add_argument("--cors-origin", help="allow browser pages from this origin (default: no CORS)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -89,15 +91,22 @@ def main(argv: list[str] | None = None) -> int:
         def load() -> None:
             try:
                 budget = args.kv_budget_mib and args.kv_budget_mib << 20
-                loading.set_result(Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue,
-                                             budget, prefill_chunk=args.prefill_chunk, kv_bits=args.kv_bits,
-                                             kv_group_size=args.kv_group_size))
+                scheduler = Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue, budget,
+                                      prefill_chunk=args.prefill_chunk, kv_bits=args.kv_bits,
+                                      kv_group_size=args.kv_group_size)
+                if args.reasoning:
+                    try:
+                        scheduler.tokenizer.reasoning_prompt()  # MistralError unless the model has one
+                    except MistralError:
+                        scheduler.close()
+                        raise
+                loading.set_result(scheduler)
             except BaseException as e:
                 loading.set_exception(e)
                 server.should_exit = True
 
         import uvicorn
-        app = create_app(loading, args.api_key, args.cors_origin, name=args.model)
+        app = create_app(loading, args.api_key, args.cors_origin, name=args.model, reasoning=args.reasoning)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
         threading.Thread(target=load, name="load").start()
         print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)

@@ -61,6 +61,9 @@ class Tokenizer:
         self.control_ids = frozenset(self._raw.special_ids)
         self.tekken = is_tekken(self.path)
         self.tool_calls_id = self._raw.get_special_token("[TOOL_CALLS]") if self.version != "v1" else None
+        begin, end = _control_id(self._raw, "[THINK]"), _control_id(self._raw, "[/THINK]")
+        # a reasoning model's: its reasoning comes between them, before the answer
+        self.think_ids = (begin, end) if begin is not None and end is not None else None
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Plain text to ids. Control tokens are never produced from text."""
@@ -86,18 +89,22 @@ class Tokenizer:
                 out.append(piece.replace("\u2581", " ").encode())
         return out
 
-    def chat_tokens(self, messages: Sequence[Message], tools: Sequence[dict] | None = None) -> list[int]:
+    def chat_tokens(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
+                    reasoning: bool = False) -> list[int]:
         """Token ids of a conversation ending with a user turn (or tool results), ready for the answer.
 
         `messages` and `tools` are in OpenAI's chat format; mistral-common encodes them, so
         V1, V3 and Tekken templates, tool definitions, calls and results are Mistral's own.
         An empty answer (EOS at once, or stopped before its first token) is left out, as
         mistral-common refuses it; the user turns around it are then joined, as it joins them.
+        With `reasoning`, the model's own reasoning system prompt comes first (reasoning_prompt).
         """
         if tools and self.tool_calls_id is None:
             raise MistralError(f"{self.path}: a {self.version} tokenizer has no function calling (V3 or later needed)")
         if not isinstance(messages, Sequence) or not all(isinstance(m, dict) for m in messages):
             raise MistralError("chat messages: expected a list of {'role': ..., 'content': ...} objects")
+        if reasoning:
+            messages = [self.reasoning_prompt(), *messages]
         last = next((m.get("role") for m in reversed(messages) if m.get("role") != "system"), None)
         if last not in ("user", "tool"):
             raise MistralError("chat messages: the conversation must end with a user message (or tool results)")
@@ -113,6 +120,24 @@ class Tokenizer:
         except (MistralCommonException, ValueError, TypeError) as e:  # pydantic errors are ValueErrors
             reason = " ".join(str(e).split())
             raise MistralError(f"chat messages: {reason[:300]}") from None
+
+    def reasoning_prompt(self) -> Message:
+        """The system message that turns a reasoning model's reasoning on: the model's own
+        SYSTEM_PROMPT.txt (beside its tokenizer, as Magistral's repos ship it), its
+        [THINK]...[/THINK] part a thinking chunk, as the model cards load it for mistral-common."""
+        if self.think_ids is None:
+            raise MistralError(f"{self.path}: no [THINK] and [/THINK] tokens: not a reasoning model")
+        file = self.path.parent / "SYSTEM_PROMPT.txt"
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MistralError(f"{file}: cannot read the model's reasoning system prompt ({e})") from None
+        parts = re.fullmatch(r"(.*?)\[THINK\](.*?)\[/THINK\](.*)", text, re.DOTALL)
+        if parts is None:
+            return {"role": "system", "content": text}
+        chunks = [{"type": "text", "text": parts[1]}, {"type": "thinking", "thinking": parts[2], "closed": True},
+                  {"type": "text", "text": parts[3]}]
+        return {"role": "system", "content": [c for c in chunks if c.get("text") != ""]}
 
     def parse_tool_calls(self, ids: Sequence[int]) -> list[ToolCall] | None:
         """The calls in generated ids that begin with [TOOL_CALLS]; None if there are none or they
@@ -131,6 +156,15 @@ class Tokenizer:
         except (ValueError, TypeError):  # malformed JSON, a missing name or arguments
             return None
         return [ToolCall(id=_call_id(c.id), name=c.function.name, arguments=c.function.arguments) for c in calls]
+
+
+def _control_id(raw, piece: str) -> int | None:
+    """The id of control token `piece`, or None if the tokenizer has none (SentencePiece answers <unk>'s)."""
+    try:
+        i = raw.get_special_token(piece)
+    except ValueError:
+        return None
+    return i if raw.id_to_piece(i) == piece else None
 
 
 def _check_unicode(text: str) -> None:
@@ -164,7 +198,7 @@ def _load_mistral(path: Path) -> MistralTokenizer:
         except (OSError, RuntimeError) as e:
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise MistralError(f"{path}: not a SentencePiece tokenizer model ({reason})") from None
-        if re.search(r"\.v\d+$", path.name):
+        if re.search(r"\.v\d+(m\d+)?$", path.name):  # its name says its version (v7m1: v7, multimodal)
             return MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
     v3 = sp.vocab_size() > 4 and sp.id_to_piece(3) == "[INST]" and sp.is_control(3)
     version = TokenizerVersion.v3 if v3 else TokenizerVersion.v1
@@ -187,9 +221,12 @@ class _SentencePieceJson:
             sentencepiece_like = model["type"] == "BPE" and model.get("byte_fallback") and "\u2581" in model["vocab"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise MistralError(f"{path}: not a Hugging Face tokenizer.json ({type(e).__name__}: {e})") from None
+        if not sentencepiece_like and model["type"] == "BPE":
+            raise MistralError(f"{path}: a byte-level BPE (a Tekken model's, as older mlx_lm.convert outputs "
+                               "hold), whose chat format version it does not record: put the model's tekken.json "
+                               "beside it")
         if not sentencepiece_like:
-            raise MistralError(f"{path}: not a SentencePiece-style BPE (byte fallback, '\u2581' spaces); "
-                               "a Tekken model needs its tekken.json")
+            raise MistralError(f"{path}: not a SentencePiece-style BPE (byte fallback, '\u2581' spaces)")
 
         def spaces_only(merge: str | list[str]) -> bool:
             return set("".join(merge.split(" ") if isinstance(merge, str) else merge)) == {"\u2581"}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mistral_common
 import torch
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from safetensors.torch import save_file
 from transformers import MinistralConfig, MinistralForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -14,6 +15,27 @@ DATA = Path(os.path.dirname(mistral_common.__file__)) / "data"
 TOKENIZER_V1 = DATA / "tokenizer.model.v1"
 TOKENIZER_V3 = DATA / "mistral_instruct_tokenizer_240323.model.v3"
 TOKENIZER_TEKKEN = DATA / "tekken_240911.json"  # Mistral NeMo's
+
+
+def write_tekken(path: Path, version: str, think: bool = False) -> Path:
+    """A tekken.json of `version` with NeMo's vocabulary (tekken_240911.json, the newest shipped, is
+    v3 and lists no special tokens). Past v7 the file must list them: mistral-common's own test
+    layout (its tests/test_tekken.py: the 20 of DEPRECATED_SPECIAL_TOKENS, <SPECIAL_i> fillers,
+    [ARGS] 32, [CALL_ID] 33), with `think`: [THINK] 34 and [/THINK] 35, as a reasoning model's; v15
+    needs [MODEL_SETTINGS] and [/MODEL_SETTINGS] too (36 and 37: ranks chosen here, not a release's)
+    and a model_settings_builder (here one that allows no settings)."""
+    data = json.loads(TOKENIZER_TEKKEN.read_text(encoding="utf-8"))
+    data["config"]["version"] = version
+    if version not in ("v3", "v7") or think:
+        named = {t["rank"]: t["token_str"] for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS}
+        named |= {32: "[ARGS]", 33: "[CALL_ID]"} | ({34: "[THINK]", 35: "[/THINK]"} if think else {})
+        if version == "v15":
+            named |= {36: "[MODEL_SETTINGS]", 37: "[/MODEL_SETTINGS]"}
+            data["model_settings_builder"] = {}
+        data["special_tokens"] = [{"rank": i, "token_str": str(named.get(i, f"<SPECIAL_{i}>")), "is_control": True}
+                                  for i in range(max(named) + 1)]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
 
 
 def tiny_config(sliding_window: int | None = 8, **overrides) -> dict:

@@ -1,6 +1,6 @@
 import pytest
 
-from checkpoints import tiny_config, to_original, write_hf
+from checkpoints import tiny_config, to_original, write_hf, write_tekken
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,18 @@ def windowless(tmp_path_factory):
     """(directory, torch oracle) of a tiny model without a sliding window, in HF layout."""
     path = tmp_path_factory.mktemp("windowless")
     return path, write_hf(path, tiny_config(sliding_window=None), seed=1)
+
+
+@pytest.fixture(scope="session")
+def reasoning_checkpoint(tmp_path_factory):
+    """Directory of a tiny reasoning model: Tekken v13 with [THINK] and [/THINK] (write_tekken),
+    and a SYSTEM_PROMPT.txt in the layout of Magistral's (text, [THINK]...[/THINK], text)."""
+    path = tmp_path_factory.mktemp("reasoning")
+    tekken = write_tekken(tmp_path_factory.mktemp("tok") / "tekken.json", "v13", think=True)
+    write_hf(path, tiny_config(sliding_window=None, vocab_size=131072, hidden_size=32, intermediate_size=64,
+                               head_dim=8), seed=2, tokenizer=tekken)
+    (path / "SYSTEM_PROMPT.txt").write_text("Draft your thinking first.[THINK]scratch work[/THINK]Then answer.")
+    return path
 
 
 @pytest.fixture(params=["cpu paths on", "cpu paths off"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from app.chat import ChatSession, Engine, SessionStore, Settings, TurnStats, describe, plain_messages
+from app.chat import ChatSession, Engine, SessionStore, Settings, TurnStats, describe, plain_messages, reply
 from checkpoints import tiny_config, write_hf
 from mlx_mistral import MistralError, make_sampler, stream_generate
 
@@ -41,7 +41,7 @@ def assistant(text):
 def answer(session, messages, settings=GREEDY):
     """Run one turn to the end: (text, the tokens it generated)."""
     text = ""
-    for text, _ in session.respond(messages, settings):
+    for _, text, _ in session.respond(messages, settings):
         pass
     return text, session.tokens[len(session.tokens) - session.stats.generated_tokens:]
 
@@ -76,6 +76,42 @@ def test_plain_messages_reads_gradio_content_blocks():
         {"role": "system", "content": "be brief"}, user("hi"), assistant("hello"), user("two parts"),
     ]
     assert plain_messages(history[:1], "  ") == [user("hi")]
+
+
+def test_reasoning_shows_in_a_collapsed_block_above_the_answer(reasoning_checkpoint, monkeypatch):
+    """A reasoning model's [THINK] part streams into a "Reasoning" thought (open while it streams,
+    collapsed once the answer begins), Gradio's Chatbot takes it, and the next turn leaves it out."""
+    import gradio as gr
+
+    import mlx_mistral.serve.batch as batch
+    from mlx_mistral.tokenizer import Tokenizer
+    from test_server_tools import Script
+
+    tok = Tokenizer(reasoning_checkpoint / "tekken.json")
+    script = Script(tok.eos_id)
+    monkeypatch.setattr(batch, "make_sampler", script.sampler)
+    begin, end = tok.think_ids
+    script.ids = [begin, *tok.encode("Two plus two."), end, *tok.encode("It is 4."), tok.eos_id]
+    engine = Engine(str(reasoning_checkpoint))
+    try:
+        session = ChatSession(engine)
+        history = [user("2 + 2?")]
+        shown = [reply(r, t) for r, t, _ in session.respond(history, Settings(temperature=1.0, max_tokens=50))]
+        thought = {"title": "Reasoning", "status": "pending"}
+        assert shown[1] == [{"role": "assistant", "content": "Two", "metadata": thought}, assistant("")]
+        final = shown[-1]
+        assert final[0]["content"] == "Two plus two." and final[0]["metadata"]["status"] == "done"
+        assert final[1] == assistant("It is 4.")
+        assert reply("Two plus two.", "", done=True)[0]["metadata"]["status"] == "done"  # ended in reasoning
+        assert reply("", "no reasoning") == "no reasoning"
+        shown_history = gr.Chatbot().postprocess(history + final).model_dump()
+        assert shown_history[1]["metadata"]["title"] == "Reasoning" and shown_history[2]["content"][0]["text"] == \
+            "It is 4."
+        nxt = history + final + [user("And 3 + 3?")]
+        assert plain_messages(nxt) == [user("2 + 2?"), assistant("It is 4."), user("And 3 + 3?")]
+        assert session.plan(plain_messages(nxt))[1]  # the next turn continues the cache
+    finally:
+        engine.close()
 
 
 def test_first_turn_feeds_the_whole_prompt_and_matches_the_api(engine):
@@ -197,7 +233,7 @@ def test_stop_keeps_the_partial_answer_and_the_cache_consistent(engine):
     history = [user("Tell me a long story")]
     prompt = engine.tokenizer.chat_tokens(history)
     replies = session.respond(history, Settings(temperature=0.0, max_tokens=500))
-    for n, (text, stats) in enumerate(replies, start=1):
+    for n, (_, text, stats) in enumerate(replies, start=1):
         assert stats.finish_reason is None and stats.generated_tokens == n
         if n == 5:
             break
@@ -222,7 +258,7 @@ def test_stop_when_the_browser_missed_the_last_tokens_rebuilds(engine):
     history = [user("Tell me a long story")]
     texts = []
     replies = session.respond(history, Settings(temperature=0.0, max_tokens=500))
-    for text, _ in replies:
+    for _, text, _ in replies:
         texts.append(text)
         if len(texts) == 6:
             break

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 import mlx_mistral.convert as convert_module
-from checkpoints import TOKENIZER_TEKKEN, TOKENIZER_V1, TOKENIZER_V3, oracle_logits
+from checkpoints import DATA, TOKENIZER_TEKKEN, TOKENIZER_V1, TOKENIZER_V3, oracle_logits, tiny_config, write_hf
 from convert.__main__ import main
 from mlx_mistral import Mistral, MistralError, Tokenizer, load, make_cache
 from mlx_mistral.config import Quantization
@@ -63,6 +63,17 @@ def test_fp32_round_trip_is_exact(hf_checkpoint, tmp_path):
     ours = logits(load(str(dst))[0], IDS)
     assert np.array_equal(ours, logits(load(str(src))[0], IDS))
     assert np.abs(ours - oracle_logits(hf, IDS)).max() <= 1e-4
+
+
+def test_a_versioned_tokenizer_keeps_its_version(tmp_path):
+    """tokenizer.model.v7 (Mistral Large 2411) is written as tokenizer.model for transformers and mlx-lm,
+    and as itself, which the loader prefers: the bare name would be guessed v3."""
+    src = tmp_path / "src"
+    write_hf(src, tiny_config(vocab_size=32768), tokenizer=DATA / "mistral_instruct_tokenizer_241114.model.v7")
+    (src / "tokenizer.model").rename(src / "tokenizer.model.v7")
+    dst = converted(src, tmp_path)
+    assert {"tokenizer.model", "tokenizer.model.v7"} <= {p.name for p in dst.iterdir()}
+    assert load(str(dst))[1].version == "v7" and Tokenizer(dst / "tokenizer.model").version == "v3"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -4,6 +4,7 @@ against a live server (uvicorn in a thread, on 127.0.0.1) whose model's answers 
 import json
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import mlx.core as mx
@@ -36,18 +37,15 @@ class Script:
         return lambda logits: mx.array([next(script, self.eos)], dtype=mx.uint32)
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """(client, scheduler, script, tokenizer) for a tiny V3-tokenizer model served in this process."""
-    path = tmp_path_factory.mktemp("v3")
-    write_hf(path, tiny_config(vocab_size=32768), tokenizer=TOKENIZER_V3)
-    tok = Tokenizer(TOKENIZER_V3)
-    script = Script(tok.eos_id)
+@contextmanager
+def serving(path, script: "Script", **app_kw):
+    """(client, scheduler) of the model at `path` served in this process (uvicorn in a thread, on
+    127.0.0.1), every row's sampler playing `script`; `app_kw` go to create_app."""
     patch = pytest.MonkeyPatch()
     patch.setattr(scheduler_module, "make_sampler", script.sampler)
     sched = Scheduler(str(path), max_batch=2)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(sched, name="tiny"), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(sched, name="tiny", **app_kw), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -56,13 +54,23 @@ def live(tmp_path_factory):
         while not server.started:
             assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
             time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
-        yield client, sched, script, tok
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30), sched
     finally:
         server.should_exit = True
         thread.join(30)
         sched.close()
         patch.undo()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """(client, scheduler, script, tokenizer) for a tiny V3-tokenizer model served in this process."""
+    path = tmp_path_factory.mktemp("v3")
+    write_hf(path, tiny_config(vocab_size=32768), tokenizer=TOKENIZER_V3)
+    tok = Tokenizer(TOKENIZER_V3)
+    script = Script(tok.eos_id)
+    with serving(path, script) as (client, sched):
+        yield client, sched, script, tok
 
 
 def ask(client, messages, stream=False, **kw):

@@ -47,7 +47,7 @@ def test_fifty_chat_turns_and_sessions_leak_nothing():
         for turn in range(50):
             history.append({"role": "user", "content": f"turn {turn}"})
             text = ""
-            for text, _ in session.respond(history, settings):
+            for _, text, _ in session.respond(history, settings):
                 pass
             history.append({"role": "assistant", "content": text})
             if session.cache.offset > engine.window:

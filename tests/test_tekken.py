@@ -50,3 +50,57 @@ def test_convert_keeps_tekken_json(nemo_like, tmp_path):
     convert(str(nemo_like[0]), tmp_path / "out")
     assert (tmp_path / "out" / "tekken.json").exists() and not (tmp_path / "out" / "tokenizer.model").exists()
     assert load(str(tmp_path / "out"))[1].tekken
+
+
+@pytest.mark.parametrize("version", ["v3", "v7", "v11", "v13", "v15"])
+def test_every_tekken_version_chats_as_mistral_common(tmp_path, version):
+    """tekken.json of each version mistral-common 1.13 has (TokenizerVersion): the two shipped files
+    are v3; the others are written by checkpoints.write_tekken."""
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+
+    from checkpoints import write_tekken
+    from mlx_mistral.tokenizer import Tokenizer
+
+    assert {v.value for v in TokenizerVersion} - {"v1", "v2"} == {"v3", "v7", "v11", "v13", "v15"}  # SentencePiece only
+    path = write_tekken(tmp_path / "tekken.json", version, think=version in ("v13", "v15"))
+    tok = Tokenizer(path)
+    reference = MistralTokenizer.from_file(str(path))
+    for messages in (CONVERSATION, CONVERSATION[1:]):
+        assert tok.version == version and tok.chat_tokens(messages) == \
+            reference.encode_chat_completion(ChatCompletionRequest.from_openai(messages)).tokens
+
+
+@pytest.mark.parametrize("name", ["tekken_240718.json", "tekken_240911.json"])
+def test_every_shipped_tekken_file_loads(name):
+    from checkpoints import DATA
+    from mlx_mistral.tokenizer import Tokenizer
+
+    tok = Tokenizer(DATA / name)
+    reference = MistralTokenizer.from_file(str(DATA / name))
+    assert tok.tekken and tok.chat_tokens(CONVERSATION) == \
+        reference.encode_chat_completion(ChatCompletionRequest.from_openai(CONVERSATION)).tokens
+
+
+def test_mlx_lm_convert_output_loads_and_a_bare_tokenizer_json_is_refused(nemo_like, tmp_path):
+    """mlx_lm.convert (0.32.2, transformers 5) of a Tekken model writes tekken.json (transformers
+    loads it with mistral-common); a directory with only a Tekken tokenizer.json (older conversions)
+    cannot say its chat format version: refused in one line."""
+    import shutil
+
+    from mlx_lm import convert as mlx_lm_convert
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    from mlx_mistral import MistralError
+
+    source = tmp_path / "source"
+    shutil.copytree(nemo_like[0], source)
+    convert_tekken_tokenizer(str(source / "tekken.json")).save_pretrained(source)  # as HF repos have both
+    mlx_lm_convert(str(source), str(tmp_path / "mlx"))
+    assert (tmp_path / "mlx" / "tekken.json").exists()
+    model, tok = load(str(tmp_path / "mlx"))
+    assert tok.path.name == "tekken.json" and tok.chat_tokens(CONVERSATION) == load(str(source))[1].chat_tokens(
+        CONVERSATION)
+    (tmp_path / "mlx" / "tekken.json").unlink()
+    shutil.copy(source / "tokenizer.json", tmp_path / "mlx")
+    with pytest.raises(MistralError, match="tokenizer.json: a byte-level BPE .* put the model's tekken.json beside it$"):
+        load(str(tmp_path / "mlx"))

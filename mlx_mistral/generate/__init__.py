@@ -22,7 +22,7 @@ class GenerationResponse:
     The cache holds the prompt and every token of every response so far.
     """
 
-    text: str  # new text since the previous response (may be empty)
+    text: str  # new answer text since the previous response (may be empty)
     token: int
     prompt_tokens: int
     prompt_tps: float
@@ -34,6 +34,7 @@ class GenerationResponse:
     kv_cache_tokens: int  # tokens the cache holds now
     finish_reason: str | None = None  # on the last response: "stop" (EOS or stop string), "length", "tool_calls"
     tool_calls: list[ToolCall] | None = None  # on the last response, when the answer is function calls
+    reasoning: str = ""  # new reasoning text since the previous response ([THINK]...[/THINK], not in `text`)
 
 
 def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int) -> mx.array:
@@ -79,13 +80,17 @@ class TextStream:
     that may begin a stop string is held back until it is known not to. An answer that
     begins with [TOOL_CALLS] is held back whole and ends as parsed `tool_calls` (or, if
     it does not parse, as plain text) when `tool_calls` is set (the prompt offered tools);
-    otherwise it is plain text from the start.
+    otherwise it is plain text from the start. A reasoning model's [THINK]...[/THINK] is
+    the responses' `reasoning`, never their `text` (stop strings look at the text only);
+    the answer begins after it.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_tokens: int, max_tokens: int, stop: Sequence[str],
                  start: float, tool_calls: bool = False):
         self._tokenizer = tokenizer
         self._detokenizer = StreamingDetokenizer(tokenizer)
+        self._reasoning = StreamingDetokenizer(tokenizer)
+        self._think, self._thinking, self._answering = tokenizer.think_ids, False, False
         self._eos, self._max_tokens, self._stop = tokenizer.eos_id, max_tokens, stop
         self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
         self._calls: list[int] | None = None  # the answer's ids, once it began with [TOOL_CALLS]
@@ -97,8 +102,12 @@ class TextStream:
         """The response for the next generated token; sets `finish` on the last one."""
         self.first = self.first or time.perf_counter()
         self.n += 1
-        if self.n == 1 and self._parse_calls and token == self._tokenizer.tool_calls_id:
-            self._calls = []
+        if self._think and self._calls is None and (self._thinking or token in self._think):
+            return self._add_reasoning(token, cache)
+        if not self._answering:
+            self._answering = True
+            if self._parse_calls and token == self._tokenizer.tool_calls_id:
+                self._calls = []
         if self._calls is not None:
             return self._add_call(token, cache)
         if token == self._eos:
@@ -114,6 +123,20 @@ class TextStream:
         self._held = held[len(held) - keep:]
         return self._response(held[: len(held) - keep], token, cache)
 
+    def _add_reasoning(self, token: int, cache: KVCache) -> GenerationResponse:
+        """[THINK], [/THINK], or a token between them (EOS included: the reasoning ends unclosed)."""
+        if token == self._think[0]:
+            self._thinking, reasoning = True, ""
+        elif token in (self._think[1], self._eos):
+            self._thinking, reasoning = False, self._reasoning.flush()
+        else:
+            reasoning = self._reasoning.add(token)
+        if token == self._eos or self.n == self._max_tokens:
+            text = self._held + self._detokenizer.flush()
+            return self._response(text, token, cache, "stop" if token == self._eos else "length",
+                                  reasoning=reasoning + self._reasoning.flush())
+        return self._response("", token, cache, reasoning=reasoning)
+
     def _add_call(self, token: int, cache: KVCache) -> GenerationResponse:
         self._calls.append(token)
         if token != self._eos and self.n < self._max_tokens:
@@ -126,14 +149,14 @@ class TextStream:
         return self._response(text, token, cache, "stop" if token == self._eos else "length")
 
     def _response(self, text: str, token: int, cache: KVCache, finish: str | None = None,
-                  tool_calls: list[ToolCall] | None = None):
+                  tool_calls: list[ToolCall] | None = None, reasoning: str = ""):
         self.finish = finish
         now, ttft, n = time.perf_counter(), self.first - self.start, self.n
         return GenerationResponse(
             text=text, token=token, prompt_tokens=self.prompt_tokens, prompt_tps=self.prompt_tokens / ttft,
             generation_tokens=n, generation_tps=(n - 1) / (now - self.first) if n > 1 else 0.0, ttft=ttft,
             peak_memory=mx.get_peak_memory(), kv_cache_bytes=cache.nbytes, kv_cache_tokens=cache.size,
-            finish_reason=finish, tool_calls=tool_calls,
+            finish_reason=finish, tool_calls=tool_calls, reasoning=reasoning,
         )
 
 

@@ -16,6 +16,7 @@ from ..errors import MistralError, run_command
 from . import DEFAULT_PREFILL_CHUNK, GenerationResponse
 
 DTYPES = ("float16", "bfloat16", "float32")
+DIM, RESET = "\x1b[2m", "\x1b[0m"  # a reasoning model's reasoning, on a terminal
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         'lines {"prompt": ..., "max_tokens": ...}')
     p.add_argument("--system", help="system prompt (ignored with --raw)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    p.add_argument("--reasoning", action="store_true", help="start with the model's reasoning system prompt "
+                   "(reasoning models: Magistral); the reasoning is printed apart, and under \"reasoning\" with --json")
     p.add_argument("--tools", help="JSON file: a list of OpenAI-style tool definitions the model may call "
                    "(V3 or Tekken tokenizers); the calls are printed, and included with --json")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -102,16 +105,34 @@ def encode(tokenizer, prompt: str, args: argparse.Namespace, what: str = "prompt
     if not prompt.strip():
         raise MistralError(f"{what} is empty")
     if args.raw:
-        if args.tools:
-            raise MistralError("--tools needs the chat template: leave out --raw")
+        if args.tools or args.reasoning:
+            raise MistralError(f"--{'tools' if args.tools else 'reasoning'} needs the chat template: leave out --raw")
         return prompt
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    return tokenizer.chat_tokens(messages + [{"role": "user", "content": prompt}], tools=args.tools)
+    return tokenizer.chat_tokens(messages + [{"role": "user", "content": prompt}], tools=args.tools,
+                                 reasoning=args.reasoning)
 
 
 def result_fields(r: GenerationResponse) -> dict:
     """A response's fields as JSON values (tool calls in OpenAI's format)."""
     return {**vars(r), "tool_calls": [c.to_openai() for c in r.tool_calls] if r.tool_calls else None}
+
+
+class Printer:
+    """Prints an answer as it streams: a reasoning model's reasoning first, apart from the answer
+    (dimmed when stdout is a terminal, and a line break before the answer)."""
+
+    def __init__(self):
+        self.dim, self.reasoned = sys.stdout.isatty(), False
+
+    def __call__(self, reasoning: str, text: str) -> None:
+        if reasoning:
+            self.reasoned = True
+            print(f"{DIM}{reasoning}{RESET}" if self.dim else reasoning, end="", flush=True)
+        if text and self.reasoned:
+            print()
+            self.reasoned = False
+        print(text, end="", flush=True)
 
 
 def print_tool_calls(r: GenerationResponse) -> None:
@@ -130,7 +151,7 @@ def stats_line(r: GenerationResponse) -> str:
 
 def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
     tokens = encode(tokenizer, read_prompt(args.prompt), args)
-    text, ids, last = [], [], None
+    text, reasoning, ids, last, show = [], [], [], None, Printer()
     try:
         for last in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens, sampler=sampler,
                                     repetition_penalty=args.repetition_penalty, stop=args.stop,
@@ -138,15 +159,16 @@ def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
                                     kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                                     tool_calls=bool(args.tools)):
             text.append(last.text)
+            reasoning.append(last.reasoning)
             ids.append(last.token)
             if not args.json:
-                print(last.text, end="", flush=True)
+                show(last.reasoning, last.text)
     except KeyboardInterrupt:
         if last is not None:
             print(f"\n[interrupted] {stats_line(last)}", file=sys.stderr)
         return 130
     if args.json:
-        result = {**result_fields(last), "text": "".join(text), "tokens": ids}
+        result = {**result_fields(last), "text": "".join(text), "reasoning": "".join(reasoning), "tokens": ids}
         del result["token"]  # the last one is in "tokens"
         print(json.dumps(result, ensure_ascii=False))
     else:
@@ -162,13 +184,14 @@ def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
     prompts, limits = read_prompts_file(args.prompts_file, args.max_tokens)
     tokens = [encode(tokenizer, p, args, f"prompt {i} of --prompts-file") for i, p in enumerate(prompts)]
     start = time.perf_counter()
-    texts, ids = [[] for _ in prompts], [[] for _ in prompts]
+    texts, reasoning, ids = [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts]
     last, kv_bytes = {}, 0
     for i, r in batch_stream_generate(model, tokenizer, tokens, max_tokens=limits, sampler=sampler,
                                       stop=args.stop, max_kv_size=args.max_kv_size,
                                       prefill_chunk=args.prefill_chunk, kv_bits=args.kv_bits,
                                       kv_group_size=args.kv_group_size, tool_calls=bool(args.tools)):
         texts[i].append(r.text)
+        reasoning[i].append(r.reasoning)
         ids[i].append(r.token)
         last[i], kv_bytes = r, max(kv_bytes, r.kv_cache_bytes)
     elapsed = time.perf_counter() - start
@@ -176,14 +199,17 @@ def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
     total = {"prompts": len(prompts), "prompt_tokens": sum(r.prompt_tokens for r in last.values()),
              "generation_tokens": generated, "seconds": elapsed, "tokens_per_second": generated / elapsed,
              "peak_memory": max(r.peak_memory for r in last.values()), "kv_cache_bytes": kv_bytes}
-    results = [{**result_fields(last[i]), "index": i, "text": "".join(texts[i]), "tokens": ids[i]} for i in range(len(prompts))]
+    results = [{**result_fields(last[i]), "index": i, "text": "".join(texts[i]), "reasoning": "".join(reasoning[i]),
+                "tokens": ids[i]} for i in range(len(prompts))]
     if args.json:
         for result in results:
             del result["token"]
         print(json.dumps({"results": results, "stats": total}, ensure_ascii=False))
         return 0
     for i, result in enumerate(results):
-        print(f"=== [{i}] {prompts[i][:60]!r}\n{result['text']}")
+        print(f"=== [{i}] {prompts[i][:60]!r}")
+        Printer()(result["reasoning"], result["text"])
+        print()
         print_tool_calls(last[i])
         print(stats_line(last[i]), file=sys.stderr)
     print(f"batch: {len(prompts)} prompts, {generated} tokens in {elapsed:.2f} s = {generated / elapsed:.1f} tok/s | "

@@ -15,12 +15,13 @@ from .scheduler import Scheduler
 
 
 def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_origin: str | None = None,
-               max_body: int = MAX_BODY_BYTES, name: str | None = None) -> FastAPI:
+               max_body: int = MAX_BODY_BYTES, name: str | None = None, reasoning: bool = False) -> FastAPI:
     """The API over `scheduler` (the chat app mounts its page on the same app), or over the Future
-    of one still loading (503 until it is ready; `name` is then the model's id)."""
+    of one still loading (503 until it is ready; `name` is then the model's id). With `reasoning`,
+    chats start with the model's reasoning system prompt (Tokenizer.reasoning_prompt)."""
     app = FastAPI(title="mlx-mistral", docs_url=None, redoc_url=None, openapi_url=None)
     statuses: Counter = Counter()
-    service = Service(scheduler, api_key, name or scheduler.name)
+    service = Service(scheduler, api_key, name or scheduler.name, reasoning)
     if cors_origin:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["*"],

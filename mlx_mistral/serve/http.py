@@ -33,10 +33,11 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 class Service:
     """What the routes need: the scheduler, or the Future of one still loading (503 until it
-    is ready), the model's id, and `authorize` (a FastAPI dependency: 401 without the key)."""
+    is ready), the model's id, and `authorize` (a FastAPI dependency: 401 without the key).
+    With `reasoning`, every chat starts with the model's reasoning system prompt."""
 
-    def __init__(self, scheduler: Scheduler | Future, api_key: str | None, model_id: str):
-        self.scheduler, self.api_key, self.model_id = scheduler, api_key, model_id
+    def __init__(self, scheduler: Scheduler | Future, api_key: str | None, model_id: str, reasoning: bool = False):
+        self.scheduler, self.api_key, self.model_id, self.reasoning = scheduler, api_key, model_id, reasoning
 
     def loading(self) -> bool:
         return isinstance(self.scheduler, Future) and not self.scheduler.done()
@@ -96,11 +97,11 @@ class BodyLimitAndCount:
                                                                                             counted_send)
 
 
-async def collect(events: asyncio.Queue, http: HTTPRequest) -> tuple[list[str], Event]:
-    """The text pieces and the last event of a request answered whole. Every DISCONNECT_POLL_S
+async def collect(events: asyncio.Queue, http: HTTPRequest) -> tuple[list[Event], Event]:
+    """The events of a request answered whole, and its last one. Every DISCONNECT_POLL_S
     it looks whether the client has left (then 499, and the caller cancels the row); the
     pending get is never cancelled in between, so no event is lost."""
-    pieces, getter, next_check = [], None, time.monotonic() + DISCONNECT_POLL_S
+    received, getter, next_check = [], None, time.monotonic() + DISCONNECT_POLL_S
     while True:
         getter = getter or asyncio.ensure_future(events.get())
         done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
@@ -113,8 +114,8 @@ async def collect(events: asyncio.Queue, http: HTTPRequest) -> tuple[list[str], 
             continue
         event, getter = getter.result(), None
         if event.finish_reason:
-            return pieces, event
-        pieces.append(event.text)
+            return received, event
+        received.append(event)
 
 
 def sse(obj: dict) -> str:

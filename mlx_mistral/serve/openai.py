@@ -21,6 +21,7 @@ DEFAULT_MAX_TOKENS = 512  # when a request names none (and the context allows)
 # Fields of OpenAI's API that would change the answer: refused unless off (None, False, 0, empty).
 UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "functions",
                "best_of", "echo", "suffix")
+IMAGE_PARTS = ("image_url", "input_image", "image")  # content parts of vision models: refused by name
 
 
 class Function(BaseModel):
@@ -35,10 +36,11 @@ class ToolCallIn(BaseModel):
 
 
 class Message(BaseModel):
-    """A chat turn: an assistant turn may be function calls (content null), a tool turn their result."""
+    """A chat turn: an assistant turn may be function calls (content null), a tool turn their result.
+    Content is text, or a list of parts ({"type": "text", "text": ...}: see text_messages)."""
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = None
+    content: str | list[dict] | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
@@ -107,7 +109,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
                            "call a function)", param="tool_choice")
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if body.tool_choice != "none" else []
         try:
-            tokens = tok.chat_tokens([m.model_dump(exclude_none=True) for m in body.messages], tools=tools)
+            tokens = tok.chat_tokens(text_messages(body.messages), tools=tools, reasoning=service.reasoning)
         except MistralError as e:
             raise APIError(400, str(e), param="tools" if tools and tok.tool_calls_id is None else "messages")
         request = to_request(service, body, tokens, body.max_completion_tokens or body.max_tokens, tok.encode,
@@ -118,6 +120,23 @@ def add_routes(app: FastAPI, service: Service) -> None:
     async def completions(body: CompletionRequest, http: HTTPRequest):
         tokens = service.ready().tokenizer.encode(body.prompt, bos=True)
         return await run(service, to_request(service, body, tokens, body.max_tokens, None), body, "text", http)
+
+
+def text_messages(messages: list[Message]) -> list[dict]:
+    """The messages as mistral-common takes them: a list of text parts stays a list (it joins
+    them); an image part gets a 400 naming the message, as does any other part."""
+    out = []
+    for i, m in enumerate(messages):
+        for part in m.content if isinstance(m.content, list) else ():
+            kind = part.get("type")
+            if kind in IMAGE_PARTS:
+                raise APIError(400, f"messages[{i}].content: image input is not supported (text-only model)",
+                               param=f"messages[{i}].content")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{i}].content: expected text parts "
+                               f'{{"type": "text", "text": ...}}, got type {kind!r}', param=f"messages[{i}].content")
+        out.append(m.model_dump(exclude_none=True))
+    return out
 
 
 def to_request(service: Service, body: Sampling, tokens: list[int], max_tokens: int | None, echo,
@@ -163,18 +182,21 @@ async def run(service: Service, request: Request, body: Sampling, kind: str, htt
     if body.stream:
         return StreamingResponse(stream(request, events, body, kind, head), media_type="text/event-stream")
     try:
-        pieces, event = await collect(events, http)
+        received, event = await collect(events, http)
     finally:
         request.cancel()  # a no-op once finished; frees the row if the client left
     if event.finish_reason == "error":
         raise APIError(500, f"generation failed: {event.error}", "server_error")
-    text = "".join(pieces) + event.text
+    text = "".join(e.text for e in received) + event.text
+    reasoning = "".join(e.reasoning for e in received) + event.reasoning
     choice = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}
-    if event.tool_calls:
-        choice["message"] = {"role": "assistant", "content": None,
-                             "tool_calls": [c.to_openai() for c in event.tool_calls]}
+    if kind == "text":
+        choice |= {"text": text} | ({"reasoning_content": reasoning} if reasoning else {})
     else:
-        choice |= {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
+        message = {"role": "assistant", "content": None if event.tool_calls else text}
+        message |= {"reasoning_content": reasoning} if reasoning else {}
+        message |= {"tool_calls": [c.to_openai() for c in event.tool_calls]} if event.tool_calls else {}
+        choice["message"] = message
     return head | {"choices": [choice], "usage": usage(event)}
 
 
@@ -182,14 +204,16 @@ async def stream(request: Request, events: asyncio.Queue, body: Sampling, kind: 
     """The SSE chunks of a streamed answer; `head` is the completion object's id, model and time."""
     head = head | {"object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
 
-    def chunk(text: str | None, finish: str | None, first: bool = False, calls: list | None = None) -> str:
+    def chunk(text: str | None, finish: str | None, first: bool = False, calls: list | None = None,
+              reasoning: str = "") -> str:
         choice = {"index": 0, "finish_reason": finish, "logprobs": None}
         if kind == "chat":
             choice["delta"] = ({"role": "assistant"} if first else {}) | \
                 ({"content": text} if text is not None else {}) | \
+                ({"reasoning_content": reasoning} if reasoning else {}) | \
                 ({"tool_calls": [{"index": i} | c.to_openai() for i, c in enumerate(calls)]} if calls else {})
         else:
-            choice["text"] = text or ""
+            choice |= {"text": text or ""} | ({"reasoning_content": reasoning} if reasoning else {})
         return sse(head | {"choices": [choice]})
 
     try:
@@ -201,6 +225,8 @@ async def stream(request: Request, events: asyncio.Queue, body: Sampling, kind: 
                 error = {"message": f"generation failed: {event.error}", "type": "server_error"}
                 yield sse({"error": error | {"param": None, "code": None}})
                 break
+            if event.reasoning:  # before the text: an event may end the reasoning and begin the answer
+                yield chunk(None, None, reasoning=event.reasoning)
             if event.text:
                 yield chunk(event.text, None)
             if event.tool_calls:  # held back until the end: whole calls in one chunk

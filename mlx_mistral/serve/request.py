@@ -18,7 +18,7 @@ class QueueFull(MistralError):
 
 @dataclass
 class Event:
-    """One generated token's text, or the end of a request (finish_reason set)."""
+    """One generated token's text (answer or reasoning), or the end of a request (finish_reason set)."""
 
     text: str
     prompt_tokens: int
@@ -35,6 +35,7 @@ class Event:
     generation_tps: float = 0.0
     peak_memory: int = 0  # bytes, since the scheduler was last idle
     kv_tokens: int = 0  # tokens the row's cache holds (at most `capacity`)
+    reasoning: str = ""  # a reasoning model's [THINK]...[/THINK] text (TextStream's split), not in `text`
 
 
 @dataclass(eq=False)

@@ -291,7 +291,8 @@ class Scheduler:
             r.text, len(row.request.tokens), n, token, r.finish_reason, reused_tokens=row.reused,
             tool_calls=r.tool_calls, prefilled_tokens=len(row.ids) - row.reused, ttft=r.ttft,
             generation_tps=r.generation_tps, peak_memory=r.peak_memory,
-            kv_tokens=min(len(row.ids) + n - 1, self.capacity))))  # all but the newest token are fed
+            kv_tokens=min(len(row.ids) + n - 1, self.capacity),  # all but the newest token are fed
+            reasoning=r.reasoning)))
         return r.finish_reason is not None
 
     def _finish(self, row: Row, reason: str, error: str | None = None) -> None:
