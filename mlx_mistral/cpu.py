@@ -16,6 +16,7 @@ from mlx.utils import tree_unflatten
 
 from .errors import MistralError
 from .model import Attention
+from .moe import SwitchGLU, SwitchLinear
 
 
 def cpu_paths_on() -> bool:
@@ -110,8 +111,10 @@ def prepare_for_cpu(model: nn.Module) -> None:
     """Switch `model` to the CPU backend's faster paths, in place: float nn.Linear (no bias)
     -> TransposedLinear where this CPU measures it faster (transposed_pays, on the first
     layer's matrices), affine nn.QuantizedLinear -> ParallelQuantizedLinear
-    (one CPU stream per core), folded decode attention (model.Attention.fold_gqa) and the
-    K/V heads of a quantized cache attended to on one CPU stream per core (head_streams)."""
+    (one CPU stream per core), folded decode attention (model.Attention.fold_gqa), the
+    K/V heads of a quantized cache attended to on one CPU stream per core (head_streams), and
+    float Mixtral experts run all at once on prefill chunks (moe.SwitchGLU.every_expert_for_chunks;
+    the stacked experts are otherwise left as they are: they are gathers, not Linears)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parts = min(cores, 8)
     modules = model.named_modules()
@@ -130,6 +133,8 @@ def prepare_for_cpu(model: nn.Module) -> None:
                 module.fold_gqa = True
                 if parts > 1:
                     module.head_streams = functools.partial(cpu_streams, parts)
+            if isinstance(module, SwitchGLU) and type(module.gate_proj) is SwitchLinear:
+                module.every_expert_for_chunks = True
             continue
         model.update_modules(tree_unflatten([(path, swap)]))
         del module, swap
