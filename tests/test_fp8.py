@@ -13,6 +13,7 @@ from transformers import Mistral3ForConditionalGeneration
 from checkpoints import oracle_logits
 from family_checkpoints import ministral3_text, to_fp8, write_wrapper, yarn
 from mlx_mistral import MistralError, load
+from mlx_mistral.loading import read_checkpoint
 from test_family import IDS, N
 from test_model import run_chunks
 
@@ -32,10 +33,13 @@ def test_fp8_loads_as_its_dequantized_copy(fp8, loader):
     quantized, plain, hf = fp8
     header = load_file(str(quantized / "model.safetensors"))
     assert header["language_model.model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    decoded, copied = read_checkpoint(quantized)[1], read_checkpoint(plain)[1]
+    assert decoded.keys() == copied.keys()  # the same weights, bit for bit (scales and vision gone)
+    assert all(mx.array_equal(decoded[k], copied[k].astype(decoded[k].dtype)).item() for k in decoded)
+    # (the logits of two loads are not compared bit for bit: on the CPU backend each load times
+    # whether a transposed layout pays, so two loads may multiply in a different order)
     ours, _ = loader(quantized)
-    theirs, _ = loader(plain)
-    a, b = run_chunks(ours, IDS, [5, 7, 2, 6], N), run_chunks(theirs, IDS, [5, 7, 2, 6], N)
-    assert np.array_equal(a, b)  # the same weights, bit for bit
+    a = run_chunks(ours, IDS, [5, 7, 2, 6], N)
     diff = np.abs(a - oracle_logits(hf, IDS)).max()
     print(f"FP8 vs transformers on its dequantized copy: max abs logit diff {diff:.2e}")
     assert diff <= 1e-4
