@@ -106,8 +106,8 @@ def active_weight_bytes(args: ModelArgs, bits: int | None = None) -> int:
 
 
 def macs_that_fit(nbytes: int) -> list[int]:
-    """The Mac memory sizes (GB) whose GPU share (USABLE) holds `nbytes`."""
-    return [gb for gb in MAC_GB if nbytes <= USABLE * gb * 1e9]
+    """The Mac memory sizes whose GPU share (USABLE) holds `nbytes` (a Mac's "16 GB" is 16 GiB)."""
+    return [gb for gb in MAC_GB if nbytes <= USABLE * gb * 2**30]
 
 
 def per_rank(args: ModelArgs, ranks: int, tokens: int, bits: int | None = None, kv_bits: int | None = None,

@@ -1,5 +1,5 @@
-"""python -m mlx_mistral.models: the Mistral families mlx-mistral runs (and those in progress),
-their configs, and the memory each needs at 4 bits with the Macs it fits.
+"""python -m mlx_mistral.models: the Mistral families mlx-mistral runs, their configs, and the
+memory each needs at 4 bits with the Macs it fits.
 
 Shapes from the published config.json / params.json files (notes/mistral-family.md); the bytes
 are memory.py's arithmetic: 4-bit weights (group 64, every Linear and the embedding) plus an
@@ -11,33 +11,36 @@ import sys
 from dataclasses import dataclass
 
 from .config import ModelArgs
-from .memory import USABLE, kv_bytes, weight_bytes
+from .memory import MINISTRAL_8B, MODELS, USABLE, kv_bytes, macs_that_fit, weight_bytes
+from .rope import QueryScaling, Yarn
 
-MAC_GB = (8, 16, 24, 32, 48, 64, 96, 128, 192)  # unified memory sizes Macs ship with
 CONTEXTS = (8192, 32768)
-IN_PROGRESS = "in progress (issue #21)"
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     args: ModelArgs
-    status: str = "supported"
-    rope: str = ""  # what the config's RoPE is when it is more than a theta
+    architecture: str = "mistral"  # what loads it (config.json model_type, or what it needs)
 
     def weight_bytes(self) -> int:
         """Weights at 4 bits (memory.weight_bytes)."""
         return weight_bytes(self.args, bits=4)
 
     def total_bytes(self, tokens: int) -> int:
-        """4-bit weights plus one sequence's fp16 KV cache of `tokens` (the window's at most)."""
+        """4-bit weights plus one sequence's fp16 KV cache of `tokens` (each layer's window at most)."""
         return self.weight_bytes() + kv_bytes(self.args, tokens)["gqa_rolling"]
 
 
 def _args(dim: int, layers: int, hidden: int, vocab: int, theta: float, heads: int = 32, window: int | None = None,
-          tied: bool = False) -> ModelArgs:
+          tied: bool = False, **rope) -> ModelArgs:
     return ModelArgs(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=8, head_dim=128, hidden_dim=hidden,
-                     vocab_size=vocab, rope_theta=theta, sliding_window=window, tie_word_embeddings=tied)
+                     vocab_size=vocab, rope_theta=theta, sliding_window=window, tie_word_embeddings=tied, **rope)
+
+
+def _ministral3(factor: float, original: int) -> dict:
+    """Ministral 3's RoPE: YaRN (beta 32/1, mscale 1/1) and the llama-4 query temperature (beta 0.1)."""
+    return dict(yarn=Yarn(factor, original, mscale=1.0, mscale_all_dim=1.0), query_scaling=QueryScaling(0.1, original))
 
 
 SMALL_3 = _args(5120, 40, 32768, 131072, 1e8)
@@ -52,31 +55,46 @@ FAMILIES = [
     Family("Mistral Small 3 24B (2501)", SMALL_3),
     Family("Magistral / Devstral Small 1.x 24B (text)", SMALL_31),
     Family("Mistral Large 2 / 2.1 123B", _args(12288, 88, 28672, 32768, 1e6, heads=96)),
-    Family("Mistral Small 3.1 / 3.2 24B (text)", SMALL_31, IN_PROGRESS),
-    Family("Magistral Small 1.2 24B (text)", SMALL_31, IN_PROGRESS),
-    Family("Ministral 3 8B (2512)", _args(4096, 34, 14336, 131072, 1e6), IN_PROGRESS, "YaRN x16 (θ 1e6)"),
-    Family("Devstral Small 2 24B (2512)", SMALL_3, IN_PROGRESS, "YaRN x48 (θ 1e8)"),
-    Family("Ministral 8B (2410)", _args(4096, 36, 12288, 131072, 1e8, window=32768),
-           "exact to 32k; per-layer windows " + IN_PROGRESS),
+    Family("Mistral Small 3.1 / 3.2 24B (text)", SMALL_31, "mistral3 wrapper"),
+    Family("Magistral Small 1.2 24B (text)", SMALL_31, "mistral3 wrapper"),
+    Family("Ministral 3 8B (2512)", _args(4096, 34, 14336, 131072, 1e6, **_ministral3(16.0, 16384)),
+           "mistral3 wrapper + ministral3"),
+    Family("Devstral Small 2 24B (2512)", _args(5120, 40, 32768, 131072, 1e8, **_ministral3(48.0, 8192)),
+           "mistral3 wrapper + ministral3"),
+    Family("Ministral 8B (2410)", MINISTRAL_8B, "per-layer windows"),
+    Family("Mixtral 8x7B", MODELS["Mixtral 8x7B"], "mixtral"),
+    Family("Mixtral 8x22B", MODELS["Mixtral 8x22B"], "mixtral"),
 ]
 
 
 def smallest_mac(nbytes: int) -> int | None:
     """The smallest Mac (GB) whose GPU share (memory.USABLE) holds `nbytes`; None if none does."""
-    return next((gb for gb in MAC_GB if nbytes <= USABLE * gb * 2**30), None)
+    return next(iter(macs_that_fit(nbytes)), None)
+
+
+def _window(a: ModelArgs) -> str:
+    if a.layer_windows:
+        sliding = [w for w in a.layer_windows if w]
+        return f"{max(sliding)} on {len(sliding)}/{a.n_layers}"
+    return str(a.sliding_window or "-")
+
+
+def _rope(a: ModelArgs) -> str:
+    theta = "θ " + f"{a.rope_theta:.0e}".replace("e+0", "e")
+    return f"YaRN x{a.yarn.factor:g} ({theta})" if a.yarn else theta
 
 
 def row(f: Family) -> list[str]:
     a, gib = f.args, 2**30
     macs = [smallest_mac(f.total_bytes(n)) for n in CONTEXTS]
-    return [f.name, str(a.n_layers), str(a.dim), f"{a.n_heads}/{a.n_kv_heads}", str(a.sliding_window or "-"),
-            str(a.vocab_size), f.rope or "θ " + f"{a.rope_theta:.0e}".replace("e+0", "e"), f"{f.weight_bytes() / gib:.1f}",
-            *(f"{f.total_bytes(n) / gib:.1f}" for n in CONTEXTS),
-            " / ".join(f"{m} GB" if m else "none" for m in macs), f.status]
+    experts = f"{a.n_experts_per_tok} of {a.n_experts}" if a.moe else "-"
+    return [f.name, str(a.n_layers), str(a.dim), f"{a.n_heads}/{a.n_kv_heads}", _window(a), str(a.vocab_size),
+            _rope(a), experts, f"{f.weight_bytes() / gib:.1f}", *(f"{f.total_bytes(n) / gib:.1f}" for n in CONTEXTS),
+            " / ".join(f"{m} GB" if m else "none" for m in macs), f.architecture]
 
 
-HEADER = ["model", "layers", "dim", "heads/kv", "window", "vocab", "rope", "4-bit GiB", "+KV 8k", "+KV 32k",
-          "smallest Mac (8k / 32k)", "status"]
+HEADER = ["model", "layers", "dim", "heads/kv", "window", "vocab", "rope", "experts", "4-bit GiB", "+KV 8k",
+          "+KV 32k", "smallest Mac (8k / 32k)", "loads as"]
 
 
 def table() -> str:
