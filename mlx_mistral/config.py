@@ -7,46 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config_keys import (
+    HF_IGNORED, HF_ONLY, HF_TEXT_KEYS, IMAGES_UNSUPPORTED, LAYER_TYPES, PARAMS_IGNORED, PARAMS_KEYS, PARAMS_ONLY,
+    TEXT_TYPES, WRAPPER_IGNORED, WRAPPER_TYPES, check_keys,
+)
 from .errors import MistralError
 from .fp8 import check_params_quantization, check_quantization_config
 from .rope import QueryScaling, Yarn, rope_from_hf, rope_from_params, rope_to_hf
-
-# config.json keys that do not change the computation we run. A wrapper's vision keys are among
-# them: we run its text model only (and say so). Every key not listed here or implemented is refused.
-HF_IGNORED = {
-    "architectures", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
-    "initializer_range", "torch_dtype", "dtype", "transformers_version", "use_cache",
-    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "is_decoder",
-    "max_window_layers", "use_sliding_window",  # Qwen2's: transformers' Mistral/Ministral never read them
-    "chunk_size_feed_forward", "id2label", "label2id", "problem_type", "tokenizer_class",
-    "_attn_implementation_autoset",
-    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",  # training only
-}
-LAYER_TYPES = {"sliding_attention", "full_attention"}  # config.json's layer_types entries
-# Keys harmless at one value (the one transformers' Mistral runs), refused at any other.
-HF_ONLY = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "is_encoder_decoder": False}
-HF_TEXT_KEYS = {
-    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "rope_parameters",
-    "rope_scaling", "sliding_window", "layer_types", "max_position_embeddings", "tie_word_embeddings",
-    "quantization", "quantization_config", "num_local_experts", "num_experts_per_tok",
-}
-TEXT_TYPES = ("mistral", "ministral", "ministral3", "mixtral")
-# Mistral3ForConditionalGeneration / LlavaForConditionalGeneration: the language model is text_config.
-WRAPPER_TYPES = ("mistral3", "llava")
-WRAPPER_IGNORED = HF_IGNORED | {
-    "vision_config", "image_token_index", "image_token_id", "image_seq_length", "projector_hidden_act",
-    "vision_feature_layer", "vision_feature_select_strategy", "multimodal_projector_bias",
-    "spatial_merge_size", "tie_word_embeddings", "ignore_index",  # tied or not: the weights say
-}
-# params.json: keys we do not need, and those we implement.
-PARAMS_IGNORED = {"max_batch_size", "max_seq_len", "model_type", "dtype"}
-PARAMS_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size", "norm_eps",
-               "rope_theta", "sliding_window", "yarn", "llama_4_scaling", "tied_embeddings",
-               "max_position_embeddings", "vision_encoder", "multimodal", "quantization", "moe"}
-PARAMS_ONLY = {"activation": "silu", "use_biases": False}
-IMAGES_UNSUPPORTED = "{}: a vision-language model; only its text model is loaded (image input is not supported)"
-
 
 @dataclass(frozen=True)
 class Quantization:
@@ -141,7 +108,7 @@ class ModelArgs:
             text = config.get("text_config")
             if not isinstance(text, dict):
                 raise MistralError(f"{file}: a {model_type!r} config needs a text_config object")
-            _check_keys(config, WRAPPER_IGNORED | {"model_type", "text_config", "quantization",
+            check_keys(config, WRAPPER_IGNORED | {"model_type", "text_config", "quantization",
                                                    "quantization_config"}, {}, file)
             check_quantization_config(config.get("quantization_config"), config.get("quantization"), file)
             warnings.warn(IMAGES_UNSUPPORTED.format(file), stacklevel=2)
@@ -151,7 +118,7 @@ class ModelArgs:
             raise MistralError(
                 f"{file}: model_type must be one of {', '.join(TEXT_TYPES + WRAPPER_TYPES)}, got {model_type!r}"
             )
-        _check_keys(config, HF_IGNORED | HF_TEXT_KEYS, HF_ONLY, file)
+        check_keys(config, HF_IGNORED | HF_TEXT_KEYS, HF_ONLY, file)
         check_quantization_config(config.get("quantization_config"), config.get("quantization"), file)
         rope, where = config.get("rope_parameters") or {}, "rope_parameters"
         scaling = config.get("rope_scaling")
@@ -201,7 +168,7 @@ class ModelArgs:
         missing = [n for n in names if n not in params]
         if missing:
             raise MistralError(f"params.json: missing required key {missing[0]!r}")
-        _check_keys(params, PARAMS_IGNORED | PARAMS_KEYS, PARAMS_ONLY, "params.json")
+        check_keys(params, PARAMS_IGNORED | PARAMS_KEYS, PARAMS_ONLY, "params.json")
         multimodal = params.get("multimodal") or {}
         if not isinstance(multimodal, dict) or set(multimodal) - {"vision_encoder_args"}:
             raise MistralError("params.json: multimodal: only a vision encoder (vision_encoder_args) is "
@@ -272,15 +239,6 @@ class ModelArgs:
             q = {"group_size": self.quantization.group_size, "bits": self.quantization.bits}
             config["quantization"] = config["quantization_config"] = q
         return config
-
-
-def _check_keys(config: dict[str, Any], known: set[str], only: dict[str, Any], file: str) -> None:
-    """Refuse, naming it, the first key that is neither known nor at its one harmless value."""
-    for key in sorted(config):
-        if key in only and config[key] != only[key]:
-            raise MistralError(f"{file}: {key} must be {only[key]!r}, got {config[key]!r}")
-        if key not in known and key not in only:
-            raise MistralError(f"{file}: unknown key {key!r} (it may change the computation; refused)")
 
 
 def _div(dim: Any, n_heads: Any) -> Any:

@@ -12,7 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import WRAPPER_TYPES, ModelArgs, read_json
+from .config import ModelArgs, read_json
+from .config_keys import WRAPPER_TYPES
 from .fp8 import dequantize
 from .cpu import cpu_paths_on, prepare_for_cpu
 from .shard import shard
