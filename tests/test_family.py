@@ -142,6 +142,27 @@ def test_ragged_batch_past_the_original_context_equals_single_runs(family, loade
     assert [batched[i] for i in range(len(prompts))] == singles
 
 
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_server_rows_past_the_original_context_equal_solo_runs(family, kv_bits):
+    """The scheduler (the server's batch), float and 8-bit KV, on a ministral3 model (YaRN with an
+    attention factor of 1.35, the llama-4 temperature, a window of 16): greedy rows at different
+    offsets equal their solo runs."""
+    from mlx_mistral.serve import Request, Scheduler
+
+    s = Scheduler(str(family("ministral3 head_dim 32")[0]), max_batch=4, prefill_chunk=16, max_kv_size=128,
+                  kv_bits=kv_bits, kv_group_size=32)
+    try:
+        prompts = [IDS[:3], IDS[:40], IDS[:21]]
+        requests = [s.submit(Request(p, max_tokens=10)) for p in prompts]
+        got = [[e.token for e in r.events() if e.token is not None] for r in requests]
+        solo = [s.call(lambda p=p: [r.token for r in stream_generate(s.model, s.tokenizer, p, max_tokens=10,
+                                                                     kv_bits=kv_bits, kv_group_size=32)])
+                for p in prompts]
+        assert got == solo
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("settings,factor", [
     (yarn(), 1.0),  # Ministral 3: mscale 1 / 1
     (yarn(mscale_all_dim=0.0), 0.1 * np.log(32) + 1),

@@ -360,3 +360,17 @@ def test_a_router_of_the_wrong_shape_is_named(tmp_path):
     with pytest.raises(MistralError, match=r"tensor 'model\.layers\.1\.block_sparse_moe\.gate\.weight' has shape "
                                            r"\(3, 64\), config expects \(4, 64\)"):
         load(str(path))
+
+
+def test_quantized_kv_batch_rows_equal_solo_runs(tmp_path):
+    """A Mixtral (head_dim 32, window 8) with its KV cache at 8 bits: batched greedy rows equal
+    their solo runs."""
+    write_mixtral(tmp_path, mixtral_config(8, head_dim=32), seed=2)
+    model, tok = load(str(tmp_path))
+    ids = prompt(tok)
+    prompts = [ids[:3], ids[:N], ids[:17]]
+    kv = dict(kv_bits=8, kv_group_size=32)
+    batch = [text for text, _ in batch_generate(model, tok, prompts, max_tokens=10, prefill_chunk=32, **kv)]
+    solo = ["".join(r.text for r in stream_generate(model, tok, p, max_tokens=10, prefill_chunk=32, **kv))
+            for p in prompts]
+    assert batch == solo
