@@ -89,6 +89,6 @@ def shard_experts(moe: SparseMoE, group: mx.distributed.Group) -> None:
 
 def sharded_bytes(model: nn.Module) -> int:
     """Bytes of this rank's attention and MLP (or experts') parameters: what sharding divides by N."""
-    return sum(v.nbytes for layer in model.model.layers
-               for part in (layer.self_attn, layer.mlp if "mlp" in layer else layer.block_sparse_moe.switch_mlp)
+    ffn = (lambda layer: layer.feed_forward.switch_mlp) if model.args.moe else (lambda layer: layer.feed_forward)
+    return sum(v.nbytes for layer in model.model.layers for part in (layer.self_attn, ffn(layer))
                for _, v in tree_flatten(part.parameters()))
