@@ -10,10 +10,11 @@ from .generate import (
 from .loading import load
 from .model import Mistral
 from .sample import make_sampler
+from .structured import Constraint, Grammars
 from .tokenizer import StreamingDetokenizer, Tokenizer, ToolCall
 
 __all__ = [
-    "GenerationResponse", "Mistral", "batch_generate", "batch_stream_generate", "MistralError", "ModelArgs", "RollingKVCache",
+    "Constraint", "Grammars", "GenerationResponse", "Mistral", "batch_generate", "batch_stream_generate", "MistralError", "ModelArgs", "RollingKVCache",
     "StreamingDetokenizer", "Tokenizer", "ToolCall", "generate", "generate_step", "load", "make_cache",
     "make_sampler", "stream_generate",
 ]

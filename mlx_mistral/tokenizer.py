@@ -56,14 +56,22 @@ class Tokenizer:
         self._mistral = _load_mistral(self.path)
         self._raw = self._mistral.instruct_tokenizer.tokenizer
         self.vocab_size = self._raw.n_words
-        self.bos_id, self.eos_id = self._raw.bos_id, self._raw.eos_id
+        self.bos_id, self.eos_id, self.unk_id = self._raw.bos_id, self._raw.eos_id, self._raw.unk_id
         self.version = self._raw.version.value  # "v1", "v3", "v7", ...
         self.control_ids = frozenset(self._raw.special_ids)
         self.tekken = is_tekken(self.path)
         self.tool_calls_id = self._raw.get_special_token("[TOOL_CALLS]") if self.version != "v1" else None
-        begin, end = _control_id(self._raw, "[THINK]"), _control_id(self._raw, "[/THINK]")
+        begin, end = self.control_id("[THINK]"), self.control_id("[/THINK]")
         # a reasoning model's: its reasoning comes between them, before the answer
         self.think_ids = (begin, end) if begin is not None and end is not None else None
+
+    def control_id(self, piece: str) -> int | None:
+        """The id of control token `piece`, or None if the tokenizer has none (SentencePiece answers <unk>'s)."""
+        try:
+            i = self._raw.get_special_token(piece)
+        except ValueError:
+            return None
+        return i if self._raw.id_to_piece(i) == piece else None
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Plain text to ids. Control tokens are never produced from text."""
@@ -156,15 +164,6 @@ class Tokenizer:
         except (ValueError, TypeError):  # malformed JSON, a missing name or arguments
             return None
         return [ToolCall(id=_call_id(c.id), name=c.function.name, arguments=c.function.arguments) for c in calls]
-
-
-def _control_id(raw, piece: str) -> int | None:
-    """The id of control token `piece`, or None if the tokenizer has none (SentencePiece answers <unk>'s)."""
-    try:
-        i = raw.get_special_token(piece)
-    except ValueError:
-        return None
-    return i if raw.id_to_piece(i) == piece else None
 
 
 def _check_unicode(text: str) -> None:

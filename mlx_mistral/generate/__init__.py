@@ -10,6 +10,7 @@ from ..cache import KVCache, make_cache
 from ..errors import MistralError
 from ..model import Mistral
 from ..sample import Sampler, check_repetition_penalty, make_sampler, with_repetition_penalty
+from ..structured import Constraint, Guide, masked
 from ..tokenizer import StreamingDetokenizer, Tokenizer, ToolCall
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -57,20 +58,41 @@ def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int) -
 
 def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler,
                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, repetition_penalty: float = 1.0,
-                  repetition_context: int = 64) -> Iterator[int]:
+                  repetition_context: int = 64, guide: Guide | None = None) -> Iterator[int]:
     """Yield generated token ids without end; the caller decides when to stop.
 
     Step n+1 is scheduled with async_eval before token n is handed out, so the
-    device computes while Python works: one sync (`.item()`) per token.
+    device computes while Python works: one sync (`.item()`) per token. With a `guide`
+    (structured output) token n must reach the grammar before step n+1's mask: the
+    mask is filled while step n+1's forward runs instead.
     """
     sampler = with_repetition_penalty(sampler, prompt, repetition_penalty, repetition_context)
-    y = sampler(prefill(model, prompt, cache, prefill_chunk))
-    mx.async_eval(y)
+    logits = prefill(model, prompt, cache, prefill_chunk)
+    if guide is None:
+        y = sampler(logits)
+        mx.async_eval(y)
+        while True:
+            next_y = sampler(model(y[:, None], cache)[:, -1])
+            mx.async_eval(next_y)
+            yield y.item()
+            y = next_y
     while True:
-        next_y = sampler(model(y[:, None], cache)[:, -1])
-        mx.async_eval(next_y)
-        yield y.item()
-        y = next_y
+        y = pick(sampler, logits, {0: guide} if guide.active else {})
+        token = y.item()
+        error = guide.advance(token)
+        if error:
+            raise MistralError(error)
+        yield token
+        logits = model(y[:, None], cache)[:, -1]
+
+
+def pick(sampler: Sampler, logits: mx.array, guides: dict[int, Guide]) -> mx.array:
+    """`sampler`'s tokens for `logits` [B, V], rows `guides` among the tokens their grammar allows."""
+    y = sampler(logits)
+    if guides:
+        idx, allowed = masked(logits, guides)
+        y[idx] = sampler(allowed).astype(y.dtype)
+    return y
 
 
 class TextStream:
@@ -183,11 +205,14 @@ def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence
                     repetition_penalty: float = 1.0, stop: Sequence[str] = (),
                     cache: KVCache | None = None, max_kv_size: int | None = None,
                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
-                    kv_group_size: int = 64, tool_calls: bool = False) -> Iterator[GenerationResponse]:
+                    kv_group_size: int = 64, tool_calls: bool = False,
+                    constraint: Constraint | None = None) -> Iterator[GenerationResponse]:
     """Stream the answer to `prompt` (raw text, or token ids such as chat_tokens(...)).
 
     One response per generated token (see TextStream for the stop rules; `tool_calls`:
-    the prompt offered tools, so an answer of function calls ends as parsed calls). Pass a `cache`
+    the prompt offered tools, so an answer of function calls ends as parsed calls). With a
+    `constraint` (structured.Grammars: JSON, a schema, function calls) every token is one its
+    grammar allows (MistralError if a sampler picks another). Pass a `cache`
     to continue a conversation: the prompt is then the tokens that follow what it holds.
     Otherwise a new cache is made, with keys and values quantized to kv_bits (8 or 4) in
     groups of kv_group_size when kv_bits is given (see make_cache).
@@ -201,7 +226,9 @@ def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence
                            kv_bits=kv_bits, kv_group_size=kv_group_size)
     mx.reset_peak_memory()
     text = TextStream(tokenizer, len(ids), max_tokens, stop, start, tool_calls)
-    for token in generate_step(model, ids, cache, sampler or make_sampler(), prefill_chunk, repetition_penalty):
+    guide = constraint.guide() if constraint else None
+    for token in generate_step(model, ids, cache, sampler or make_sampler(), prefill_chunk, repetition_penalty,
+                               guide=guide):
         yield text.add(token, cache)
         if text.finish:
             return
@@ -216,14 +243,16 @@ def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequenc
                           max_tokens: int | Sequence[int] = 256, sampler: Sampler | None = None,
                           stop: Sequence[str] = (), max_kv_size: int | None = None,
                           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
-                          kv_group_size: int = 64, tool_calls: bool = False
+                          kv_group_size: int = 64, tool_calls: bool = False,
+                          constraint: Constraint | Sequence[Constraint | None] | None = None
                           ) -> Iterator[tuple[int, GenerationResponse]]:
     """Answer many prompts at once, yielding (prompt index, response) as tokens come.
 
     Each prompt is prefilled into its own cache row, then all rows decode together as one
     batch: rows keep their own positions (no padding), each stops on its own, and finished
     rows leave the batch. With greedy sampling every row equals its single-prompt answer.
-    kv_bits, kv_group_size and tool_calls are as in stream_generate.
+    kv_bits, kv_group_size and tool_calls are as in stream_generate; `constraint` too, one
+    for every prompt or a list with one (or None) per prompt.
     """
     start = time.perf_counter()
     if isinstance(prompts, str) or not prompts:
@@ -234,6 +263,10 @@ def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequenc
     ids = [_prompt_ids(tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
     for i, (row, limit) in enumerate(zip(ids, limits)):
         _check_request(model, 0, row, limit, stop, f"prompt {i}")
+    constraints = list(constraint) if isinstance(constraint, Sequence) else [constraint] * len(prompts)
+    if len(constraints) != len(prompts):
+        raise MistralError(f"constraint has {len(constraints)} entries for {len(prompts)} prompts")
+    guides = [c.guide() if c else None for c in constraints]
     sampler = sampler or make_sampler()
     capacity = max_kv_size or max(len(row) + limit for row, limit in zip(ids, limits))
     mx.reset_peak_memory()
@@ -242,24 +275,36 @@ def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequenc
     for row in ids:  # prefill row by row: peak memory stays that of one prompt chunk
         caches.append(make_cache(model.args, capacity, dtype=model.dtype, kv_bits=kv_bits,
                                  kv_group_size=kv_group_size))
-        first.append(sampler(prefill(model, row, caches[-1], prefill_chunk)))
+        guide = guides[len(first)]
+        first.append(pick(sampler, prefill(model, row, caches[-1], prefill_chunk), _active({0: guide})))
         mx.async_eval(first[-1])
     cache, y = type(caches[0]).stack(caches), mx.concatenate(first)  # a RollingKVCache or LayeredKVCache
     del caches, first
     rows = list(range(len(prompts)))  # prompt index of each batch row
+    guided = any(guides)  # then the masks wait for each step's tokens: no step ahead
     while rows:
-        next_y = sampler(model(y[:, None], cache)[:, -1])
-        mx.async_eval(next_y)
+        logits = model(y[:, None], cache)[:, -1]
+        next_y = None if guided else sampler(logits)
+        mx.async_eval(logits if guided else next_y)
         keep = []
         for b, token in enumerate(y.tolist()):  # one sync per step for the whole batch
+            error = guides[rows[b]].advance(token) if guides[rows[b]] else None
+            if error:
+                raise MistralError(f"prompt {rows[b]}: {error}")
             yield rows[b], streams[rows[b]].add(token, cache)
             if not streams[rows[b]].finish:
                 keep.append(b)
+        if guided:
+            next_y = pick(sampler, logits, _active({b: guides[i] for b, i in enumerate(rows)}))
         if 0 < len(keep) < len(rows):  # finished rows leave the batch
             cache.keep(keep)
             next_y = next_y[mx.array(keep, dtype=mx.int32)]
         rows = [rows[b] for b in keep]
         y = next_y
+
+
+def _active(guides: dict[int, Guide | None]) -> dict[int, Guide]:
+    return {b: guide for b, guide in guides.items() if guide is not None and guide.active}
 
 
 def batch_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],

@@ -9,6 +9,7 @@ from ..cache import KVCache
 from ..generate import TextStream
 from ..model import Mistral
 from ..sample import make_sampler, with_repetition_penalty
+from ..structured import masked
 from .prefix_cache import Marks
 from .request import Request
 
@@ -25,6 +26,7 @@ class Row:
         self.pieces: list[str] = []
         sampler = make_sampler(request.temperature, request.top_p, seed=request.seed)
         self.sampler = with_repetition_penalty(sampler, ids, request.repetition_penalty)
+        self.guide = request.constraint.guide() if request.constraint else None
 
 
 @dataclass
@@ -79,12 +81,20 @@ class Batch:
         self.rows.extend(rows)
 
     def step(self, model: Mistral) -> list[int]:
-        """One decode step for every row: each row's next token (the one sync of the step)."""
+        """One decode step for every row: each row's next token (the one sync of the step).
+        A row with an active grammar picks among the tokens it allows; with none, this is
+        the step of an unconstrained batch as it is."""
         logits = model(self.y[:, None], self.cache)[:, -1]
+        guides = {b: row.guide for b, row in enumerate(self.rows) if row.guide and row.guide.active}
+        if guides:  # the forward runs while the CPU fills their masks
+            idx, allowed = masked(logits, guides)
         if all(row.request.temperature == 0 and row.request.repetition_penalty == 1.0 for row in self.rows):
             y = mx.argmax(logits, axis=-1)
+            if guides:  # the guided rows again, masked
+                y[idx] = mx.argmax(allowed, axis=-1).astype(y.dtype)
         else:  # each row its own sampler (its own seeded random stream, its own recent tokens)
-            y = mx.concatenate([row.sampler(logits[b:b + 1]) for b, row in enumerate(self.rows)])
+            rows = {b: allowed[i:i + 1] for i, b in enumerate(guides)} if guides else {}
+            y = mx.concatenate([row.sampler(rows.get(b, logits[b:b + 1])) for b, row in enumerate(self.rows)])
         self.y = y
         return y.tolist()
 

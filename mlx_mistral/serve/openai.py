@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from ..errors import MistralError
+from ..structured import Constraint
 from .http import APIError, Service, collect, sse
 from .request import Event, QueueFull, Request
 
@@ -104,22 +105,30 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(body: ChatRequest, http: HTTPRequest):
         tok = service.ready().tokenizer
-        if body.tool_choice not in (None, "auto", "none"):
-            raise APIError(400, "tool_choice: only 'auto' and 'none' are supported (the model decides whether to "
-                           "call a function)", param="tool_choice")
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if body.tool_choice != "none" else []
+        constraint = structured(service, body, tools, body.tool_choice)
         try:
             tokens = tok.chat_tokens(text_messages(body.messages), tools=tools, reasoning=service.reasoning)
         except MistralError as e:
             raise APIError(400, str(e), param="tools" if tools and tok.tool_calls_id is None else "messages")
         request = to_request(service, body, tokens, body.max_completion_tokens or body.max_tokens, tok.encode,
-                             bool(tools))
+                             bool(tools), constraint)
         return await run(service, request, body, "chat", http)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: HTTPRequest):
         tokens = service.ready().tokenizer.encode(body.prompt, bos=True)
-        return await run(service, to_request(service, body, tokens, body.max_tokens, None), body, "text", http)
+        request = to_request(service, body, tokens, body.max_tokens, None, constraint=structured(service, body))
+        return await run(service, request, body, "text", http)
+
+
+def structured(service: Service, body: Sampling, tools: list[dict] = (), tool_choice=None) -> Constraint | None:
+    """The grammar the answer must follow (response_format, tool_choice), or a 400 naming the field."""
+    try:
+        return service.ready().grammars.for_chat((body.model_extra or {}).get("response_format"), tools, tool_choice)
+    except MistralError as e:
+        param = str(e).split(":", 1)[0]
+        raise APIError(400, str(e), param=param if " " not in param else None) from None
 
 
 def text_messages(messages: list[Message]) -> list[dict]:
@@ -140,7 +149,7 @@ def text_messages(messages: list[Message]) -> list[dict]:
 
 
 def to_request(service: Service, body: Sampling, tokens: list[int], max_tokens: int | None, echo,
-               tools: bool = False) -> Request:
+               tools: bool = False, constraint: Constraint | None = None) -> Request:
     if body.model != service.model_id:
         raise APIError(404, f"model {body.model!r} not found (this server has {service.model_id!r})",
                        param="model", code="model_not_found")
@@ -149,13 +158,11 @@ def to_request(service: Service, body: Sampling, tokens: list[int], max_tokens: 
     for name in UNSUPPORTED:
         if (body.model_extra or {}).get(name) not in (None, False, 0, [], {}):
             raise APIError(400, f"{name}: not supported by this server", param=name)
-    fmt = (body.model_extra or {}).get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise APIError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
     if max_tokens is None:
         max_tokens = max(1, min(DEFAULT_MAX_TOKENS, service.ready().context - len(tokens)))
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    return Request(tokens, max_tokens, body.temperature, body.top_p, body.seed, stop, echo, tool_calls=tools)
+    return Request(tokens, max_tokens, body.temperature, body.top_p, body.seed, stop, echo, tool_calls=tools,
+                   constraint=constraint)
 
 
 async def run(service: Service, request: Request, body: Sampling, kind: str, http: HTTPRequest):

@@ -9,6 +9,7 @@ from ..errors import MistralError
 from ..generate import _check_request
 from ..model import Mistral
 from ..sample import check_repetition_penalty, check_sampler
+from ..structured import Constraint
 from ..tokenizer import ToolCall
 
 
@@ -48,7 +49,9 @@ class Request:
     as parsed calls (TextStream). The requests of one `session` (a chat tab) share one idle
     cache, the last one's (see PrefixCache.plan); `reuse=False` prefills the whole prompt all
     the same (benchmarks). With `roll`, a windowless model's prompt and answer may pass the KV
-    cache, which then rolls as a sliding window (the chat app's rule) instead of being refused."""
+    cache, which then rolls as a sliding window (the chat app's rule) instead of being refused.
+    With a `constraint` (structured.py: JSON, a schema, function calls) every token it picks
+    is one its grammar allows."""
 
     tokens: list[int]
     max_tokens: int = 256
@@ -63,6 +66,7 @@ class Request:
     session: Hashable | None = None
     reuse: bool = True
     roll: bool = False
+    constraint: Constraint | None = None  # the answer must match its grammar (structured.py)
 
     def __post_init__(self):
         self.cancelled = False

@@ -32,6 +32,7 @@ from ..errors import MistralError
 from ..generate import DEFAULT_PREFILL_CHUNK, TextStream
 from ..loading import load
 from ..memory import kv_bytes_per_token
+from ..structured import Grammars
 from .batch import Batch, Group, Row
 from .prefix_cache import Held, PrefixCache
 from .request import Event, QueueFull, Request
@@ -88,6 +89,7 @@ class Scheduler:
         self.model, self.tokenizer = self.call(load, model)
         atexit.register(self.close)
         args = self.model.args
+        self.grammars = Grammars(self.tokenizer, args.vocab_size)  # structured output's (built on first use)
         try:
             check_kv_quantization(args, kv_bits, kv_group_size, self.model.dtype)
         except MistralError:
@@ -279,7 +281,12 @@ class Scheduler:
             self._leave(done)
 
     def _emit(self, row: Row, token: int, cache: KVCache) -> bool:
-        """Send the event of one generated token; True when it ends the request."""
+        """Send the event of one generated token; True when it ends the request (a token its
+        grammar cannot take ends it with an error, the token unsent)."""
+        error = row.guide.advance(token) if row.guide else None
+        if error:
+            self._finish(row, "error", error)
+            return True
         r = row.text.add(token, cache)
         row.answer.append(token)
         row.pieces.append(r.text)
