@@ -14,7 +14,9 @@ EOS only where the grammar may end, and never a control token ([INST], [TOOL_CAL
 where the grammar names it, so no control token can appear inside a JSON string.
 """
 
+import itertools
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -36,6 +38,7 @@ MAX_SCHEMA_DEPTH = 32
 LEADING_WS = 'SAFE_WS: /[ \\t\\r\\n]{1,8}/'
 JSON_WS = {"whitespace_pattern": "[ ]?"}
 MATCHERS_KEPT = 64  # pristine matchers cached by grammar (a copy of one costs microseconds)
+_QUOTED = re.compile(r"\d+ \| ")  # a line of the grammar in llguidance's errors
 CALL_ID = {"type": "string", "pattern": "^[A-Za-z0-9]{9}$"}
 
 
@@ -299,6 +302,8 @@ def _depth(value: object) -> int:
 
 
 def _message(error: str) -> str:
-    """llguidance's error on one line, without its position prefix ("at 1(8): ")."""
-    text = " ".join(error.split(" <state>")[0].split())  # the parser's state dump after it: not for clients
-    return (text.split(": ", 1)[1] if text.startswith("at ") and ": " in text else text)[:300] or "invalid grammar"
+    """llguidance's error on one line, without its position ("at 1(8): "), the grammar's text
+    it quotes ("   1 | start: ...") or the parser's state dump."""
+    lines = [line.strip() for line in error.split(" <state>")[0].splitlines()]
+    text = " ".join(line for line in itertools.takewhile(lambda line: not _QUOTED.match(line), lines) if line)
+    return re.sub(r"^at \d+\(\d+\): ", "", text)[:300] or "invalid grammar"

@@ -279,3 +279,61 @@ def test_invalid_utf8_on_stdin(capsys, monkeypatch):
     code, errors = cli(capsys, "--model", "demo", "--prompt", "-")
     assert code == 2
     assert errors == ["error: prompt from stdin is not valid UTF-8 (invalid continuation byte at byte 3)"]
+
+
+# Structured output: --json-schema, --json-object, --tool-choice (structured.py; tests/test_structured.py has the rest).
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                           "temp": {"type": "integer", "minimum": -50, "maximum": 50}},
+          "required": ["city", "temp"], "additionalProperties": False}
+
+
+def test_json_schema_and_json_object_answers_are_valid_json(capsys, tmp_path, hf_checkpoint):
+    import jsonschema
+
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    base = ["--model", str(hf_checkpoint[0]), "--prompt", "The weather?", "--max-tokens", "64"]
+    for extra in ([], ["--temp", "1", "--seed", "3"]):
+        answer = json_run(capsys, *base, "--json-schema", str(tmp_path / "schema.json"), *extra)
+        assert answer["finish_reason"] == "stop", answer
+        jsonschema.validate(json.loads(answer["text"]), SCHEMA)
+    free = json_run(capsys, *base)["text"]
+    with pytest.raises(json.JSONDecodeError):  # the random model's own answer is not JSON
+        json.loads(free)
+    answer = json_run(capsys, *base, "--json-object", "--max-tokens", "200", "--raw")
+    assert answer["finish_reason"] == "length" or isinstance(json.loads(answer["text"]), dict)
+
+
+@pytest.mark.parametrize("schema, flags, message", [
+    ('{"type": "bogus"}', [], r"--json-schema \S+: failed to compile JSON schema: Invalid type: bogus$"),
+    ('{"type": "array", "uniqueItems": true}', [], r"Unimplemented keys: \[\"uniqueItems\"\]"),
+    ('[1, 2]', [], r"the JSON schema must be an object, got list"),
+    ('{"type": ', [], r"--json-schema \S+: not valid JSON"),
+    (None, ["--tool-choice", "required"], r"--tool-choice needs --tools"),
+    (None, ["--json-schema", "/no/such/file.json"], r"--json-schema /no/such/file.json: cannot read it"),
+])
+def test_bad_structured_output_flags(capsys, tmp_path, schema, flags, message):
+    if schema is not None:
+        (tmp_path / "s.json").write_text(schema)
+        flags = ["--json-schema", str(tmp_path / "s.json")]
+    code, errors = cli(capsys, "--model", "demo", "--prompt", "hi", *flags)
+    assert code == 2 and len(errors) == 1
+    assert re.search(message, errors[0]), errors[0]
+
+
+def test_tool_choice_required_on_a_v3_model_calls_the_named_tool(capsys, tmp_path):
+    from checkpoints import tiny_config, write_hf
+
+    write_hf(tmp_path / "m", tiny_config(vocab_size=32768), tokenizer=TOKENIZER_V3)
+    tools = [{"type": "function", "function": {"name": name, "strict": True, "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "maxLength": 6}}, "required": ["q"],
+        "additionalProperties": False}}} for name in ("search", "lookup")]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    base = ["--model", str(tmp_path / "m"), "--prompt", "hi", "--tools", str(tmp_path / "tools.json"),
+            "--max-tokens", "80"]
+    for choice in ("required", "lookup"):
+        answer = json_run(capsys, *base, "--tool-choice", choice)
+        assert answer["finish_reason"] == "tool_calls", answer
+        names = {call["function"]["name"] for call in answer["tool_calls"]}
+        assert names <= {"search", "lookup"} and (choice == "required" or names == {"lookup"})
+    code, errors = cli(capsys, *base, "--tool-choice", "fetch")
+    assert code == 2 and errors == ["error: --tool-choice: no tool named 'fetch' among the tools offered"]

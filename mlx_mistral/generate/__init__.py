@@ -87,12 +87,16 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler
 
 
 def pick(sampler: Sampler, logits: mx.array, guides: dict[int, Guide]) -> mx.array:
-    """`sampler`'s tokens for `logits` [B, V], rows `guides` among the tokens their grammar allows."""
-    y = sampler(logits)
-    if guides:
-        idx, allowed = masked(logits, guides)
-        y[idx] = sampler(allowed).astype(y.dtype)
-    return y
+    """`sampler`'s tokens for `logits` [B, V], rows `guides` among the tokens their grammar
+    allows (the sampler runs once: its random stream and recent tokens advance once a step)."""
+    if not guides:
+        return sampler(logits)
+    _, allowed = masked(logits, guides)
+    if len(guides) < logits.shape[0]:
+        at = {b: i for i, b in enumerate(guides)}
+        allowed = mx.concatenate([allowed[at[b]:at[b] + 1] if b in at else logits[b:b + 1].astype(mx.float32)
+                                  for b in range(logits.shape[0])])
+    return sampler(allowed)
 
 
 class TextStream:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import batch_stream_generate, distributed, load, make_sampler, stream_generate
+from .. import Constraint, Grammars, batch_stream_generate, distributed, load, make_sampler, stream_generate
 from ..demo import NOTICE
 from ..distributed import DEFAULT_CONNECT_TIMEOUT
 from ..errors import MistralError, run_command
@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(reasoning models: Magistral); the reasoning is printed apart, and under \"reasoning\" with --json")
     p.add_argument("--tools", help="JSON file: a list of OpenAI-style tool definitions the model may call "
                    "(V3 or Tekken tokenizers); the calls are printed, and included with --json")
+    p.add_argument("--tool-choice", default="auto", help="auto (the model decides), none, required (a call of "
+                   "some tool), or a tool's name (a call of that one): calls follow the tools' schemas")
+    answer = p.add_mutually_exclusive_group()
+    answer.add_argument("--json-schema", metavar="FILE", help="JSON Schema file: the answer is JSON that matches it")
+    answer.add_argument("--json-object", action="store_true", help="the answer is a JSON object (any)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -85,19 +90,43 @@ def read_prompts_file(path: str, max_tokens: int) -> tuple[list[str], list[int]]
     return prompts, limits
 
 
+def read_json(path: str, flag: str) -> object:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise MistralError(f"{flag} {path}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise MistralError(f"{flag} {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def read_tools(path: str | None) -> list[dict] | None:
     """The tool definitions of --tools: a JSON list of {"type": "function", "function": {...}}."""
     if path is None:
         return None
-    try:
-        tools = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise MistralError(f"--tools {path}: cannot read it ({e})") from None
-    except json.JSONDecodeError as e:
-        raise MistralError(f"--tools {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    tools = read_json(path, "--tools")
     if not isinstance(tools, list) or not tools or not all(isinstance(t, dict) and "function" in t for t in tools):
         raise MistralError(f'--tools {path}: expected a non-empty list of {{"type": "function", "function": {{...}}}}')
     return tools
+
+
+def make_constraint(args: argparse.Namespace, tokenizer, vocab_size: int) -> Constraint | None:
+    """The grammar of --json-schema / --json-object / --tool-choice (None: a free answer)."""
+    if args.json_schema:
+        response_format = {"type": "json_schema", "json_schema": {"schema": read_json(args.json_schema, "--json-schema")}}
+    else:
+        response_format = {"type": "json_object"} if args.json_object else None
+    choice = args.tool_choice
+    if choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    if choice != "auto" and not args.tools:
+        raise MistralError("--tool-choice needs --tools")
+    try:
+        return Grammars(tokenizer, vocab_size).for_chat(response_format, args.tools or [], choice)
+    except MistralError as e:
+        field, _, why = str(e).partition(": ")
+        flag = {"tool_choice": "--tool-choice", "tools": f"--tools {args.tools_file}"}.get(
+            field.split(".")[0], f"--json-schema {args.json_schema}" if args.json_schema else "--json-object")
+        raise MistralError(f"{flag}: {why}") from None
 
 
 def encode(tokenizer, prompt: str, args: argparse.Namespace, what: str = "prompt") -> str | list[int]:
@@ -151,13 +180,14 @@ def stats_line(r: GenerationResponse) -> str:
 
 def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
     tokens = encode(tokenizer, read_prompt(args.prompt), args)
+    constraint = make_constraint(args, tokenizer, model.args.vocab_size)
     text, reasoning, ids, last, show = [], [], [], None, Printer()
     try:
         for last in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens, sampler=sampler,
                                     repetition_penalty=args.repetition_penalty, stop=args.stop,
                                     max_kv_size=args.max_kv_size, prefill_chunk=args.prefill_chunk,
                                     kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-                                    tool_calls=bool(args.tools)):
+                                    tool_calls=bool(args.tools), constraint=constraint):
             text.append(last.text)
             reasoning.append(last.reasoning)
             ids.append(last.token)
@@ -183,13 +213,15 @@ def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
         raise MistralError("--repetition-penalty is not supported with --prompts-file")
     prompts, limits = read_prompts_file(args.prompts_file, args.max_tokens)
     tokens = [encode(tokenizer, p, args, f"prompt {i} of --prompts-file") for i, p in enumerate(prompts)]
+    constraint = make_constraint(args, tokenizer, model.args.vocab_size)
     start = time.perf_counter()
     texts, reasoning, ids = [[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts]
     last, kv_bytes = {}, 0
     for i, r in batch_stream_generate(model, tokenizer, tokens, max_tokens=limits, sampler=sampler,
                                       stop=args.stop, max_kv_size=args.max_kv_size,
                                       prefill_chunk=args.prefill_chunk, kv_bits=args.kv_bits,
-                                      kv_group_size=args.kv_group_size, tool_calls=bool(args.tools)):
+                                      kv_group_size=args.kv_group_size, tool_calls=bool(args.tools),
+                                      constraint=constraint):
         texts[i].append(r.text)
         reasoning[i].append(r.reasoning)
         ids[i].append(r.token)
@@ -222,7 +254,9 @@ def run(args: argparse.Namespace) -> int:
 
     group = distributed.init(args.connect_timeout)  # None unless started by mlx.launch
     sampler = make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
-    args.tools = read_tools(args.tools)  # the file's path -> its tool definitions, checked before loading
+    args.tools_file, args.tools = args.tools, read_tools(args.tools)  # its tool definitions, checked before loading
+    if args.tool_choice == "none":  # the tools are left out of the prompt, as the server does
+        args.tools = None
     if args.model == "demo" and (group is None or group.rank() == 0):
         print(NOTICE, file=sys.stderr)
     dtype = getattr(mx, args.dtype) if args.dtype else None
