@@ -172,9 +172,9 @@ class Guide:
             self.waiting, self.active = False, token == self.trigger
             if not self.active:
                 return None
-        if not self.active or self.matcher.is_stopped():
+        if not self.active or (self.matcher.is_stopped() and not self.matcher.is_error()):
             return None
-        if not self.matcher.consume_token(token) or self.matcher.is_error():
+        if self.matcher.is_error() or not self.matcher.consume_token(token) or self.matcher.is_error():
             return f"structured output: token {token} broke the grammar ({_message(self.matcher.get_error())})"
         return None
 
@@ -299,6 +299,7 @@ def _depth(value: object) -> int:
 
 
 def _message(error: str) -> str:
-    """llguidance's error on one line, without its position prefix ("at 1(8): ")."""
-    text = " ".join(error.split(" <state>")[0].split())  # the parser's state dump after it: not for clients
+    """llguidance's error on one line, without its position prefix ("at 1(8): "), the grammar
+    listing on the lines after it or the parser's state dump: neither is for clients."""
+    text = " ".join(error.split("\n")[0].split(" <state>")[0].split())
     return (text.split(": ", 1)[1] if text.startswith("at ") and ": " in text else text)[:300] or "invalid grammar"
