@@ -88,10 +88,13 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler
 
 def pick(sampler: Sampler, logits: mx.array, guides: dict[int, Guide]) -> mx.array:
     """`sampler`'s tokens for `logits` [B, V], rows `guides` among the tokens their grammar allows."""
+    if not guides:
+        return sampler(logits)
+    idx, allowed = masked(logits, guides)
+    if list(guides) == list(range(logits.shape[0])):  # every row guided: no unmasked pick to make
+        return sampler(allowed)
     y = sampler(logits)
-    if guides:
-        idx, allowed = masked(logits, guides)
-        y[idx] = sampler(allowed).astype(y.dtype)
+    y[idx] = sampler(allowed).astype(y.dtype)
     return y
 
 
