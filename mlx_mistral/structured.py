@@ -175,9 +175,9 @@ class Guide:
             self.waiting, self.active = False, token == self.trigger
             if not self.active:
                 return None
-        if not self.active or self.matcher.is_stopped():
+        if not self.active or (self.matcher.is_stopped() and not self.matcher.is_error()):
             return None
-        if not self.matcher.consume_token(token) or self.matcher.is_error():
+        if self.matcher.is_error() or not self.matcher.consume_token(token) or self.matcher.is_error():
             return f"structured output: token {token} broke the grammar ({_message(self.matcher.get_error())})"
         return None
 
@@ -199,11 +199,20 @@ def masked(logits: mx.array, guides: dict[int, "Guide"]) -> tuple[mx.array, mx.a
 
 def allow(logits: mx.array, bitmask: np.ndarray) -> mx.array:
     """`logits` [k, V] with the tokens `bitmask` [k, ceil(V / 32)] does not allow at -inf. The
-    one place a mask meets MLX, on every backend: the bits are unpacked on the CPU (0.1 ms for
-    8 rows of 131072), the select is one elementwise MLX op (llguidance's own MLX kernel is
-    Metal-only)."""
-    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :logits.shape[-1]]
-    return mx.where(mx.array(bits.astype(np.bool_)), logits, -mx.inf)
+    one place a mask meets MLX, on every backend (llguidance's own MLX kernel is Metal-only):
+    each byte of the mask picks its 8 tokens' 0 or -inf from a 256 x 8 table, added to the
+    logits (a gather and an add: half the time of unpacking the bits into an mx.where on this
+    CPU, 0.7 against 1.6 ms for 8 rows of 32000)."""
+    add = mx.array(_byte_table())[mx.array(bitmask.view(np.uint8))].reshape(bitmask.shape[0], -1)
+    return logits + add[:, :logits.shape[-1]]
+
+
+@lru_cache(maxsize=1)
+def _byte_table() -> np.ndarray:
+    """[256, 8] float32: row b holds 0 where bit i of b is set (little-endian, as llguidance packs),
+    else -inf. Kept in numpy (8 KiB, copied per call): no MLX array shared between threads."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    return np.where(bits, np.float32(0), np.float32(-np.inf))
 
 
 @lru_cache(maxsize=1)

@@ -38,12 +38,13 @@ class Script:
 
 
 @contextmanager
-def serving(path, script: "Script", **app_kw):
+def serving(path, script: "Script | None", max_batch: int = 2, **app_kw):
     """(client, scheduler) of the model at `path` served in this process (uvicorn in a thread, on
-    127.0.0.1), every row's sampler playing `script`; `app_kw` go to create_app."""
+    127.0.0.1), every row's sampler playing `script` (None: the model's own); `app_kw` go to create_app."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(scheduler_module, "make_sampler", script.sampler)
-    sched = Scheduler(str(path), max_batch=2)
+    if script is not None:
+        patch.setattr(scheduler_module, "make_sampler", script.sampler)
+    sched = Scheduler(str(path), max_batch=max_batch)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(sched, name="tiny", **app_kw), host="127.0.0.1", port=port,
                                            log_level="warning"))
