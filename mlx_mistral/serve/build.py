@@ -1,0 +1,80 @@
+"""The one request builder. Each API (openai.py, anthropic.py) translates its wire format into a
+Spec; build() turns a Spec into the scheduler's Request: the conversation through mistral-common
+(Tokenizer.chat_tokens) or a raw prompt, then the sampling fields. What a request may hold the
+model to (tool_choice, response_format) is decided in one place: constrain()."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import MistralError
+from .http import APIError, Service
+from .request import Request
+
+DEFAULT_MAX_TOKENS = 512  # when a request names none (and the context allows)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A request in the neutral form: chat messages in OpenAI's format (the one mistral-common
+    reads) or a raw prompt; tools in OpenAI's function form ({"type": "function", "function":
+    {"name", "description", "parameters"}}); tool_choice normalized to "auto", "none",
+    "required" or the name of the one tool to call."""
+
+    model: str
+    messages: Sequence[dict] | None = None
+    prompt: str | None = None  # a completion's raw prompt, when there are no messages
+    tools: Sequence[dict] = ()
+    tool_choice: str = "auto"
+    response_format: dict | None = None  # OpenAI's form; None or {"type": "text"}: free text
+    max_tokens: int | None = None  # None: up to DEFAULT_MAX_TOKENS, within the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+def build(service: Service, spec: Spec) -> Request:
+    """The scheduler Request of `spec` (an APIError naming the field at fault if it cannot be one)."""
+    tokens = prompt_tokens(service, spec)
+    max_tokens = spec.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, service.ready().context - len(tokens)))
+    chat = spec.messages is not None
+    return Request(tokens, max_tokens, spec.temperature, spec.top_p, spec.seed, list(spec.stop),
+                   service.ready().tokenizer.encode if chat else None, tool_calls=bool(_offered(spec)),
+                   top_k=spec.top_k)
+
+
+def prompt_tokens(service: Service, spec: Spec) -> list[int]:
+    """The token ids of the prompt `spec` makes (what usage reports as its prompt or input tokens)."""
+    tok = service.ready().tokenizer
+    if spec.model != service.model_id:
+        raise APIError(404, f"model {spec.model!r} not found (this server has {service.model_id!r})",
+                       param="model", code="model_not_found")
+    constrain(spec)
+    if spec.messages is None:
+        try:
+            return tok.encode(spec.prompt, bos=True)
+        except MistralError as e:
+            raise APIError(400, f"prompt: {e}", param="prompt")
+    tools = _offered(spec)
+    try:
+        return tok.chat_tokens(spec.messages, tools=tools, reasoning=service.reasoning)
+    except MistralError as e:
+        raise APIError(400, str(e), param="tools" if tools and tok.tool_calls_id is None else "messages")
+
+
+def constrain(spec: Spec) -> None:
+    """The one place that decides what a request may hold the model to. Today nothing: the model
+    decides whether to call a tool, and its text is free; anything else is refused."""
+    if spec.tool_choice not in ("auto", "none"):
+        raise APIError(400, "tool_choice: only 'auto' and 'none' are supported (the model decides whether to "
+                       "call a tool)", param="tool_choice")
+    if spec.response_format not in (None, {"type": "text"}):
+        raise APIError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
+
+
+def _offered(spec: Spec) -> list[dict]:
+    """The tools the prompt offers the model: none under tool_choice "none"."""
+    return list(spec.tools) if spec.tool_choice != "none" else []
