@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 import string
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
@@ -61,7 +61,7 @@ class Conversation(BaseModel):
 
 class MessagesRequest(Conversation):
     max_tokens: StrictInt = Field(gt=0)
-    stop_sequences: list[str] = Field(default_factory=list)
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     temperature: float = Field(1.0, ge=0, le=1)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: StrictInt = Field(0, ge=0)
@@ -123,8 +123,8 @@ def _tool_use(block: dict, where: str) -> dict:
     for field, kind, expected in (("id", str, "a string"), ("name", str, "a string"), ("input", dict, "an object")):
         if not isinstance(block.get(field), kind):
             raise APIError(400, f"{where}.{field}: expected {expected}", param=f"{where}.{field}")
-    arguments = json.dumps(block["input"], ensure_ascii=False)
-    return {"id": _call_id(block["id"]), "type": "function", "function": {"name": block["name"], "arguments": arguments}}
+    function = {"name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False)}
+    return {"id": _call_id(block["id"]), "type": "function", "function": function}
 
 
 def _tool_result(block: dict, where: str, called: set[str]) -> dict:
@@ -166,7 +166,8 @@ def _tool(tool: Tool, where: str) -> dict:
     if tool.input_schema is None:
         raise APIError(400, f"{where}.input_schema: Field required", param=f"{where}.input_schema")
     function = {"name": tool.name, "parameters": tool.input_schema}
-    return {"type": "function", "function": function | ({"description": tool.description} if tool.description else {})}
+    function |= {"description": tool.description} if tool.description else {}
+    return {"type": "function", "function": function}
 
 
 def _tool_choice(choice: ToolChoice | None) -> str:

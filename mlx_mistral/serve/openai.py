@@ -104,14 +104,13 @@ def add_routes(app: FastAPI, service: Service) -> None:
     async def chat(body: ChatRequest, http: HTTPRequest):
         spec = Spec(body.model, messages=text_messages(body.messages),
                     tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
-                    tool_choice=tool_choice(body.tool_choice), response_format=body.model_extra.get("response_format"),
-                    max_tokens=body.max_completion_tokens or body.max_tokens, **sampling(body))
+                    tool_choice=tool_choice(body.tool_choice), max_tokens=body.max_completion_tokens or body.max_tokens,
+                    **spec_fields(body))
         return await run(service, build(service, spec), body, "chat", http)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        spec = Spec(body.model, prompt=body.prompt, response_format=body.model_extra.get("response_format"),
-                    max_tokens=body.max_tokens, **sampling(body))
+        spec = Spec(body.model, prompt=body.prompt, max_tokens=body.max_tokens, **spec_fields(body))
         return await run(service, build(service, spec), body, "text", http)
 
 
@@ -135,7 +134,8 @@ def text_messages(messages: list[Message]) -> list[dict]:
 def tool_choice(choice: str | dict | None) -> str:
     """OpenAI's tool_choice in the builder's form: "auto", "none", "required" or a function's name."""
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str):
             raise APIError(400, 'tool_choice: expected {"type": "function", "function": {"name": ...}}',
                            param="tool_choice")
@@ -143,15 +143,16 @@ def tool_choice(choice: str | dict | None) -> str:
     return choice or "auto"
 
 
-def sampling(body: Sampling) -> dict:
-    """The Spec fields of the sampling settings; the fields that would change the answer are refused."""
+def spec_fields(body: Sampling) -> dict:
+    """The Spec fields chat and completions share; the fields that would change the answer are refused."""
     if body.n != 1:
         raise APIError(400, "n: only n = 1 is supported", param="n")
     for name in UNSUPPORTED:
         if body.model_extra.get(name) not in (None, False, 0, [], {}):
             raise APIError(400, f"{name}: not supported by this server", param=name)
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    return {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": stop}
+    return {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": stop,
+            "response_format": body.model_extra.get("response_format")}
 
 
 async def run(service: Service, request: Request, body: Sampling, kind: str, http: HTTPRequest):
