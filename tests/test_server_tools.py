@@ -63,13 +63,18 @@ def serving(path, script: "Script | None", max_batch: int = 2, **app_kw):
         patch.undo()
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """(client, scheduler, script, tokenizer) for a tiny V3-tokenizer model served in this process."""
+def tiny_v3(tmp_path_factory) -> tuple:
+    """(directory, tokenizer, script) of a tiny V3-tokenizer model whose answers the script plays."""
     path = tmp_path_factory.mktemp("v3")
     write_hf(path, tiny_config(vocab_size=32768), tokenizer=TOKENIZER_V3)
     tok = Tokenizer(TOKENIZER_V3)
-    script = Script(tok.eos_id)
+    return path, tok, Script(tok.eos_id)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """(client, scheduler, script, tokenizer) for a tiny V3-tokenizer model served in this process."""
+    path, tok, script = tiny_v3(tmp_path_factory)
     with serving(path, script) as (client, sched):
         yield client, sched, script, tok
 

@@ -36,6 +36,7 @@ class GenerationResponse:
     finish_reason: str | None = None  # on the last response: "stop" (EOS or stop string), "length", "tool_calls"
     tool_calls: list[ToolCall] | None = None  # on the last response, when the answer is function calls
     reasoning: str = ""  # new reasoning text since the previous response ([THINK]...[/THINK], not in `text`)
+    stop_sequence: str | None = None  # on the last response, when a stop string ended it: which one
 
 
 def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int) -> mx.array:
@@ -123,6 +124,7 @@ class TextStream:
         self._parse_calls = tool_calls
         self.prompt_tokens, self.start, self.first, self.n = prompt_tokens, start, 0.0, 0
         self.finish: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended the answer
 
     def add(self, token: int, cache: KVCache) -> GenerationResponse:
         """The response for the next generated token; sets `finish` on the last one."""
@@ -139,8 +141,10 @@ class TextStream:
         if token == self._eos:
             return self._response(self._held + self._detokenizer.flush(), token, cache, "stop")
         self._held += self._detokenizer.add(token)
-        hit = min((i for i in (self._held.find(s) for s in self._stop) if i >= 0), default=-1)
-        if hit >= 0:  # what follows the stop string is dropped
+        hits = [(self._held.find(s), s) for s in self._stop]
+        hit, stop = min(((i, s) for i, s in hits if i >= 0), key=lambda h: h[0], default=(-1, None))
+        if stop is not None:  # what follows the stop string is dropped (the first listed wins a tie)
+            self.stop_sequence = stop
             return self._response(self._held[:hit], token, cache, "stop")
         if self.n == self._max_tokens:
             return self._response(self._held + self._detokenizer.flush(), token, cache, "length")
@@ -182,7 +186,7 @@ class TextStream:
             text=text, token=token, prompt_tokens=self.prompt_tokens, prompt_tps=self.prompt_tokens / ttft,
             generation_tokens=n, generation_tps=(n - 1) / (now - self.first) if n > 1 else 0.0, ttft=ttft,
             peak_memory=mx.get_peak_memory(), kv_cache_bytes=cache.nbytes, kv_cache_tokens=cache.size,
-            finish_reason=finish, tool_calls=tool_calls, reasoning=reasoning,
+            finish_reason=finish, tool_calls=tool_calls, reasoning=reasoning, stop_sequence=self.stop_sequence,
         )
 
 

@@ -1,7 +1,7 @@
 """Everything that serves, read in this order: what a client submits and receives
 (request.py), the prefix cache (prefix_cache.py), the rows of the batch (batch.py), the model
-thread (thread.py), the scheduler (scheduler.py), then the HTTP app (app.py, http.py) and
-the OpenAI routes (openai.py).
+thread (thread.py), the scheduler (scheduler.py), then the HTTP app (app.py, http.py), the one
+request builder (build.py) and each API's routes (openai.py; anthropic_request.py, anthropic.py).
 
 In one sentence: the Scheduler's ModelThread owns MLX and runs the model; a request waits in
 the Scheduler's `_waiting` queue, then in a prefill Group; its prefix is found by

@@ -1,15 +1,16 @@
 """The FastAPI app: the shared middleware, error handlers, /health and /metrics, then each
-API's routes (openai.py; a second API is one more module and one more add_routes line)."""
+API's routes (openai.py, anthropic.py). An error is answered in the dialect of its route:
+Anthropic's error object under /v1/messages, OpenAI's everywhere else."""
 
 from collections import Counter
 from concurrent.futures import Future
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
-from . import openai
+from . import anthropic, openai
 from .http import MAX_BODY_BYTES, APIError, BodyLimitAndCount, Service, error_response, prometheus
 from .scheduler import Scheduler
 
@@ -26,25 +27,25 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(BodyLimitAndCount, max_body=max_body, statuses=statuses)
+    app.add_middleware(BodyLimitAndCount, max_body=max_body, statuses=statuses, respond=respond)
 
     @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return error_response(e.status, str(e), e.type, e.param, e.code, e.headers)
+    async def api_error(http: HTTPRequest, e: APIError):
+        return respond(http.url.path, e.status, str(e), e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_, e: RequestValidationError):  # OpenAI answers 400, never 422
+    async def invalid(http: HTTPRequest, e: RequestValidationError):  # 400, never 422
         first = e.errors()[0]
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
-            return error_response(400, "request body is not valid JSON")
-        return error_response(400, f"{param or 'body'}: {first.get('msg')}", param=param)
+            return respond(http.url.path, 400, "request body is not valid JSON")
+        return respond(http.url.path, 400, f"{param or 'body'}: {first.get('msg')}", param=param)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException):
+    async def http_error(http: HTTPRequest, e: HTTPException):
         message = "unknown route" if e.status_code == 404 else str(e.detail)
-        return error_response(e.status_code, message, code="not_found" if e.status_code == 404 else None)
+        return respond(http.url.path, e.status_code, message, code="not_found" if e.status_code == 404 else None)
 
     @app.get("/health")
     async def health():
@@ -57,4 +58,13 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
         return PlainTextResponse(prometheus(service.ready().stats(), statuses))
 
     openai.add_routes(app, service)
+    anthropic.add_routes(app, service)
     return app
+
+
+def respond(path: str, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+            code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    """The error response of the API at `path`: Anthropic's object, or OpenAI's (with its type, param, code)."""
+    if anthropic.owns(path):
+        return anthropic.error_response(status, message, headers)
+    return error_response(status, message, type, param, code, headers)

@@ -24,7 +24,7 @@ class Row:
         self.reused = held  # prompt tokens already in the cache
         self.answer: list[int] = []
         self.pieces: list[str] = []
-        sampler = make_sampler(request.temperature, request.top_p, seed=request.seed)
+        sampler = make_sampler(request.temperature, request.top_p, request.top_k, seed=request.seed)
         self.sampler = with_repetition_penalty(sampler, ids, request.repetition_penalty)
         self.guide = request.constraint.guide() if request.constraint else None
 

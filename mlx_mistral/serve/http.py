@@ -1,17 +1,20 @@
 """What every API route shares: the Service (scheduler, model id, auth), error objects, the
-body limit, waiting for a whole answer, SSE framing and the Prometheus text of /metrics."""
+body limit, submitting a request, waiting for a whole answer, SSE framing and the Prometheus
+text of /metrics."""
 
 import asyncio
 import json
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
 
-from .request import Event
+from ..errors import MistralError
+from .request import Event, QueueFull, Request
 from .scheduler import Scheduler
 
 MAX_BODY_BYTES = 1 << 20
@@ -33,7 +36,8 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 class Service:
     """What the routes need: the scheduler, or the Future of one still loading (503 until it
-    is ready), the model's id, and `authorize` (a FastAPI dependency: 401 without the key).
+    is ready), the model's id, and `authorize` (a FastAPI dependency: 401 without the key, given
+    as `Authorization: Bearer KEY` or as Anthropic's `x-api-key: KEY`).
     With `reasoning`, every chat starts with the model's reasoning system prompt."""
 
     def __init__(self, scheduler: Scheduler | Future, api_key: str | None, model_id: str, reasoning: bool = False):
@@ -53,19 +57,20 @@ class Service:
     def authorize(self, request: HTTPRequest) -> None:
         if self.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        given = given[7:] if given.lower().startswith("bearer ") else ""
-        if not secrets.compare_digest(given.encode(), self.api_key.encode()):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+        bearer = request.headers.get("authorization", "")
+        given = (request.headers.get("x-api-key", ""), bearer[7:] if bearer.lower().startswith("bearer ") else "")
+        if not any(secrets.compare_digest(key.encode(), self.api_key.encode()) for key in given):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY, or x-api-key: KEY)",
                            code="invalid_api_key")
 
 
 class BodyLimitAndCount:
     """ASGI middleware: 413 once a body passes max_body bytes (declared or streamed), and a count
-    of the response statuses for /metrics."""
+    of the response statuses for /metrics. `respond(path, status, message)` is the error response
+    in the dialect of the API at `path`."""
 
-    def __init__(self, app, max_body: int, statuses: Counter):
-        self.app, self.max_body, self.statuses = app, max_body, statuses
+    def __init__(self, app, max_body: int, statuses: Counter, respond: Callable[[str, int, str], JSONResponse]):
+        self.app, self.max_body, self.statuses, self.respond = app, max_body, statuses, respond
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -93,8 +98,41 @@ class BodyLimitAndCount:
             await self.app(scope, limited_receive, counted_send)
         if too_large:
             too_large = False
-            await error_response(413, f"request body is larger than {self.max_body} bytes")(scope, receive,
-                                                                                            counted_send)
+            response = self.respond(scope["path"], 413, f"request body is larger than {self.max_body} bytes")
+            await response(scope, receive, counted_send)
+
+
+def submit(service: Service, request: Request, param: str) -> asyncio.Queue:
+    """Hand `request` to the scheduler; its events arrive on the queue returned, on this event
+    loop. 429 when the queue is full; 400 naming `param` when the scheduler refuses it."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(event: Event) -> None:  # on the scheduler thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone
+            request.cancel()
+
+    request.sink = sink
+    try:
+        service.ready().submit(request)
+    except QueueFull as e:
+        raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    except MistralError as e:
+        raise APIError(400, str(e), param=param)
+    return events
+
+
+async def answer(request: Request, events: asyncio.Queue, http: HTTPRequest) -> tuple[list[Event], Event]:
+    """The events of a request answered whole, and its last one (a 500 if generation failed)."""
+    try:
+        received, event = await collect(events, http)
+    finally:
+        request.cancel()  # a no-op once finished; frees the row if the client left
+    if event.finish_reason == "error":
+        raise APIError(500, f"generation failed: {event.error}", "server_error")
+    return received, event
 
 
 async def collect(events: asyncio.Queue, http: HTTPRequest) -> tuple[list[Event], Event]:

@@ -1,7 +1,7 @@
 """OpenAI's API: /v1/models, /v1/chat/completions and /v1/completions, streamed and whole.
 
-The pydantic schemas of the requests, and each request turned into a scheduler Request
-whose Events become OpenAI's response objects or SSE chunks.
+The pydantic schemas of the requests, each request translated into build.Spec (the builder
+makes the scheduler Request), and the Events back out as OpenAI's response objects or SSE chunks.
 """
 
 import asyncio
@@ -13,12 +13,10 @@ from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from ..errors import MistralError
-from ..structured import Constraint
-from .http import APIError, Service, collect, sse
-from .request import Event, QueueFull, Request
+from .build import Spec, build
+from .http import APIError, Service, answer, sse, submit
+from .request import Event, Request
 
-DEFAULT_MAX_TOKENS = 512  # when a request names none (and the context allows)
 # Fields of OpenAI's API that would change the answer: refused unless off (None, False, 0, empty).
 UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "functions",
                "best_of", "echo", "suffix")
@@ -104,31 +102,16 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(body: ChatRequest, http: HTTPRequest):
-        tok = service.ready().tokenizer
-        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if body.tool_choice != "none" else []
-        constraint = structured(service, body, tools, body.tool_choice)
-        try:
-            tokens = tok.chat_tokens(text_messages(body.messages), tools=tools, reasoning=service.reasoning)
-        except MistralError as e:
-            raise APIError(400, str(e), param="tools" if tools and tok.tool_calls_id is None else "messages")
-        request = to_request(service, body, tokens, body.max_completion_tokens or body.max_tokens, tok.encode,
-                             bool(tools), constraint)
-        return await run(service, request, body, "chat", http)
+        spec = Spec(body.model, messages=text_messages(body.messages),
+                    tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
+                    tool_choice=body.tool_choice or "auto", max_tokens=body.max_completion_tokens or body.max_tokens,
+                    **spec_fields(body))
+        return await run(service, build(service, spec), body, "chat", http)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        tokens = service.ready().tokenizer.encode(body.prompt, bos=True)
-        request = to_request(service, body, tokens, body.max_tokens, None, constraint=structured(service, body))
-        return await run(service, request, body, "text", http)
-
-
-def structured(service: Service, body: Sampling, tools: list[dict] = (), tool_choice=None) -> Constraint | None:
-    """The grammar the answer must follow (response_format, tool_choice), or a 400 naming the field."""
-    try:
-        return service.ready().grammars.for_chat((body.model_extra or {}).get("response_format"), tools, tool_choice)
-    except MistralError as e:
-        param = str(e).split(":", 1)[0]
-        raise APIError(400, str(e), param=param if " " not in param else None) from None
+        spec = Spec(body.model, prompt=body.prompt, max_tokens=body.max_tokens, **spec_fields(body))
+        return await run(service, build(service, spec), body, "text", http)
 
 
 def text_messages(messages: list[Message]) -> list[dict]:
@@ -148,52 +131,27 @@ def text_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
-def to_request(service: Service, body: Sampling, tokens: list[int], max_tokens: int | None, echo,
-               tools: bool = False, constraint: Constraint | None = None) -> Request:
-    if body.model != service.model_id:
-        raise APIError(404, f"model {body.model!r} not found (this server has {service.model_id!r})",
-                       param="model", code="model_not_found")
+def spec_fields(body: Sampling) -> dict:
+    """The Spec fields chat and completions share; the fields that would change the answer are refused."""
     if body.n != 1:
         raise APIError(400, "n: only n = 1 is supported", param="n")
     for name in UNSUPPORTED:
-        if (body.model_extra or {}).get(name) not in (None, False, 0, [], {}):
+        if body.model_extra.get(name) not in (None, False, 0, [], {}):
             raise APIError(400, f"{name}: not supported by this server", param=name)
-    if max_tokens is None:
-        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, service.ready().context - len(tokens)))
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    return Request(tokens, max_tokens, body.temperature, body.top_p, body.seed, stop, echo, tool_calls=tools,
-                   constraint=constraint)
+    return {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": stop,
+            "response_format": body.model_extra.get("response_format")}
 
 
 async def run(service: Service, request: Request, body: Sampling, kind: str, http: HTTPRequest):
     """Submit `request` and answer it: an SSE stream, or the whole completion object."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
-
-    def sink(event: Event) -> None:  # on the scheduler thread
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone
-            request.cancel()
-
-    request.sink = sink
-    try:
-        service.ready().submit(request)
-    except QueueFull as e:
-        raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    except MistralError as e:
-        raise APIError(400, str(e), param="messages" if kind == "chat" else "prompt")
+    events = submit(service, request, "messages" if kind == "chat" else "prompt")
     ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     head = {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()), "model": service.model_id}
     if body.stream:
         return StreamingResponse(stream(request, events, body, kind, head), media_type="text/event-stream")
-    try:
-        received, event = await collect(events, http)
-    finally:
-        request.cancel()  # a no-op once finished; frees the row if the client left
-    if event.finish_reason == "error":
-        raise APIError(500, f"generation failed: {event.error}", "server_error")
+    received, event = await answer(request, events, http)
     text = "".join(e.text for e in received) + event.text
     reasoning = "".join(e.reasoning for e in received) + event.reasoning
     choice = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}

@@ -37,6 +37,7 @@ class Event:
     peak_memory: int = 0  # bytes, since the scheduler was last idle
     kv_tokens: int = 0  # tokens the row's cache holds (at most `capacity`)
     reasoning: str = ""  # a reasoning model's [THINK]...[/THINK] text (TextStream's split), not in `text`
+    stop_sequence: str | None = None  # on the last event, when one of the request's stop strings ended it
 
 
 @dataclass(eq=False)
@@ -67,6 +68,7 @@ class Request:
     reuse: bool = True
     roll: bool = False
     constraint: Constraint | None = None  # the answer must match its grammar (structured.py)
+    top_k: int = 0  # sample among the k likeliest tokens only (0 = off)
 
     def __post_init__(self):
         self.cancelled = False
@@ -81,7 +83,7 @@ class Request:
         if not tokens or any(not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
             raise MistralError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
         _check_request(model, 0, tokens, self.max_tokens, self.stop)
-        check_sampler(self.temperature, self.top_p)
+        check_sampler(self.temperature, self.top_p, self.top_k)
         check_repetition_penalty(self.repetition_penalty)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise MistralError(f"seed must be an integer, got {self.seed!r}")

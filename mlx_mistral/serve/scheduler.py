@@ -299,7 +299,7 @@ class Scheduler:
             tool_calls=r.tool_calls, prefilled_tokens=len(row.ids) - row.reused, ttft=r.ttft,
             generation_tps=r.generation_tps, peak_memory=r.peak_memory,
             kv_tokens=min(len(row.ids) + n - 1, self.capacity),  # all but the newest token are fed
-            reasoning=r.reasoning)))
+            reasoning=r.reasoning, stop_sequence=r.stop_sequence)))
         return r.finish_reason is not None
 
     def _finish(self, row: Row, reason: str, error: str | None = None) -> None:

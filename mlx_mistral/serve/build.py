@@ -1,0 +1,87 @@
+"""The one request builder. Each API (openai.py, anthropic.py) translates its wire format into a
+Spec; build() turns a Spec into the scheduler's Request: the conversation through mistral-common
+(Tokenizer.chat_tokens) or a raw prompt, then the sampling fields. What a request may hold the
+model to (tool_choice, response_format) is decided in one place: constrain()."""
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import MistralError
+from ..structured import Constraint
+from .http import APIError, Service
+from .request import Request
+
+DEFAULT_MAX_TOKENS = 512  # when a request names none (and the context allows)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A request in the neutral form: chat messages in OpenAI's format (the one mistral-common
+    reads) or a raw prompt; tools in OpenAI's function form ({"type": "function", "function":
+    {"name", "description", "parameters"}}); tool_choice and response_format in OpenAI's forms
+    ("auto", "none", "required" or {"type": "function", "function": {"name": ...}}; text,
+    json_object or json_schema)."""
+
+    model: str
+    messages: Sequence[dict] | None = None
+    prompt: str | None = None  # a completion's raw prompt, when there are no messages
+    tools: Sequence[dict] = ()
+    tool_choice: str | dict = "auto"
+    response_format: dict | None = None  # None or {"type": "text"}: free text
+    format_param: str | None = None  # the request's own name of response_format, if it has another
+    max_tokens: int | None = None  # None: up to DEFAULT_MAX_TOKENS, within the context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+def build(service: Service, spec: Spec) -> Request:
+    """The scheduler Request of `spec` (an APIError naming the field at fault if it cannot be one)."""
+    tokens = prompt_tokens(service, spec)
+    constraint = constrain(service, spec)
+    max_tokens = spec.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, service.ready().context - len(tokens)))
+    chat = spec.messages is not None
+    return Request(tokens, max_tokens, spec.temperature, spec.top_p, spec.seed, list(spec.stop),
+                   service.ready().tokenizer.encode if chat else None, tool_calls=bool(_offered(spec)),
+                   top_k=spec.top_k, constraint=constraint)
+
+
+def prompt_tokens(service: Service, spec: Spec) -> list[int]:
+    """The token ids of the prompt `spec` makes (what usage reports as its prompt or input tokens)."""
+    tok = service.ready().tokenizer
+    if spec.model != service.model_id:
+        raise APIError(404, f"model {spec.model!r} not found (this server has {service.model_id!r})",
+                       param="model", code="model_not_found")
+    if spec.messages is None:
+        try:
+            return tok.encode(spec.prompt, bos=True)
+        except MistralError as e:
+            raise APIError(400, f"prompt: {e}", param="prompt")
+    tools = _offered(spec)
+    try:
+        return tok.chat_tokens(spec.messages, tools=tools, reasoning=service.reasoning)
+    except MistralError as e:
+        raise APIError(400, str(e), param="tools" if tools and tok.tool_calls_id is None else "messages")
+
+
+def constrain(service: Service, spec: Spec) -> Constraint | None:
+    """The one place that decides what a request may hold the model to: the grammar of its
+    response_format and tool_choice (structured.Grammars), or None for free text; a 400 names the field."""
+    try:
+        return service.ready().grammars.for_chat(spec.response_format, spec.tools, spec.tool_choice)
+    except MistralError as e:
+        message = str(e)
+        if spec.format_param and message.startswith("response_format"):  # a schema's field: named as sent
+            message = spec.format_param + re.sub(r"^response_format(\.json_schema)?", "", message)
+        param = message.split(":", 1)[0]
+        raise APIError(400, message, param=param if " " not in param else None) from None
+
+
+def _offered(spec: Spec) -> list[dict]:
+    """The tools the prompt offers the model: none under tool_choice "none"."""
+    return list(spec.tools) if spec.tool_choice != "none" else []
