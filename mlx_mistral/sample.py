@@ -138,10 +138,13 @@ def penalized(pick: Picker, tokens: Sequence[int], penalty: float, context: int 
 def top_logprobs(weights: mx.array, tokens: mx.array, n: int) -> tuple[mx.array, mx.array, mx.array]:
     """From log-weights [k, V] (a picker's) and the tokens [k] drawn from them: each token's
     log-probability [k] (log_softmax of the weights), and the n most likely tokens [k, n] with
-    theirs [k, n], most likely first (a token a filter removed has -inf)."""
-    logprobs = weights - mx.logsumexp(weights, axis=-1, keepdims=True)
-    chosen = mx.take_along_axis(logprobs, tokens.astype(mx.int32)[:, None], axis=-1)[:, 0]
-    top = mx.argpartition(-logprobs, kth=max(n, 1) - 1, axis=-1)[:, :n]
-    values = mx.take_along_axis(logprobs, top, axis=-1)
+    theirs [k, n], most likely first (a token a filter removed has -inf). Only the picked
+    entries are normalized: no [k, V] array beside the weights."""
+    lse = mx.logsumexp(weights, axis=-1, keepdims=True)
+    chosen = (mx.take_along_axis(weights, tokens.astype(mx.int32)[:, None], axis=-1) - lse)[:, 0]
+    if n == 0:
+        return chosen, mx.zeros((len(tokens), 0), dtype=mx.uint32), mx.zeros((len(tokens), 0))
+    top = mx.argpartition(-weights, kth=n - 1, axis=-1)[:, :n]
+    values = mx.take_along_axis(weights, top, axis=-1) - lse
     order = mx.argsort(-values, axis=-1)
     return chosen, mx.take_along_axis(top, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
