@@ -75,7 +75,7 @@ def assert_chat_entries(got: list, want: list[tuple]) -> None:
         assert (g.token, g.bytes) == (name, raw) and g.logprob == pytest.approx(logprob, abs=ATOL)
         assert [t.token for t in g.top_logprobs] == [t for t, _ in top]
         assert [t.logprob for t in g.top_logprobs] == pytest.approx([v for _, v in top], abs=ATOL)
-        assert all(t.bytes == list(t.token.encode()) for t in g.top_logprobs if not t.token.startswith("bytes:"))
+        assert all(t.bytes == list(t.token.encode()) for t in g.top_logprobs if t.token[:6] != "bytes:")
 
 
 def test_chat_logprobs_whole_and_streamed_equal_transformers(live, sharp, tok):
@@ -100,7 +100,8 @@ def test_chat_logprobs_whole_and_streamed_equal_transformers(live, sharp, tok):
 
 def test_chat_logprobs_without_top(live, sharp, tok):
     answer, logprobs = greedy(sharp[1], tok.chat_tokens(QUESTION), 4)
-    r = live[0].chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=4, logprobs=True)
+    r = live[0].chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=4,
+                                        logprobs=True)
     assert_chat_entries(r.choices[0].logprobs.content, expected_chat(tok, answer, logprobs, 0))
 
 
@@ -180,12 +181,30 @@ def test_repetition_penalty_is_in_the_distribution(live, sharp, tok):
         assert [t for t, _ in e.logprob.top] == list(np.argsort(-lp)[:2])
 
 
+def test_a_grammar_row_lists_only_tokens_its_grammar_allows(live, sharp, tok):
+    """A JSON-object row (greedy): the log-softmax over the tokens the grammar allows, so no chosen
+    token is less likely than under the raw logits (the first far more), and the first token's list
+    holds only tokens that may begin a JSON object."""
+    _, sched = live
+    prompt = tok.encode(PROMPT, bos=True)
+    constraint = sched.grammars.for_chat({"type": "json_object"}, [], None)
+    events = [e for e in sched.submit(Request(prompt, 6, constraint=constraint, logprobs=20)).events() if e.token]
+    raw = log_softmax(oracle(sharp[1], prompt + [e.token for e in events])[len(prompt) - 1:-1])
+    for e, lp in zip(events, raw):
+        assert e.logprob.logprob >= lp[e.token] - ATOL and e.logprob.top[0] == (e.token, e.logprob.logprob)
+        assert sum(np.exp(v) for _, v in e.logprob.top) <= 1 + 1e-5
+    assert events[0].logprob.logprob > raw[0][events[0].token] + 1  # most tokens cannot begin an object
+    first = [tok.decode([t]) for t, _ in events[0].logprob.top]
+    assert first and all(text.strip()[:1] in ("{", "") for text in first), first
+
+
 def test_rows_with_and_without_logprobs_in_one_batch_equal_their_solo_runs(live, tok):
     _, sched = live
     base = tok.encode(PROMPT * 3, bos=True)
     prompts = [base[:8 + 5 * i] for i in range(6)]
     settings = [dict(logprobs=5), dict(), dict(temperature=0.7, top_p=0.9, seed=1, logprobs=0),
-                dict(temperature=0.9, seed=2), dict(repetition_penalty=1.3, logprobs=20), dict(repetition_penalty=1.3)]
+                dict(temperature=0.9, seed=2), dict(repetition_penalty=1.3, logprobs=20),
+                dict(repetition_penalty=1.3)]
 
     def run(requests):
         return [[(e.token, e.logprob) for e in r.events() if e.token is not None] for r in requests]

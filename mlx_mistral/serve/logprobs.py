@@ -58,7 +58,8 @@ class Logprobs:
         return self.take()
 
     def _chat(self, logprobs: list[TokenLogprob]) -> dict:
-        """{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}], ...}"""
+        """{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}],
+        "refusal": None}"""
         def entry(token: int, logprob: float) -> dict:
             name, raw = token_name(self.tokenizer, token)
             return {"token": name, "logprob": logprob, "bytes": raw}

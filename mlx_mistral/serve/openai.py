@@ -192,7 +192,8 @@ async def run(service: Service, request: Request, body: Sampling, kind: str, htt
     head = {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()), "model": service.model_id}
     if body.stream:
-        return StreamingResponse(stream(request, events, body, kind, head, logprobs), media_type="text/event-stream")
+        return StreamingResponse(stream(request, events, body, kind, head, logprobs),
+                                 media_type="text/event-stream")
     try:
         received, event = await collect(events, http)
     finally:
