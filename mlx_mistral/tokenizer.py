@@ -73,6 +73,10 @@ class Tokenizer:
             return None
         return i if self._raw.id_to_piece(i) == piece else None
 
+    def piece(self, i: int) -> str:
+        """Id i's entry in the vocabulary, as it spells it (a control token's name: "[INST]", "</s>")."""
+        return self._raw.id_to_piece(i)
+
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Plain text to ids. Control tokens are never produced from text."""
         _check_unicode(text)

@@ -115,6 +115,10 @@ class Closing:
         self.calls += 1
         return self.sampler(logits + self.bias if self.calls > self.after else logits)
 
+    def pick(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        """As a picker (the server's rows): the tokens and the logits they were drawn from."""
+        return self(logits), logits
+
 
 def _closing(piece: bytes) -> float:
     if b"{" in piece or b"[" in piece:

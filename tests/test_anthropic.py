@@ -169,8 +169,8 @@ def test_tool_choice_any_and_tool_force_calls_and_output_format_forces_json(live
     free = create(client, tools=[TOOL])
     assert (free.stop_reason, free.content[0].text.strip()) == ("end_turn", "No tools needed.")
     vocab = sched.model.args.vocab_size
-    monkeypatch.setattr(batch_module, "make_sampler",
-                        lambda temp, top_p=1.0, top_k=0, seed=None: Closing(tok, vocab, temp, after=40, seed=seed or 0))
+    monkeypatch.setattr(batch_module, "make_picker", lambda temp, top_p=1.0, top_k=0, seed=None:
+                        Closing(tok, vocab, temp, after=40, seed=seed or 0).pick)
     for choice, stream in (({"type": "any"}, False), ({"type": "tool", "name": "get_weather"}, True)):
         forced = create(client, tools=[TOOL], tool_choice=choice, max_tokens=200, stream=stream)
         forced = forced[1] if stream else forced

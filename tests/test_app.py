@@ -89,7 +89,7 @@ def test_reasoning_shows_in_a_collapsed_block_above_the_answer(reasoning_checkpo
 
     tok = Tokenizer(reasoning_checkpoint / "tekken.json")
     script = Script(tok.eos_id)
-    monkeypatch.setattr(batch, "make_sampler", script.sampler)
+    monkeypatch.setattr(batch, "make_picker", script.picker)
     begin, end = tok.think_ids
     script.ids = [begin, *tok.encode("Two plus two."), end, *tok.encode("It is 4."), tok.eos_id]
     engine = Engine(str(reasoning_checkpoint))

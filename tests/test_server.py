@@ -229,7 +229,7 @@ BAD = [  # (method, path, body or raw bytes, headers, status, param in the messa
     ("POST", "/v1/chat/completions", GOOD | {"temperature": -0.5}, None, 400, "temperature"),
     ("POST", "/v1/chat/completions", GOOD | {"top_p": 0}, None, 400, "top_p"),
     ("POST", "/v1/chat/completions", GOOD | {"n": 2}, None, 400, "n"),
-    ("POST", "/v1/chat/completions", GOOD | {"logprobs": True}, None, 400, "logprobs"),
+    ("POST", "/v1/chat/completions", GOOD | {"logit_bias": {"1": 5}}, None, 400, "logit_bias"),
     ("POST", "/v1/chat/completions", GOOD | {"messages": []}, None, 400, "messages"),
     ("POST", "/v1/chat/completions", GOOD | {"messages": [{"role": "robot", "content": "x"}]}, None, 400, "role"),
     ("POST", "/v1/chat/completions", GOOD | {"messages": [{"role": "assistant", "content": "x"}]}, None, 400,

@@ -103,9 +103,8 @@ def test_json_object_and_tool_choice_required_whole(live, monkeypatch):
     gets the row's masked logits, so the mask still decides what is valid)."""
     client, sched = live
     vocab = sched.model.args.vocab_size
-    monkeypatch.setattr(batch_module, "make_sampler",
-                        lambda temp, top_p=1.0, top_k=0, seed=None: Closing(sched.tokenizer, vocab, temp, after=40,
-                                                                                  seed=seed))
+    monkeypatch.setattr(batch_module, "make_picker", lambda temp, top_p=1.0, top_k=0, seed=None:
+                        Closing(sched.tokenizer, vocab, temp, after=40, seed=seed).pick)
     answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                             response_format={"type": "json_object"}, max_tokens=200, seed=3)
     assert answer.choices[0].finish_reason == "stop"

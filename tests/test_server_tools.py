@@ -27,23 +27,24 @@ CALLS = '[{"name": "get_weather", "arguments": {"city": "Zürich"}}, ' \
 
 
 class Script:
-    """The next answer's token ids: every sampler made from now on plays them (then EOS forever)."""
+    """The next answer's token ids: every picker (a row's sampler) made from now on plays them
+    (then EOS forever)."""
 
     def __init__(self, eos: int):
         self.ids, self.eos = [], eos
 
-    def sampler(self, *args, **kwargs):
+    def picker(self, *args, **kwargs):
         script = iter(self.ids)
-        return lambda logits: mx.array([next(script, self.eos)], dtype=mx.uint32)
+        return lambda logits: (mx.array([next(script, self.eos)], dtype=mx.uint32), logits)
 
 
 @contextmanager
 def serving(path, script: "Script | None", max_batch: int = 2, **app_kw):
     """(client, scheduler) of the model at `path` served in this process (uvicorn in a thread, on
-    127.0.0.1), every row's sampler playing `script` (None: the model's own); `app_kw` go to create_app."""
+    127.0.0.1), every row's sampler playing `script` if given; `app_kw` go to create_app."""
     patch = pytest.MonkeyPatch()
-    if script is not None:
-        patch.setattr(scheduler_module, "make_sampler", script.sampler)
+    if script:
+        patch.setattr(scheduler_module, "make_picker", script.picker)
     sched = Scheduler(str(path), max_batch=max_batch)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(sched, name="tiny", **app_kw), host="127.0.0.1", port=port,

@@ -1,6 +1,7 @@
 """The rows of the continuous batch: a request being served (Row), rows prefilled side by
 side (Group), and the decode batch (Batch). Only the scheduler's thread touches them."""
 
+import math
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -8,10 +9,10 @@ import mlx.core as mx
 from ..cache import KVCache
 from ..generate import TextStream
 from ..model import Mistral
-from ..sample import make_sampler, with_repetition_penalty
+from ..sample import make_picker, penalized, top_logprobs
 from ..structured import masked
 from .prefix_cache import Marks
-from .request import Request
+from .request import Request, TokenLogprob
 
 
 class Row:
@@ -24,8 +25,8 @@ class Row:
         self.reused = held  # prompt tokens already in the cache
         self.answer: list[int] = []
         self.pieces: list[str] = []
-        sampler = make_sampler(request.temperature, request.top_p, request.top_k, seed=request.seed)
-        self.sampler = with_repetition_penalty(sampler, ids, request.repetition_penalty)
+        pick = make_picker(request.temperature, request.top_p, request.top_k, seed=request.seed)
+        self.pick = penalized(pick, ids, request.repetition_penalty)
         self.guide = request.constraint.guide() if request.constraint else None
 
 
@@ -80,23 +81,43 @@ class Batch:
         self.y = y if self.y is None else mx.concatenate([self.y, y.astype(self.y.dtype)])
         self.rows.extend(rows)
 
-    def step(self, model: Mistral) -> list[int]:
-        """One decode step for every row: each row's next token (the one sync of the step).
-        A row with an active grammar picks among the tokens it allows; with none, this is
+    def step(self, model: Mistral) -> tuple[list[int], dict[int, TokenLogprob]]:
+        """One decode step for every row: each row's next token, and the TokenLogprob of each
+        row b that asks for logprobs (the one sync of the step). A row with an active grammar
+        picks among the tokens it allows; with none, and no row asking for logprobs, this is
         the step of an unconstrained batch as it is."""
         logits = model(self.y[:, None], self.cache)[:, -1]
         guides = {b: row.guide for b, row in enumerate(self.rows) if row.guide and row.guide.active}
         if guides:  # the forward runs while the CPU fills their masks
             idx, allowed = masked(logits, guides)
+        asking = [b for b, row in enumerate(self.rows) if row.request.logprobs is not None]
+        rows = {b: allowed[i:i + 1] for i, b in enumerate(guides)} if guides else {}
         if all(row.request.temperature == 0 and row.request.repetition_penalty == 1.0 for row in self.rows):
             y = mx.argmax(logits, axis=-1)
             if guides:  # the guided rows again, masked
                 y[idx] = mx.argmax(allowed, axis=-1).astype(y.dtype)
+            weights = [rows.get(b, logits[b:b + 1]).astype(mx.float32) for b in asking]
         else:  # each row its own sampler (its own seeded random stream, its own recent tokens)
-            rows = {b: allowed[i:i + 1] for i, b in enumerate(guides)} if guides else {}
-            y = mx.concatenate([row.sampler(rows.get(b, logits[b:b + 1])) for b, row in enumerate(self.rows)])
+            picks = [row.pick(rows.get(b, logits[b:b + 1])) for b, row in enumerate(self.rows)]
+            y = mx.concatenate([p[0] for p in picks])
+            weights = [picks[b][1] for b in asking]
         self.y = y
-        return y.tolist()
+        if not asking:
+            return y.tolist(), {}
+        return self._read(y, asking, weights)
+
+    def _read(self, y: mx.array, asking: list[int], weights: list[mx.array]) -> tuple[list[int], dict]:
+        """The tokens, and the TokenLogprobs of rows `asking` from the log-weights their tokens
+        were picked from: computed on the device for those rows only, read with the tokens."""
+        n = max(self.rows[b].request.logprobs for b in asking)
+        chosen, ids, values = top_logprobs(mx.concatenate(weights), y[mx.array(asking, dtype=mx.int32)], n)
+        mx.eval(y, chosen, ids, values)
+        tokens, chosen, ids, values = y.tolist(), chosen.tolist(), ids.tolist(), values.tolist()
+        out = {}
+        for i, b in enumerate(asking):
+            top = list(zip(ids[i], values[i]))[:self.rows[b].request.logprobs]
+            out[b] = TokenLogprob(tokens[b], chosen[i], [(t, v) for t, v in top if v != -math.inf])
+        return tokens, out
 
     def drop(self, gone: list[int]) -> None:
         """Rows `gone` leave the batch (their cache rows are freed)."""

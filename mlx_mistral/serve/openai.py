@@ -11,14 +11,15 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from .build import Spec, build
 from .http import APIError, Service, answer, sse, submit
-from .request import Event, Request
+from .logprobs import Logprobs, requested
+from .request import MAX_LOGPROBS, Event, Request
 
 # Fields of OpenAI's API that would change the answer: refused unless off (None, False, 0, empty).
-UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "functions",
+UNSUPPORTED = ("logit_bias", "presence_penalty", "frequency_penalty", "functions",
                "best_of", "echo", "suffix")
 IMAGE_PARTS = ("image_url", "input_image", "image")  # content parts of vision models: refused by name
 
@@ -85,10 +86,13 @@ class ChatRequest(Sampling):
     max_completion_tokens: StrictInt | None = Field(None, gt=0)
     tools: list[Tool] | None = None
     tool_choice: str | dict | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class CompletionRequest(Sampling):
     prompt: str = Field(min_length=1)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 def add_routes(app: FastAPI, service: Service) -> None:
@@ -145,16 +149,20 @@ def spec_fields(body: Sampling) -> dict:
 
 async def run(service: Service, request: Request, body: Sampling, kind: str, http: HTTPRequest):
     """Submit `request` and answer it: an SSE stream, or the whole completion object."""
+    request.logprobs = requested(body, kind)
+    logprobs = Logprobs(kind, service.ready().tokenizer) if request.logprobs is not None else None
     events = submit(service, request, "messages" if kind == "chat" else "prompt")
     ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     head = {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()), "model": service.model_id}
     if body.stream:
-        return StreamingResponse(stream(request, events, body, kind, head), media_type="text/event-stream")
+        return StreamingResponse(stream(request, events, body, kind, head, logprobs),
+                                 media_type="text/event-stream")
     received, event = await answer(request, events, http)
     text = "".join(e.text for e in received) + event.text
     reasoning = "".join(e.reasoning for e in received) + event.reasoning
-    choice = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}
+    choice = {"index": 0, "finish_reason": event.finish_reason,
+              "logprobs": logprobs.whole(received + [event]) if logprobs else None}
     if kind == "text":
         choice |= {"text": text} | ({"reasoning_content": reasoning} if reasoning else {})
     else:
@@ -165,13 +173,15 @@ async def run(service: Service, request: Request, body: Sampling, kind: str, htt
     return head | {"choices": [choice], "usage": usage(event)}
 
 
-async def stream(request: Request, events: asyncio.Queue, body: Sampling, kind: str, head: dict):
+async def stream(request: Request, events: asyncio.Queue, body: Sampling, kind: str, head: dict,
+                 logprobs: Logprobs | None = None):
     """The SSE chunks of a streamed answer; `head` is the completion object's id, model and time."""
     head = head | {"object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
 
     def chunk(text: str | None, finish: str | None, first: bool = False, calls: list | None = None,
               reasoning: str = "") -> str:
-        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+        choice = {"index": 0, "finish_reason": finish,  # the logprobs of the tokens since the last chunk
+                  "logprobs": logprobs.take() if logprobs and logprobs.pending else None}
         if kind == "chat":
             choice["delta"] = ({"role": "assistant"} if first else {}) | \
                 ({"content": text} if text is not None else {}) | \
@@ -190,6 +200,8 @@ async def stream(request: Request, events: asyncio.Queue, body: Sampling, kind: 
                 error = {"message": f"generation failed: {event.error}", "type": "server_error"}
                 yield sse({"error": error | {"param": None, "code": None}})
                 break
+            if logprobs:
+                logprobs.add(event)
             if event.reasoning:  # before the text: an event may end the reasoning and begin the answer
                 yield chunk(None, None, reasoning=event.reasoning)
             if event.text:

@@ -13,8 +13,21 @@ from ..structured import Constraint
 from ..tokenizer import ToolCall
 
 
+MAX_LOGPROBS = 20  # the most likely tokens a request may ask for beside each chosen one (OpenAI's limit)
+
+
 class QueueFull(MistralError):
     """Every row is busy and the waiting queue is full: try again later."""
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability and the `top` (id, log-probability) most likely
+    first, under the distribution it was picked from (Request.logprobs says which)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -38,6 +51,7 @@ class Event:
     kv_tokens: int = 0  # tokens the row's cache holds (at most `capacity`)
     reasoning: str = ""  # a reasoning model's [THINK]...[/THINK] text (TextStream's split), not in `text`
     stop_sequence: str | None = None  # on the last event, when one of the request's stop strings ended it
+    logprob: TokenLogprob | None = None  # the token's, when the request asked for logprobs
 
 
 @dataclass(eq=False)
@@ -52,7 +66,12 @@ class Request:
     the same (benchmarks). With `roll`, a windowless model's prompt and answer may pass the KV
     cache, which then rolls as a sliding window (the chat app's rule) instead of being refused.
     With a `constraint` (structured.py: JSON, a schema, function calls) every token it picks
-    is one its grammar allows."""
+    is one its grammar allows. With `logprobs` (0 to MAX_LOGPROBS) each token's Event carries
+    its log-probability and the `logprobs` most likely tokens' (a TokenLogprob): the
+    log_softmax of the logits the token was picked from, after every step that changed them:
+    the grammar's mask, the repetition penalty, then (temperature > 0) the temperature and
+    top_p; a token the mask or top_p removed has -inf and is never listed. Only the rows
+    that ask compute them."""
 
     tokens: list[int]
     max_tokens: int = 256
@@ -69,6 +88,7 @@ class Request:
     roll: bool = False
     constraint: Constraint | None = None  # the answer must match its grammar (structured.py)
     top_k: int = 0  # sample among the k likeliest tokens only (0 = off)
+    logprobs: int | None = None  # None: none; n: each token's and the n most likely (see above)
 
     def __post_init__(self):
         self.cancelled = False
@@ -87,6 +107,9 @@ class Request:
         check_repetition_penalty(self.repetition_penalty)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise MistralError(f"seed must be an integer, got {self.seed!r}")
+        n = self.logprobs
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_LOGPROBS):
+            raise MistralError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {n!r}")
         context = model.args.max_position_embeddings if self.roll else context
         if len(tokens) + self.max_tokens > context:
             raise MistralError(f"prompt ({len(tokens)} tokens) + max_tokens ({self.max_tokens}) is past "

@@ -35,7 +35,7 @@ from ..memory import kv_bytes_per_token
 from ..structured import Grammars
 from .batch import Batch, Group, Row
 from .prefix_cache import Held, PrefixCache
-from .request import Event, QueueFull, Request
+from .request import Event, QueueFull, Request, TokenLogprob
 from .thread import ModelThread
 
 # KV cache slots for a model with full-attention layers (v0.2, v0.3), unless max_kv_size says otherwise.
@@ -269,18 +269,18 @@ class Scheduler:
 
     def _decode(self) -> None:
         start = time.perf_counter()
-        tokens = self._batch.step(self.model)
+        tokens, logprobs = self._batch.step(self.model)
         n = len(tokens)
         self.counters["steps"] += 1
         self.counters["rows"] += n
         self.counters["max_rows"] = max(self.counters["max_rows"], n)
         self.tokens_per_second = n / (time.perf_counter() - start)
         done = [b for b, (row, token) in enumerate(zip(self._batch.rows, tokens))
-                if self._emit(row, token, self._batch.cache)]
+                if self._emit(row, token, self._batch.cache, logprobs.get(b))]
         if done:
             self._leave(done)
 
-    def _emit(self, row: Row, token: int, cache: KVCache) -> bool:
+    def _emit(self, row: Row, token: int, cache: KVCache, logprob: TokenLogprob | None = None) -> bool:
         """Send the event of one generated token; True when it ends the request (a token its
         grammar cannot take ends it with an error, the token unsent)."""
         error = row.guide.advance(token) if row.guide else None
@@ -299,7 +299,7 @@ class Scheduler:
             tool_calls=r.tool_calls, prefilled_tokens=len(row.ids) - row.reused, ttft=r.ttft,
             generation_tps=r.generation_tps, peak_memory=r.peak_memory,
             kv_tokens=min(len(row.ids) + n - 1, self.capacity),  # all but the newest token are fed
-            reasoning=r.reasoning, stop_sequence=r.stop_sequence)))
+            reasoning=r.reasoning, stop_sequence=r.stop_sequence, logprob=logprob)))
         return r.finish_reason is not None
 
     def _finish(self, row: Row, reason: str, error: str | None = None) -> None:
