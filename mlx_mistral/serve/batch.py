@@ -9,8 +9,9 @@ from ..cache import KVCache
 from ..generate import TextStream
 from ..model import Mistral
 from ..sample import make_sampler, with_repetition_penalty
+from .blocks import BlockStore
 from .prefix_cache import Marks
-from .request import Request
+from .request import Event, Request
 
 
 class Row:
@@ -25,6 +26,15 @@ class Row:
         self.pieces: list[str] = []
         sampler = make_sampler(request.temperature, request.top_p, seed=request.seed)
         self.sampler = with_repetition_penalty(sampler, ids, request.repetition_penalty)
+
+    def event(self, r, token: int, capacity: int) -> Event:
+        """The Event of generated `token` (r: TextStream.add's result), with the row's stats."""
+        n = r.generation_tokens
+        return Event(r.text, len(self.request.tokens), n, token, r.finish_reason, reused_tokens=self.reused,
+                     tool_calls=r.tool_calls, prefilled_tokens=len(self.ids) - self.reused, ttft=r.ttft,
+                     generation_tps=r.generation_tps, peak_memory=r.peak_memory,
+                     kv_tokens=min(len(self.ids) + n - 1, capacity),  # all but the newest token are fed
+                     reasoning=r.reasoning)
 
 
 @dataclass
@@ -41,12 +51,14 @@ class Group:
             self.cache.keep(keep)
         self.rows = [self.rows[b] for b in keep]
 
-    def prefill(self, model: Mistral, n: int) -> None:
-        """Feed every row its next n prompt tokens (one [rows, n] forward)."""
+    def prefill(self, model: Mistral, n: int, blocks: BlockStore) -> None:
+        """Feed every row its next n prompt tokens (one [rows, n] forward); `blocks` keeps the
+        blocks they complete."""
         model(mx.array([row.feed[:n] for row in self.rows], dtype=mx.uint32), self.cache)
         mx.eval(self.cache.keys, self.cache.values)
-        for row in self.rows:
+        for b, row in enumerate(self.rows):
             row.feed = row.feed[n:]
+            blocks.capture(self.cache, b, row.ids[:len(row.ids) - len(row.feed)])
 
     def take_ready(self) -> tuple[list[Row], KVCache] | None:
         """Take out the rows with only their last prompt token left, and their cache rows."""
