@@ -96,6 +96,8 @@ class Server:
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            print(f"the server on port {self.port} lingered after Ctrl-C: killed", file=sys.stderr)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()

@@ -63,6 +63,23 @@ def test_a_shared_system_prompt_is_prefilled_once(models, name, kv_bits):
         s.close()
 
 
+def test_agents_that_start_together_prefill_their_system_prompt_once(models):
+    """Four requests with one system prompt arrive at once: one prefills it, the others wait for
+    its blocks (BlockStore.wait_for) and prefill only their own tokens; answers are unchanged."""
+    s = Scheduler(models["windowless"], max_idle=0)
+    try:
+        system, _ = system_and_turn(s.tokenizer, 0)
+        prompts = [system + system_and_turn(s.tokenizer, i)[1] for i in range(4)]
+        requests = [s.submit(Request(p, max_tokens=10)) for p in prompts]
+        results = [[e for e in r.events()] for r in requests]
+        assert sorted(events[-1].reused_tokens for events in results) == [0, SYSTEM, SYSTEM, SYSTEM]
+        assert s.stats()["prefilled_tokens"] == sum(len(p) - 1 for p in prompts) - 3 * SYSTEM
+        assert [[e.token for e in events if e.token is not None] for events in results] == \
+            [run(s, p, reuse=False)[0] for p in prompts]
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("name, kv_bits", [("windowed", None), ("windowless", 8), ("layered", 8)])
 def test_a_restored_cache_equals_the_prefilled_one(models, name, kv_bits):
     """restore writes each block's kept positions into their slots: every slot of every layer

@@ -149,14 +149,29 @@ class BlockStore:
                 return Found(end, found)
         return None
 
+    def wait_for(self, tokens: list[int], prefilling: list[list[int]]) -> bool:
+        """True when a prompt still being prefilled shares more whole blocks with `tokens` than
+        are cached: waiting until they are (its prefill captures them) costs less than
+        prefilling them twice, e.g. agents that start together with one system prompt."""
+        if not self.enabled:
+            return False
+        keys = chain(self.seed, tokens[:-1])
+        cached = next((i for i, key in enumerate(keys) if not self._has(key)), len(keys))
+        for other in prefilling:
+            shared = next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), min(len(tokens), len(other)))
+            if min(shared, len(tokens) - 1) // BLOCK_TOKENS > cached:
+                return True
+        return False
+
     def restore(self, found: Found, roll: bool) -> KVCache:
         """A new one-row cache holding the K/V of the first found.tokens tokens."""
         cache, m = self.new_cache(roll), found.tokens
         for g, (group, kept) in enumerate(zip(groups(cache), self.kept)):
             lo = max(0, m - group.capacity)  # the group's first position needed
-            parts = [(end, block[g]) for end, block in sorted(found.blocks.items()) if end > lo]
-            group.fill([mx.concatenate([arrays[a][:, :, max(0, lo - (end - kept)):] for end, arrays in parts],
-                                       axis=2) for a in range(len(parts[0][1]))], lo)
+            # block `end` keeps positions [end - kept, end): each from lo on, in order
+            parts = [[x[:, :, max(0, lo - (end - kept)):] for x in block[g]]
+                     for end, block in sorted(found.blocks.items()) if end > lo]
+            group.fill([mx.concatenate(arrays, axis=2) for arrays in zip(*parts)], lo)
         mx.eval(cache.keys, cache.values)
         return cache
 
@@ -167,7 +182,8 @@ class BlockStore:
         self.nbytes -= nbytes(self._blocks.popitem(last=False)[1])
         return True
 
-    def clear(self) -> None:
+    def close(self) -> None:
+        """Drop the blocks in memory; write the pending ones to disk and end its writer."""
         self._blocks.clear()
         self.nbytes = 0
         if self.disk is not None:

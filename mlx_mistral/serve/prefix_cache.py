@@ -60,9 +60,10 @@ class PrefixCache:
         self._idle.pop(key, None)
 
     def clear(self) -> None:
+        """Forget every idle cache and block (the scheduler closes: pending block files are written)."""
         self._idle.clear()
         if self.blocks is not None:
-            self.blocks.clear()
+            self.blocks.close()
 
     def evict(self) -> bool:
         """Drop the least recently used idle cache, or else block; False if there was none."""

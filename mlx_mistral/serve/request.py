@@ -123,6 +123,9 @@ class Waiting:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); try again later")
             self._deque.append(request)
 
+    def first(self) -> Request:
+        return self._deque[0]
+
     def take(self) -> Request:
         with self._lock:
             return self._deque.popleft()

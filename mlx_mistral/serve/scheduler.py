@@ -14,8 +14,9 @@ forward, which BLAS runs far faster than n-token products one row at a time), so
 streams keep flowing while a long prompt goes in; a row whose prompt is in but its last token
 joins the batch with that token, (4) runs one decode step for all rows with one sync (for a
 row that just joined, it gives the first answer token). A row that ends leaves the batch and
-its cache goes to the PrefixCache (prefill and leaving also hand it K/V blocks). Each row keeps its own positions (a ragged batch) and its
-own sampler, so greedy output of a row never depends on its neighbours.
+its cache goes to the PrefixCache (prefill and leaving also hand it K/V blocks). Each row
+keeps its own positions (a ragged batch) and its own sampler, so greedy output of a row never
+depends on its neighbours.
 """
 
 import atexit
@@ -78,7 +79,7 @@ class Scheduler:
             raise MistralError(f"prompt_cache_bytes must be an integer >= 0, got {prompt_cache_bytes!r}")
         self.max_batch, self.kv_budget = max_batch, kv_budget
         self.prefill_chunk = prefill_chunk
-        self.prefixes = PrefixCache(max_idle, max_idle_bytes)  # finished rows' caches, for requests that continue them
+        self.prefixes = PrefixCache(max_idle, max_idle_bytes)  # its blocks come once the model is loaded
         self._waiting = Waiting(max_queue)
         self._prefilling: list[Group] = []  # oldest first
         self._batch = Batch()
@@ -233,6 +234,9 @@ class Scheduler:
                 if not self.prefixes.evict():
                     break
                 continue
+            first, prefilling = self._waiting.first(), [row.ids for g in self._prefilling for row in g.rows]
+            if first.reuse and self.prefixes.blocks.wait_for(first.tokens, prefilling + [r.ids for r in fresh]):
+                break  # the blocks of its prefix are on their way
             request = self._waiting.take()
             if request.cancelled:
                 self._end(request, "cancelled")
@@ -241,8 +245,7 @@ class Scheduler:
             text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
                               request.submitted, request.tool_calls)
             row = Row(request, ids, held, text, marks)
-            for name, n in (("admitted", 1), ("reused_requests", held > 0), ("prompt_tokens", len(ids)),
-                            ("reused_tokens", held)):
+            for name, n in dict(admitted=1, reused_requests=held > 0, prompt_tokens=len(ids), reused_tokens=held).items():
                 self.counters[name] += n
             if cache is None:
                 fresh.append(row)
