@@ -137,6 +137,11 @@ def run_clients(server: Server, model: str, n: int, prompt_tokens: int, answer_t
     texts = [prompt(next(prompts), prompt_tokens) for _ in range(n)]
     threads = [threading.Thread(target=stream, args=(server.url, model, texts[i], answer_tokens, outs[i]))
                for i in range(n)]
+    return dict(clients=n, **timed(threads, outs))
+
+
+def timed(threads: list[threading.Thread], outs: list[dict]) -> dict:
+    """Run `threads` at once, which fill `outs` (stream's): tok/s, tokens, wall time, TTFT p50 and p95."""
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -145,7 +150,7 @@ def run_clients(server: Server, model: str, n: int, prompt_tokens: int, answer_t
     wall = time.perf_counter() - start
     ttft = sorted(o["times"][0] for o in outs if o.get("times"))
     tokens = sum(o.get("tokens", 0) for o in outs)
-    return dict(clients=n, tok_s=tokens / wall, tokens=tokens, wall_s=wall, ttft_p50=statistics.median(ttft),
+    return dict(tok_s=tokens / wall, tokens=tokens, wall_s=wall, ttft_p50=statistics.median(ttft),
                 ttft_p95=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))])
 
 
@@ -183,16 +188,8 @@ def run_agents(server: Server, model: str, args: argparse.Namespace) -> dict:
     system, outs = prompt(999, args.system_tokens), []
     threads = [threading.Thread(target=agent, args=(server.url, model, system, c, args, outs))
                for c in range(args.clients[0])]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    ttft = sorted(o["times"][0] for o in outs if o.get("times"))
-    tokens = sum(o["tokens"] for o in outs)
-    return dict(requests=len(outs), tok_s=tokens / wall, tokens=tokens, wall_s=wall,
-                ttft_p50=statistics.median(ttft), ttft_p95=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+    result = timed(threads, outs)
+    return dict(requests=len(outs), **result,
                 cached=sum(o["cached"] for o in outs) / max(1, sum(o["prompt_tokens"] for o in outs)))
 
 
