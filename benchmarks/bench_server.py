@@ -2,6 +2,8 @@
 
     python benchmarks/bench_server.py [--preset small] [--clients 1 4 8 16] [--prompt-tokens 128]
                                       [--answer-tokens 64] [--servers ours mlx_lm] [--pause] [--json]
+    python benchmarks/bench_server.py --agent [--preset tiny] [--clients 8] [--turns 10]
+                                      [--system-tokens 4096] [--answer-tokens 32]
 
 Both servers are started by the script on 127.0.0.1 with the same float32 checkpoint (random
 weights), greedy, /v1/completions streamed (no chat template: mlx-lm's needs one). For each
@@ -13,6 +15,14 @@ peak resident memory (VmHWM). --pause also measures the longest gap between the 
 running streams while a 4096-token prompt is admitted, with and without interleaved prefill.
 Our server runs with --max-kv-size (prompt + answer, rounded up) so rows do not allocate the
 4096-token window.
+
+--agent: the prefix cache's workload instead. Each client is an agent: one --system-tokens system
+prompt shared by all, then its own --turns turns (a ~32-token user message, then the answer so
+far, all sent back as text each turn), the clients all at once. It reports TTFT p50/p95,
+aggregate tok/s and the share of prompt tokens the server reported cached, for our server with
+its prefix cache off (--max-idle 0 --prompt-cache-mib 0), in memory (the defaults), and after a
+restart from disk (--prompt-cache-dir: a first run sends the system prompt once and stops), and
+for mlx_lm.server (its prompt cache, default settings).
 """
 
 import argparse
@@ -25,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -85,6 +96,8 @@ class Server:
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            print(f"the server on port {self.port} lingered after Ctrl-C: killed", file=sys.stderr)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -97,19 +110,23 @@ def prompt(i: int, tokens: int) -> str:
 
 
 def stream(url: str, model: str, text: str, max_tokens: int, out: dict) -> None:
-    """One streaming request: times of each text chunk after the start, and the generated
-    tokens the server's usage reports (a chunk may carry several tokens, or none), in out."""
+    """One streaming request: times of each text chunk after the start, the text, and the
+    generated, prompt and cached tokens the server's usage reports (a chunk may carry several
+    tokens, or none), in out."""
     body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
-    start, times, tokens = time.perf_counter(), [], None
+    start, times, pieces, usage = time.perf_counter(), [], [], {}
     with CLIENT.stream("POST", url + "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data:") and line != "data: [DONE]":
                 chunk = json.loads(line[5:])
                 if (chunk.get("choices") or [{}])[0].get("text"):
                     times.append(time.perf_counter() - start)
-                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
-    out.update(start=start, times=times, tokens=len(times) if tokens is None else tokens)
+                    pieces.append(chunk["choices"][0]["text"])
+                usage = chunk.get("usage") or usage
+    out.update(start=start, times=times, text="".join(pieces), tokens=usage.get("completion_tokens", len(times)),
+               prompt_tokens=usage.get("prompt_tokens", 0),
+               cached=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
 
 
 def run_clients(server: Server, model: str, n: int, prompt_tokens: int, answer_tokens: int,
@@ -120,6 +137,11 @@ def run_clients(server: Server, model: str, n: int, prompt_tokens: int, answer_t
     texts = [prompt(next(prompts), prompt_tokens) for _ in range(n)]
     threads = [threading.Thread(target=stream, args=(server.url, model, texts[i], answer_tokens, outs[i]))
                for i in range(n)]
+    return dict(clients=n, **timed(threads, outs))
+
+
+def timed(threads: list[threading.Thread], outs: list[dict]) -> dict:
+    """Run `threads` at once, which fill `outs` (stream's): tok/s, tokens, wall time, TTFT p50 and p95."""
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -128,7 +150,7 @@ def run_clients(server: Server, model: str, n: int, prompt_tokens: int, answer_t
     wall = time.perf_counter() - start
     ttft = sorted(o["times"][0] for o in outs if o.get("times"))
     tokens = sum(o.get("tokens", 0) for o in outs)
-    return dict(clients=n, tok_s=tokens / wall, tokens=tokens, wall_s=wall, ttft_p50=statistics.median(ttft),
+    return dict(tok_s=tokens / wall, tokens=tokens, wall_s=wall, ttft_p50=statistics.median(ttft),
                 ttft_p95=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))])
 
 
@@ -148,6 +170,62 @@ def longest_pause(server: Server, model: str, answer_tokens: int) -> float:
     if len(gaps) < 4 * 10:
         raise RuntimeError("the running streams did not stream")
     return max(gaps)
+
+
+def agent(url: str, model: str, system: str, client: int, args: argparse.Namespace, outs: list) -> None:
+    """One agent's turns, one after the other: the system prompt, its turns so far, a new one."""
+    history = system
+    for turn in range(args.turns):
+        history += f"\nUser: {prompt(1000 + 100 * client + turn, 32)}\nAssistant:"
+        out: dict = {}
+        stream(url, model, history, args.answer_tokens, out)
+        outs.append(out)
+        history += out["text"]
+
+
+def run_agents(server: Server, model: str, args: argparse.Namespace) -> dict:
+    """--clients agents at once; TTFT over all their turns, tok/s over the whole run."""
+    system, outs = prompt(999, args.system_tokens), []
+    threads = [threading.Thread(target=agent, args=(server.url, model, system, c, args, outs))
+               for c in range(args.clients[0])]
+    result = timed(threads, outs)
+    return dict(requests=len(outs), **result,
+                cached=sum(o["cached"] for o in outs) / max(1, sum(o["prompt_tokens"] for o in outs)))
+
+
+def agent_modes(model: str, args: argparse.Namespace) -> dict:
+    """The agent workload on each server setting, one server at a time (see the docstring)."""
+    results, directory = {}, tempfile.mkdtemp(prefix="mlx-mistral-prompt-cache-")
+    modes = [("off", "ours", ["--max-idle", "0", "--prompt-cache-mib", "0"]), ("memory", "ours", []),
+             ("disk", "ours", ["--prompt-cache-dir", directory]), ("mlx_lm", "mlx_lm", [])]
+    try:
+        for mode, kind, extra in modes:
+            if kind not in args.servers:
+                continue
+            if mode == "disk":  # a first server leaves the system prompt's blocks on disk
+                server = Server(kind, model, extra)
+                stream(server.url, model, prompt(999, args.system_tokens), 1, {})
+                server.stop()
+            server = Server(kind, model, extra)
+            try:
+                run_clients(server, model, 1, 16, 4, itertools.count(10**6))  # warm-up
+                results[mode] = run_agents(server, model, args)
+                print(mode, results[mode], file=sys.stderr, flush=True)
+            finally:
+                server.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return results
+
+
+def print_agents(results: dict, args: argparse.Namespace) -> None:
+    print(f"{args.preset} float32, greedy, {args.clients[0]} agents x {args.turns} turns, {args.system_tokens}-token "
+          f"shared system prompt, {args.answer_tokens}-token answers")
+    print(f"{'server':16} {'TTFT p50':>9} {'TTFT p95':>9} {'tok/s':>7} {'tokens':>7} {'wall':>8} {'cached':>7}")
+    names = {"off": "ours, cache off", "memory": "ours, memory", "disk": "ours, from disk", "mlx_lm": "mlx_lm.server"}
+    for mode, r in results.items():
+        print(f"{names[mode]:16} {r['ttft_p50']:8.2f}s {r['ttft_p95']:8.2f}s {r['tok_s']:7.1f} {r['tokens']:7d} "
+              f"{r['wall_s']:7.1f}s {r['cached']:7.0%}")
 
 
 def plot(results: dict, args: argparse.Namespace, png: Path) -> None:
@@ -175,17 +253,33 @@ def plot(results: dict, args: argparse.Namespace, png: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=PRESETS, default="small")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--agent", action="store_true", help="the agent workload (see above) instead")
+    p.add_argument("--preset", choices=PRESETS, help="default: small (--agent: tiny)")
+    p.add_argument("--clients", type=int, nargs="+", help="default: 1 4 8 16 (--agent: 8)")
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--answer-tokens", type=int, default=64)
+    p.add_argument("--answer-tokens", type=int, help="default: 64 (--agent: 32)")
+    p.add_argument("--turns", type=int, default=10, help="--agent: turns per agent")
+    p.add_argument("--system-tokens", type=int, default=4096, help="--agent: the shared system prompt")
     p.add_argument("--servers", nargs="+", choices=["ours", "mlx_lm"], default=["ours", "mlx_lm"])
     p.add_argument("--pause", action="store_true", help="also measure the pause of running streams (ours)")
     p.add_argument("--png", help="also plot tok/s and TTFT p95 vs clients to this file (e.g. docs/server.png)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    args.preset = args.preset or ("tiny" if args.agent else "small")
+    args.clients = args.clients or ([8] if args.agent else [1, 4, 8, 16])
+    args.answer_tokens = args.answer_tokens or (32 if args.agent else 64)
     checkpoint = make_checkpoint(args.preset)
     model, results = str(checkpoint), {}
+    if args.agent:
+        try:
+            results = agent_modes(model, args)
+        finally:
+            shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print_agents(results, args)
+        return 0
     kv = str(-(-(args.prompt_tokens + args.answer_tokens + 64) // 64) * 64)
     try:
         for kind in args.servers:

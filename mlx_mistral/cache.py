@@ -242,13 +242,34 @@ class RollingKVCache:
 
     def _write(self, layer: int, k: Buffer, v: Buffer, position: int) -> None:
         """Write len <= C tokens starting at absolute `position` into their slots, in place."""
-        start = position % self.capacity
-        length = _leaves(k)[0].shape[2]
-        n = min(length, self.capacity - start)  # before the wrap
         for buf, x in self._pairs(layer, k, v):
-            buf[:, :, start:start + n] = x[:, :, :n]
-            if n < length:
-                buf[:, :, : length - n] = x[:, :, n:]
+            self._put(buf, x, position)
+
+    def _put(self, buf: mx.array, x: mx.array, position: int) -> None:
+        """Write x's len <= C tokens (axis 2) starting at absolute `position` into buf, in place."""
+        start = position % self.capacity
+        length = x.shape[2]
+        n = min(length, self.capacity - start)  # before the wrap
+        buf[:, :, start:start + n] = x[:, :, :n]
+        if n < length:
+            buf[:, :, : length - n] = x[:, :, n:]
+
+    def _arrays(self) -> list[mx.array]:
+        """Every stored array: each layer's keys, then each layer's values (a quantized buffer's three)."""
+        return [x for buf in self.keys + self.values for x in _leaves(buf)]
+
+    def span(self, row: int, start: int, end: int) -> list[mx.array]:
+        """Row `row`'s K/V at positions [start, end), which must still be in the buffer (the
+        last C of the row's): each of _arrays()'s, as [1, n_kv_heads, end - start, ...] copies."""
+        slots = (mx.arange(start, end) % self.capacity).astype(mx.int32)
+        return [x[row:row + 1][:, :, slots] for x in self._arrays()]
+
+    def fill(self, arrays: list[mx.array], position: int) -> None:
+        """Write `arrays` (span's, end - start <= C tokens) into this one-row cache at positions
+        [position, end): it then holds them as if it had been fed up to `end`."""
+        for buf, x in zip(self._arrays(), arrays):
+            self._put(buf, x, position)
+        self.offsets = [position + arrays[0].shape[2]]
 
     def _pairs(self, layer: int, k: Buffer, v: Buffer) -> zip:
         """(stored array, new array) for each array of a layer: 2 floats, or 2 x 3 quantized."""

@@ -17,6 +17,8 @@ from .cache import check_kv_bits
 from .errors import MistralError, run_command
 from .generate import DEFAULT_PREFILL_CHUNK
 from .serve import Scheduler, create_app
+from .serve.disk_cache import check_directory
+from .serve.scheduler import DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_PROMPT_CACHE_DISK_BYTES
 
 __all__ = ["check_host", "check_port", "create_app", "is_loopback", "main", "serve"]
 
@@ -43,6 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group along head_dim")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="prompt tokens prefilled between two decode steps (default %(default)s)")
+    p.add_argument("--max-idle", type=int, default=4,
+                   help="finished requests' caches kept for the next turn of their conversation (default 4)")
+    p.add_argument("--prompt-cache-mib", type=int, default=DEFAULT_PROMPT_CACHE_BYTES >> 20,
+                   help="MiB of K/V blocks kept for any request whose prompt starts the same "
+                        "(default %(default)s; 0: none; counted in --kv-budget-mib)")
+    p.add_argument("--prompt-cache-dir", help="also keep the blocks in this directory, across restarts")
+    p.add_argument("--prompt-cache-gb", type=float, default=DEFAULT_PROMPT_CACHE_DISK_BYTES / 10**9,
+                   help="at most this many GB of blocks in --prompt-cache-dir (default %(default)s)")
     p.add_argument("--reasoning", action="store_true",
                    help="start every chat with the model's reasoning system prompt (reasoning models: Magistral)")
     p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (required off loopback)")
@@ -85,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, flag)
             if value is not None and value <= 0:
                 raise MistralError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+        for flag in ("max_idle", "prompt_cache_mib"):
+            if getattr(args, flag) < 0:
+                raise MistralError(f"--{flag.replace('_', '-')} must be an integer >= 0, got {getattr(args, flag)}")
+        if not args.prompt_cache_gb > 0:
+            raise MistralError(f"--prompt-cache-gb must be a positive number of GB, got {args.prompt_cache_gb:g}")
+        if args.prompt_cache_dir is not None:
+            check_directory(args.prompt_cache_dir)
         check_kv_bits(args.kv_bits, args.kv_group_size)  # before the model loads
         loading: Future = Future()  # the API answers 503 until the model is loaded
 
@@ -92,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 budget = args.kv_budget_mib and args.kv_budget_mib << 20
                 scheduler = Scheduler(args.model, args.max_kv_size, args.max_batch, args.max_queue, budget,
-                                      prefill_chunk=args.prefill_chunk, kv_bits=args.kv_bits,
-                                      kv_group_size=args.kv_group_size)
+                                      prefill_chunk=args.prefill_chunk, max_idle=args.max_idle,
+                                      kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                                      prompt_cache_bytes=args.prompt_cache_mib << 20,
+                                      prompt_cache_dir=args.prompt_cache_dir,
+                                      prompt_cache_disk_bytes=int(args.prompt_cache_gb * 10**9))
                 if args.reasoning:
                     try:
                         scheduler.tokenizer.reasoning_prompt()  # MistralError unless the model has one

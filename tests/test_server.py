@@ -123,8 +123,8 @@ def test_chat_streamed_equals_whole_with_real_usage(client, tok):
     prompt = len(tok.chat_tokens([{"role": "user", "content": "Tell me about grouped-query attention."}]))
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == \
         (prompt, 12, prompt + 12)
-    assert usage.model_dump() == whole.usage.model_dump() | {"completion_tokens_details": None,
-                                                               "prompt_tokens_details": None}
+    assert usage.model_dump() == whole.usage.model_dump()
+    assert whole.usage.prompt_tokens_details.cached_tokens == 0  # a prompt never sent before
 
 
 def test_stop_strings_completions_and_models(client, tok):
@@ -152,6 +152,24 @@ def test_next_chat_turn_reuses_the_held_cache(server, client, tok):
     assert again.choices[0].finish_reason == "length"
     reused = server.metrics()["mlx_mistral_reused_tokens_total"] - before
     assert reused == len(tok.chat_tokens(first)) + 7  # the prompt and the answer but its last token
+
+
+def test_a_shared_prefix_is_reported_as_cached_tokens(server, client, tok):
+    """Two prompts that share their first 591 tokens: the second's usage says 512 were cached
+    (four whole blocks), /metrics counts the hit and the blocks in memory."""
+    prefix = " ".join(f"rule {i}: always answer in kind." for i in range(60))
+    before = server.metrics()
+    texts = [prefix + " First question?", prefix + " A second, different question?"]
+    answers = [client.completions.create(model="demo", prompt=t, max_tokens=4, temperature=0) for t in texts]
+    assert len(tok.encode(prefix, bos=True)) == 591
+    assert [a.usage.prompt_tokens_details.cached_tokens for a in answers] == [0, 512]
+    m = server.metrics()
+    assert m['mlx_mistral_prefix_cache_blocks{tier="memory"}'] >= 2
+    assert m['mlx_mistral_prefix_cache_bytes{tier="memory"}'] > 0
+    assert m['mlx_mistral_prefix_cache_bytes{tier="disk"}'] == m['mlx_mistral_prefix_cache_blocks{tier="disk"}'] == 0
+    assert 0 < m['mlx_mistral_prefix_cache_hit_rate{of="requests"}'] < 1
+    assert 0 < m['mlx_mistral_prefix_cache_hit_rate{of="tokens"}'] < 1
+    assert m["mlx_mistral_reused_tokens_total"] - before["mlx_mistral_reused_tokens_total"] == 512
 
 
 def test_sixteen_concurrent_streams_equal_solo_runs_in_one_batch(server, client):
@@ -196,7 +214,9 @@ def test_disconnect_mid_stream_frees_its_row(server, client):
     assert m['mlx_mistral_finished_requests_total{reason="cancelled"}'] == before + 1
     assert (m["mlx_mistral_running_rows"], m["mlx_mistral_prefilling_rows"], m["mlx_mistral_queue_depth"]) == (0, 0, 0)
     assert m["mlx_mistral_generated_tokens_total"] < 2000  # it stopped generating
-    assert m["mlx_mistral_kv_bytes"] == m["mlx_mistral_idle_caches"] * KV_ROW_BYTES  # only idle caches held
+    # only idle caches and blocks held
+    assert m["mlx_mistral_kv_bytes"] == m["mlx_mistral_idle_caches"] * KV_ROW_BYTES + \
+        m['mlx_mistral_prefix_cache_bytes{tier="memory"}']
 
 
 def test_disconnect_while_waiting_for_a_whole_answer_frees_its_row(server):
@@ -341,6 +361,35 @@ def test_bad_kv_bits_refused_before_the_model_loads():
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == \
         "error: kv_bits must be 4 or 8 (or None for a float cache), got 3"
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--prompt-cache-gb", "-1"], "error: --prompt-cache-gb must be a positive number of GB, got -1"),
+    (["--prompt-cache-mib", "-2"], "error: --prompt-cache-mib must be an integer >= 0, got -2"),
+    (["--prompt-cache-dir", "README.md"], "error: prompt cache directory 'README.md': expected a directory, "
+                                          "found a file"),
+])
+def test_bad_prompt_cache_flags_refused_before_the_model_loads(flags, says):
+    run = subprocess.run([sys.executable, "-m", "mlx_mistral.server", "--model", "/no/such/model", *flags,
+                          "--port", str(free_port())], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == says
+
+
+def test_a_restarted_server_answers_a_repeated_prefix_from_its_prompt_cache_dir(tmp_path):
+    """Stopped with Ctrl-C, the server has written its blocks; started again on the same
+    directory, it reuses them: cached tokens, the same greedy answer."""
+    prompt = " ".join(f"rule {i}: always answer in kind." for i in range(60)) + " Go on?"
+    answers = []
+    for _ in range(2):
+        server = Server("--prompt-cache-dir", str(tmp_path), "--api-key", KEY).wait()
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+            answers.append(client.completions.create(model="demo", prompt=prompt, max_tokens=8, temperature=0))
+        finally:
+            assert server.stop() == 130
+    assert [a.usage.prompt_tokens_details.cached_tokens for a in answers] == [0, 512]
+    assert answers[0].choices[0].text == answers[1].choices[0].text
 
 
 @pytest.mark.parametrize("command", [["mlx_mistral.server"], ["app", "--api"]])

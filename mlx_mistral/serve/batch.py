@@ -11,8 +11,9 @@ from ..generate import TextStream
 from ..model import Mistral
 from ..sample import make_picker, penalized, top_logprobs
 from ..structured import masked
+from .blocks import BlockStore
 from .prefix_cache import Marks
-from .request import Request, TokenLogprob
+from .request import Event, Request, TokenLogprob
 
 
 class Row:
@@ -29,6 +30,15 @@ class Row:
         self.pick = penalized(pick, ids, request.repetition_penalty)
         self.guide = request.constraint.guide() if request.constraint else None
 
+    def event(self, r, token: int, capacity: int, logprob: TokenLogprob | None = None) -> Event:
+        """The Event of generated `token` (r: TextStream.add's result), with the row's stats."""
+        n = r.generation_tokens
+        return Event(r.text, len(self.request.tokens), n, token, r.finish_reason, reused_tokens=self.reused,
+                     tool_calls=r.tool_calls, prefilled_tokens=len(self.ids) - self.reused, ttft=r.ttft,
+                     generation_tps=r.generation_tps, peak_memory=r.peak_memory,
+                     kv_tokens=min(len(self.ids) + n - 1, capacity),  # all but the newest token are fed
+                     reasoning=r.reasoning, stop_sequence=r.stop_sequence, logprob=logprob)
+
 
 @dataclass
 class Group:
@@ -44,12 +54,14 @@ class Group:
             self.cache.keep(keep)
         self.rows = [self.rows[b] for b in keep]
 
-    def prefill(self, model: Mistral, n: int) -> None:
-        """Feed every row its next n prompt tokens (one [rows, n] forward)."""
+    def prefill(self, model: Mistral, n: int, blocks: BlockStore) -> None:
+        """Feed every row its next n prompt tokens (one [rows, n] forward); `blocks` keeps the
+        blocks they complete."""
         model(mx.array([row.feed[:n] for row in self.rows], dtype=mx.uint32), self.cache)
         mx.eval(self.cache.keys, self.cache.values)
-        for row in self.rows:
+        for b, row in enumerate(self.rows):
             row.feed = row.feed[n:]
+            blocks.capture(self.cache, b, row.ids[:len(row.ids) - len(row.feed)])
 
     def take_ready(self) -> tuple[list[Row], KVCache] | None:
         """Take out the rows with only their last prompt token left, and their cache rows."""

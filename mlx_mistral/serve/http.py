@@ -161,7 +161,8 @@ def sse(obj: dict) -> str:
 
 
 def prometheus(stats: dict, statuses: Counter) -> str:
-    """The scheduler's counters and the HTTP statuses as Prometheus text."""
+    """The scheduler's counters, the prefix cache's hit rates and tiers, and the HTTP statuses
+    as Prometheus text."""
     lines = ["# TYPE mlx_mistral_http_requests_total counter"]
     lines += [f'mlx_mistral_http_requests_total{{status="{s}"}} {n}' for s, n in sorted(statuses.items())]
     lines.append("# TYPE mlx_mistral_finished_requests_total counter")
@@ -179,4 +180,14 @@ def prometheus(stats: dict, statuses: Counter) -> str:
         ("idle_caches", "idle_caches", "gauge"),
     ):
         lines += [f"# TYPE mlx_mistral_{name} {kind}", f"mlx_mistral_{name} {stats[key]}"]
+    # the prefix cache: the share of requests (and of prompt tokens) it answered, and its blocks per tier
+    requests, tokens = stats["reused_requests"] / max(stats["admitted"], 1), \
+        stats["reused_tokens"] / max(stats["prompt_tokens"], 1)
+    lines += ["# TYPE mlx_mistral_prefix_cache_hit_rate gauge",
+              f'mlx_mistral_prefix_cache_hit_rate{{of="requests"}} {requests}',
+              f'mlx_mistral_prefix_cache_hit_rate{{of="tokens"}} {tokens}']
+    for name, memory, disk in (("bytes", "block_bytes", "disk_bytes"), ("blocks", "blocks", "disk_blocks")):
+        lines += [f"# TYPE mlx_mistral_prefix_cache_{name} gauge",
+                  f'mlx_mistral_prefix_cache_{name}{{tier="memory"}} {stats[memory]}',
+                  f'mlx_mistral_prefix_cache_{name}{{tier="disk"}} {stats[disk]}']
     return "\n".join(lines) + "\n"

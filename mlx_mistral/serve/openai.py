@@ -220,4 +220,5 @@ async def stream(request: Request, events: asyncio.Queue, body: Sampling, kind: 
 
 def usage(event: Event) -> dict:
     return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.generated_tokens,
-            "total_tokens": event.prompt_tokens + event.generated_tokens}
+            "total_tokens": event.prompt_tokens + event.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": event.reused_tokens}}

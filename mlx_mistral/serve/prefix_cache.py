@@ -1,7 +1,16 @@
-"""The prefix cache: finished requests' KV caches kept idle, and the one rule that reuses them.
+"""The prefix cache: what a request finds of its prompt already computed, in two forms.
 
-A request whose prompt continues an idle cache's conversation (the next turn of a chat)
-takes that cache and prefills only its new tokens. Only the scheduler's thread calls it.
+- Idle caches (Held): finished requests' whole one-row caches. A request whose prompt continues
+  one's conversation (the next turn of a chat) takes it and prefills only its new tokens; the
+  echo/marks rule (plan) lets a chat client's re-encoded copy of the model's answer match.
+  Exact to the token, but one conversation each, and at most max_idle of them.
+- Blocks (blocks.py, BlockStore): K/V of BLOCK_TOKENS-token blocks keyed by a hash chain, shared
+  by any request whose prompt starts the same (eight agents' common system prompt and tools), up
+  to the last block boundary; in memory and, with a directory, on disk across restarts.
+
+take() uses whichever holds more of the prompt (the idle cache on a tie: it needs no copy) and
+leaves the other as it was; prefill captures blocks, and a row that leaves adds its blocks and
+(up to max_idle) its idle cache. Only the scheduler's thread calls it.
 """
 
 from collections import OrderedDict
@@ -9,6 +18,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from ..cache import KVCache
+from .blocks import BlockStore
 from .request import Request
 
 Marks = list[tuple[int, int]]
@@ -30,10 +40,10 @@ class Held:
 
 class PrefixCache:
     """Up to `max_idle` idle caches (and `max_idle_bytes` of them), least recently used out
-    first, by session (a chat tab: its last cache) or by the cache's id."""
+    first, by session (a chat tab: its last cache) or by the cache's id; and the `blocks`, if any."""
 
-    def __init__(self, max_idle: int = 4, max_idle_bytes: int | None = None):
-        self.max_idle, self.max_idle_bytes = max_idle, max_idle_bytes
+    def __init__(self, max_idle: int = 4, max_idle_bytes: int | None = None, blocks: BlockStore | None = None):
+        self.max_idle, self.max_idle_bytes, self.blocks = max_idle, max_idle_bytes, blocks
         self._idle: OrderedDict[Hashable, Held] = OrderedDict()  # LRU first
 
     def __len__(self) -> int:
@@ -50,14 +60,17 @@ class PrefixCache:
         self._idle.pop(key, None)
 
     def clear(self) -> None:
+        """Forget every idle cache and block (the scheduler closes: pending block files are written)."""
         self._idle.clear()
+        if self.blocks is not None:
+            self.blocks.close()
 
     def evict(self) -> bool:
-        """Drop the least recently used cache; False if there was none."""
-        if not self._idle:
-            return False
-        self._idle.popitem(last=False)
-        return True
+        """Drop the least recently used idle cache, or else block; False if there was none."""
+        if self._idle:
+            self._idle.popitem(last=False)
+            return True
+        return self.blocks is not None and self.blocks.evict()
 
     def plan(self, request: Request) -> tuple[list[int], Hashable | None, int, Marks]:
         """(the prompt to feed, the key of the idle cache it extends or None, the tokens that
@@ -86,12 +99,17 @@ class PrefixCache:
         return tokens, None, 0, [(0, 0)]
 
     def take(self, request: Request) -> tuple[list[int], KVCache | None, int, Marks]:
-        """plan's choice, with the cache it extends (or None) taken out of the idle ones; a
-        session's old cache is dropped even when it cannot be continued."""
+        """plan's prompt with the cache that holds most of it (or None) and how many tokens:
+        the idle cache plan chose, taken out of the idle ones, or one restored from blocks
+        when they hold more. A session's old cache is dropped even when it cannot be continued."""
         ids, key, n, marks = self.plan(request)
-        held = self._idle.pop(key) if key is not None else None
+        found = self.blocks.find(ids) if self.blocks is not None and request.reuse else None
+        from_blocks = found is not None and found.tokens > n
+        held = self._idle.pop(key) if key is not None and not from_blocks else None
         if request.session is not None:
             self._idle.pop(request.session, None)
+        if from_blocks:
+            return ids, self.blocks.restore(found, request.roll), found.tokens, marks
         return ids, held and held.cache, n, marks
 
     def hold(self, request: Request, cache: KVCache, actual: list[int], answer_text: str,

@@ -7,22 +7,21 @@ Gradio. A request waits in the scheduler's `_waiting` queue, then in a prefill g
 
 Between two decode steps the thread (1) drops rows whose client cancelled, (2) admits
 waiting requests while `max_batch` and the KV budget allow: the fresh ones admitted together
-form one prefill group with one cache of that many rows, a request that extends an idle
-cache (the next turn of a chat, found by the PrefixCache) a group of its own with that cache,
+form one prefill group with one cache of that many rows, a request whose prompt's start the
+PrefixCache holds (an idle cache it continues, or K/V blocks) a group of its own with that cache,
 (3) prefills at most `prefill_chunk` prompt tokens, a group's rows side by side (one [rows, n]
 forward, which BLAS runs far faster than n-token products one row at a time), so running
 streams keep flowing while a long prompt goes in; a row whose prompt is in but its last token
 joins the batch with that token, (4) runs one decode step for all rows with one sync (for a
 row that just joined, it gives the first answer token). A row that ends leaves the batch and
-its cache goes to the PrefixCache. Each row keeps its own positions (a ragged batch) and its
-own sampler, so greedy output of a row never depends on its neighbours.
+its cache goes to the PrefixCache (prefill and leaving also hand it K/V blocks). Each row
+keeps its own positions (a ragged batch) and its own sampler, so greedy output of a row never
+depends on its neighbours.
 """
 
 import atexit
 import gc
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 
 import mlx.core as mx
@@ -34,15 +33,18 @@ from ..loading import load
 from ..memory import kv_bytes_per_token
 from ..structured import Grammars
 from .batch import Batch, Group, Row
+from .blocks import BlockStore
+from .disk_cache import model_identity
 from .prefix_cache import Held, PrefixCache
-from .request import Event, QueueFull, Request, TokenLogprob
+from .request import Event, QueueFull, Request, TokenLogprob, Waiting
 from .thread import ModelThread
 
 # KV cache slots for a model with full-attention layers (v0.2, v0.3), unless max_kv_size says otherwise.
 DEFAULT_MAX_KV_SIZE = 8192
-# Out of idle, admission waits for a burst of requests to finish arriving (see _gather): while
-# each comes within GATHER_GAP_S of the last, for GATHER_S at most.
-GATHER_GAP_S, GATHER_S = 0.02, 0.25
+# The prefix cache's blocks in memory (BlockStore): 1 GiB is 8k tokens of Mistral 7B's float16 K/V,
+# a 4k-token system prompt and tools twice over; they count in kv_budget and make room for rows.
+DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
+DEFAULT_PROMPT_CACHE_DISK_BYTES = 10 * 10**9  # 10 GB, with a prompt_cache_dir
 
 __all__ = ["DEFAULT_MAX_KV_SIZE", "Event", "QueueFull", "Request", "Scheduler"]
 
@@ -56,45 +58,57 @@ class Scheduler:
     at `max_batch` rows or when one more row would pass `kv_budget` bytes; the next
     `max_queue` requests wait, in order; past them submit() raises QueueFull. Up to
     `max_idle` finished caches (and `max_idle_bytes`) are kept, least recently used out
-    first, for requests that continue them.
+    first, for requests that continue them, and up to `prompt_cache_bytes` of K/V blocks for
+    any request that starts the same (0: none), and `prompt_cache_disk_bytes` of them in
+    `prompt_cache_dir` if given (see prefix_cache.py).
     """
 
     def __init__(self, model: str = "demo", max_kv_size: int | None = None, max_batch: int = 8,
                  max_queue: int = 32, kv_budget: int | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  max_idle: int = 4, max_idle_bytes: int | None = None, kv_bits: int | None = None,
-                 kv_group_size: int = 64):
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
-                            ("prefill_chunk", prefill_chunk)):
+                 kv_group_size: int = 64, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                 prompt_cache_dir: str | None = None,
+                 prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES):
+        optional = [(name, value) for name, value in (("max_kv_size", max_kv_size), ("kv_budget", kv_budget))
+                    if value is not None]
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
+                            ("prompt_cache_disk_bytes", prompt_cache_disk_bytes), *optional):
             if not isinstance(value, int) or value <= 0:
                 raise MistralError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in (("max_kv_size", max_kv_size), ("kv_budget", kv_budget)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise MistralError(f"{name} must be a positive integer, got {value!r}")
-        self.max_batch, self.max_queue, self.kv_budget = max_batch, max_queue, kv_budget
+        if not isinstance(prompt_cache_bytes, int) or prompt_cache_bytes < 0:
+            raise MistralError(f"prompt_cache_bytes must be an integer >= 0, got {prompt_cache_bytes!r}")
+        self.max_batch, self.kv_budget = max_batch, kv_budget
         self.prefill_chunk = prefill_chunk
-        self.prefixes = PrefixCache(max_idle, max_idle_bytes)  # finished rows' caches, for requests that continue them
-        self._waiting: deque[Request] = deque()
-        self._waiting_lock = threading.Lock()
+        self.prefixes = PrefixCache(max_idle, max_idle_bytes)  # its blocks come once the model is loaded
+        self._waiting = Waiting(max_queue)
         self._prefilling: list[Group] = []  # oldest first
         self._batch = Batch()
         self._outbox: list[tuple[Request, Event]] = []  # sent once the step's bookkeeping is done
         self.counters = dict(steps=0, rows=0, max_rows=0, max_prefill_rows=0, generated_tokens=0,
                              prefilled_tokens=0, reused_tokens=0, stop=0, length=0, tool_calls=0,
-                             cancelled=0, error=0)
+                             cancelled=0, error=0, admitted=0, reused_requests=0, prompt_tokens=0)
         self.tokens_per_second = 0.0  # the last decode step's rows / its time
         self.model = self.tokenizer = None
         self._thread = ModelThread(self._tick, lambda: bool(self._batch.rows or self._prefilling or self._waiting))
         self.name = model
         self.model, self.tokenizer = self.call(load, model)
         atexit.register(self.close)
-        args = self.model.args
-        self.grammars = Grammars(self.tokenizer, args.vocab_size)  # structured output's (built on first use)
+        self.grammars = Grammars(self.tokenizer, self.model.args.vocab_size)  # structured output's (built on first use)
         try:
-            check_kv_quantization(args, kv_bits, kv_group_size, self.model.dtype)
+            self._configure(max_kv_size, kv_budget, kv_bits, kv_group_size)
+            self.prefixes.blocks = self.call(
+                BlockStore, self._new_cache, model_identity(model, self.model.args, self.model.dtype),
+                prompt_cache_bytes, prompt_cache_dir, prompt_cache_disk_bytes)
         except MistralError:
             self.close()
             raise
+
+    def _configure(self, max_kv_size: int | None, kv_budget: int | None, kv_bits: int | None,
+                   kv_group_size: int) -> None:
+        """The loaded model's row caches: their slots, quantization and bytes (MistralError if bad)."""
+        args = self.model.args
+        check_kv_quantization(args, kv_bits, kv_group_size, self.model.dtype)
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.window = args.sliding_window
         if max_kv_size is None and self.window is None:
@@ -107,7 +121,6 @@ class Scheduler:
         per_slot = kv_bytes_per_token(args, self.model.dtype.size, bits=kv_bits, group=kv_group_size) // args.n_layers
         self.row_bytes = sum(slots) * per_slot  # K and V of one row
         if kv_budget is not None and kv_budget < self.row_bytes:
-            self.close()
             raise MistralError(f"kv_budget of {kv_budget} bytes is less than one row's KV cache "
                                f"({self.row_bytes} bytes: {self.capacity} slots)")
 
@@ -136,10 +149,7 @@ class Scheduler:
         if self.model is None:
             raise MistralError("the model is closed")
         request.check(self.model, self.context)
-        with self._waiting_lock:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); try again later")
-            self._waiting.append(request)
+        self._waiting.put(request)
         self._thread.wake()
         return request
 
@@ -148,9 +158,8 @@ class Scheduler:
         prefilling = self._n_prefilling()
         rows = len(self._batch.rows) + prefilling
         return dict(self.counters, waiting=len(self._waiting), running=len(self._batch.rows),
-                    prefilling=prefilling, idle_caches=len(self.prefixes),
-                    kv_bytes=(rows + len(self.prefixes)) * self.row_bytes,
-                    tokens_per_second=self.tokens_per_second)
+                    prefilling=prefilling, idle_caches=len(self.prefixes), kv_bytes=self._kv_bytes(rows),
+                    tokens_per_second=self.tokens_per_second, **self.prefixes.blocks.stats())
 
     def close(self) -> None:
         """Fail what is pending and free the model (at exit at the latest); the thread stays, idle."""
@@ -163,6 +172,15 @@ class Scheduler:
 
     def _n_prefilling(self) -> int:
         return sum(len(group.rows) for group in self._prefilling)
+
+    def _kv_bytes(self, rows: int) -> int:
+        """The K/V bytes of `rows` rows, the idle caches and the blocks in memory."""
+        return (rows + len(self.prefixes)) * self.row_bytes + self.prefixes.blocks.nbytes
+
+    def _new_cache(self, roll: bool, rows: int = 1) -> KVCache:
+        """An empty cache of `rows` rows (warning once if it rolls, when `roll`)."""
+        return make_cache(self.model.args, self.max_kv_size, rows, self.model.dtype, self.kv_bits,
+                          self.kv_group_size, warn_on_roll=roll)
 
     # --- the model thread ---------------------------------------------------------------
 
@@ -198,33 +216,30 @@ class Scheduler:
         self._prefill()
         if self._batch.rows:
             self._decode()
+        self._fit_blocks()
 
-    def _gather(self) -> None:
-        """Out of idle, let a burst of requests (clients that start together) finish arriving,
-        so that they are prefilled side by side rather than the first one alone: clients that
-        start together still arrive ms apart (one HTTP event loop parses them in turn). A lone
-        request waits GATHER_GAP_S, 5% of a 128-token prompt's TTFT on this CPU."""
-        deadline, n = time.perf_counter() + GATHER_S, len(self._waiting)
-        while n < self.max_batch and time.perf_counter() < deadline:
-            time.sleep(GATHER_GAP_S)
-            if len(self._waiting) == n:
-                return
-            n = len(self._waiting)
+    def _fit_blocks(self) -> None:
+        """The blocks captured this step go, least recently used first, while past the KV budget."""
+        rows = len(self._batch.rows) + self._n_prefilling()
+        while self.kv_budget is not None and self._kv_bytes(rows) > self.kv_budget and self.prefixes.blocks.evict():
+            pass
 
     def _admit(self) -> None:
         if self._waiting and not self._batch.rows and not self._prefilling:
-            self._gather()
+            self._waiting.gather(self.max_batch)
         fresh: list[Row] = []
         while self._waiting:
             rows = len(self._batch.rows) + self._n_prefilling() + len(fresh) + 1  # with this request's
             if rows > self.max_batch:
                 break
-            if self.kv_budget is not None and (rows + len(self.prefixes)) * self.row_bytes > self.kv_budget:
+            if self.kv_budget is not None and self._kv_bytes(rows) > self.kv_budget:
                 if not self.prefixes.evict():
                     break
                 continue
-            with self._waiting_lock:
-                request = self._waiting.popleft()
+            first, prefilling = self._waiting.first(), [row.ids for g in self._prefilling for row in g.rows]
+            if first.reuse and self.prefixes.blocks.wait_for(first.tokens, prefilling + [r.ids for r in fresh]):
+                break  # the blocks of its prefix are on their way
+            request = self._waiting.take()
             if request.cancelled:
                 self._end(request, "cancelled")
                 continue
@@ -232,29 +247,29 @@ class Scheduler:
             text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
                               request.submitted, request.tool_calls)
             row = Row(request, ids, held, text, marks)
-            self.counters["reused_tokens"] += held
+            for name, n in dict(admitted=1, reused_requests=held > 0, prompt_tokens=len(ids), reused_tokens=held).items():
+                self.counters[name] += n
             if cache is None:
                 fresh.append(row)
             else:
                 self._prefilling.append(Group([row], cache))
-        if fresh:
-            roll = any(row.request.roll for row in fresh)  # warn when it rolls
-            cache = make_cache(self.model.args, self.max_kv_size, len(fresh), self.model.dtype, self.kv_bits,
-                               self.kv_group_size, warn_on_roll=roll)
-            self._prefilling.append(Group(fresh, cache))
+        if fresh:  # warn when it rolls
+            self._prefilling.append(Group(fresh, self._new_cache(any(row.request.roll for row in fresh), len(fresh))))
 
     def _prefill(self) -> None:
         """Up to prefill_chunk prompt tokens, oldest group first. Every row of a group gets
         the same n tokens: at most the fewest any row has left before its last token, so
-        the rows stay at one position. Rows down to their last token join the batch."""
+        the rows stay at one position, and no further than the blocks can be captured from
+        (BlockStore.room). Rows down to their last token join the batch."""
         budget = self.prefill_chunk
         for group in self._prefilling:
             self._join(group)
             if not group.rows or budget <= 0:
                 continue
             rows = group.rows
-            n = min(min(len(row.feed) for row in rows) - 1, max(1, budget // len(rows)), self.capacity)
-            group.prefill(self.model, n)
+            n = min(min(len(row.feed) for row in rows) - 1, max(1, budget // len(rows)), self.capacity,
+                    self.prefixes.blocks.room(group.cache.offset))
+            group.prefill(self.model, n, self.prefixes.blocks)
             budget -= n * len(rows)
             self.counters["prefilled_tokens"] += n * len(rows)
             self.counters["max_prefill_rows"] = max(self.counters["max_prefill_rows"], len(rows))
@@ -293,13 +308,7 @@ class Scheduler:
         self.counters["generated_tokens"] += 1
         if r.finish_reason:
             self.counters[r.finish_reason] += 1
-        n = r.generation_tokens
-        self._outbox.append((row.request, Event(
-            r.text, len(row.request.tokens), n, token, r.finish_reason, reused_tokens=row.reused,
-            tool_calls=r.tool_calls, prefilled_tokens=len(row.ids) - row.reused, ttft=r.ttft,
-            generation_tps=r.generation_tps, peak_memory=r.peak_memory,
-            kv_tokens=min(len(row.ids) + n - 1, self.capacity),  # all but the newest token are fed
-            reasoning=r.reasoning, stop_sequence=r.stop_sequence, logprob=logprob)))
+        self._outbox.append((row.request, row.event(r, token, self.capacity, logprob)))
         return r.finish_reason is not None
 
     def _finish(self, row: Row, reason: str, error: str | None = None) -> None:
@@ -312,9 +321,11 @@ class Scheduler:
         self._outbox.append((request, Event("", len(request.tokens), generated, None, reason, error, reused)))
 
     def _leave(self, gone: list[int]) -> None:
-        """Rows `gone` leave the batch; their caches become idle ones."""
+        """Rows `gone` leave the batch; their blocks are kept, their caches become idle ones."""
         for b in gone:
             row = self._batch.rows[b]
+            fed = (row.ids + row.answer)[:self._batch.cache.offsets[b]]
+            self.prefixes.blocks.capture(self._batch.cache, b, fed)
             if self.prefixes.max_idle and row.answer:
                 self.prefixes.hold(row.request, self._batch.cache.rows([b]), row.ids + row.answer,
                                    "".join(row.pieces), row.marks, self.tokenizer.eos_id)
@@ -323,9 +334,7 @@ class Scheduler:
     def _fail_all(self, message: str) -> None:
         for row in self._batch.rows + [row for group in self._prefilling for row in group.rows]:
             self._finish(row, "error", message)
-        with self._waiting_lock:
-            waiting, self._waiting = list(self._waiting), deque()
-        for request in waiting:
+        for request in self._waiting.drain():
             self._end(request, "error", message)
         self._batch, self._prefilling = Batch(), []
 
