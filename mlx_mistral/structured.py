@@ -76,23 +76,27 @@ class Grammars:
         with self._lock:
             return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(self.tokenizer, self.vocab_size)))
 
-    def json(self, schema: dict | None = None, what: str = "response_format") -> Constraint:
-        """The answer is one JSON value matching `schema` (None: any JSON object, OpenAI's json_object)."""
-        return self._constraint([self._json(schema, what)], what)
+    def json(self, schema: dict | None = None, what: str = "response_format", reasoning: bool = False) -> Constraint:
+        """The answer is one JSON value matching `schema` (None: any JSON object, OpenAI's json_object).
+        With `reasoning` (a reasoning model's chat), it may first think: [THINK] any text [/THINK]."""
+        return self._constraint([self._json(schema, what)], what, reasoning=reasoning)
 
-    def tool_calls(self, tools: Sequence[dict], name: str | None = None, required: bool = True) -> Constraint:
+    def tool_calls(self, tools: Sequence[dict], name: str | None = None, required: bool = True,
+                   reasoning: bool = False) -> Constraint:
         """The answer is function calls of `tools` (OpenAI's form: {"type": "function", "function":
         {"name", "parameters", "strict"}}), of the one named `name` if given. Required: from the
-        first token; otherwise only if the answer begins with [TOOL_CALLS] (tool_choice "auto")."""
-        return self._constraint([self._calls(tools, name)], "tools", None if required else self.tokenizer.tool_calls_id)
+        first token (after any thinking, with `reasoning`); otherwise only if the answer begins
+        with [TOOL_CALLS] (tool_choice "auto")."""
+        trigger = None if required else self.tokenizer.tool_calls_id
+        return self._constraint([self._calls(tools, name)], "tools", trigger, reasoning)
 
-    def for_chat(self, response_format: dict | None, tools: Sequence[dict], tool_choice: str | dict | None
-                 ) -> Constraint | None:
+    def for_chat(self, response_format: dict | None, tools: Sequence[dict], tool_choice: str | dict | None,
+                 reasoning: bool = False) -> Constraint | None:
         """The constraint of an OpenAI chat request: `response_format` (text, json_object, or
         json_schema {"schema", ...}) and `tool_choice` ("auto", "none", "required" or
         {"type": "function", "function": {"name"}}) over `tools`; None if the answer is free.
-        With tools and tool_choice "auto", a JSON answer may be function calls instead.
-        MistralError names the field at fault."""
+        With tools and tool_choice "auto", a JSON answer may be function calls instead; with
+        `reasoning`, the model may think first. MistralError names the field at fault."""
         schema = _response_schema(response_format)
         name = _tool_choice(tool_choice, bool(tools))
         if tool_choice == "none":
@@ -100,12 +104,13 @@ class Grammars:
         if schema is None:
             if not tools:
                 return None
-            return self.tool_calls(tools, name, required=tool_choice not in (None, "auto"))
+            return self.tool_calls(tools, name, tool_choice not in (None, "auto"), reasoning)
         if tools and tool_choice not in (None, "auto"):
             raise MistralError("response_format: a JSON answer cannot also be a required function call "
                                "(use tool_choice 'auto' or 'none')")
         json_rule = self._json(schema or None, "response_format.json_schema.schema")
-        return self._constraint([json_rule, self._calls(tools)] if tools else [json_rule], "response_format")
+        parts = [json_rule, self._calls(tools)] if tools else [json_rule]
+        return self._constraint(parts, "response_format", reasoning=reasoning)
 
     def _json(self, schema: dict | None, what: str) -> tuple[str, list[str]]:
         schema = {"type": "object"} if schema is None else _checked_schema(schema, what)
@@ -137,13 +142,20 @@ class Grammars:
                  for i, (f, a) in enumerate(zip(functions, arguments))]
         return "(" + " | ".join(f"call_{i}" for i in range(len(rules))) + ")+", rules
 
-    def _constraint(self, parts: list[tuple[str, list[str]]], what: str, trigger: int | None = None) -> Constraint:
+    def _constraint(self, parts: list[tuple[str, list[str]]], what: str, trigger: int | None = None,
+                    reasoning: bool = False) -> Constraint:
         """The constraint whose answer is one of `parts` (a rule and the rules it uses), its
-        matcher built once (2-5 ms) and cached by the grammar's text."""
+        matcher built once (2-5 ms) and cached by the grammar's text. With `reasoning` and no
+        trigger (whose Guide skips the thinking itself), an optional thinking block comes first."""
         import llguidance
 
         rules = dict.fromkeys(rule for _, used in parts for rule in used)
-        grammar = "\n".join(["start: " + " | ".join(body for body, _ in parts), *rules]) + "\n"
+        start = " | ".join(body for body, _ in parts)
+        think = self.tokenizer.think_ids if reasoning and trigger is None else None
+        if think:  # as mistral-common's think grammars: any text (no control token) between the two
+            start = f"think? ({start})"
+            rules.update(dict.fromkeys([f"think: <[{think[0]}]> THOUGHT <[{think[1]}]>", "THOUGHT: /(.|\\n)+/"]))
+        grammar = "\n".join(["start: " + start, *rules]) + "\n"
         with self._lock:
             matcher = self._pristine.pop(grammar, None)
             if matcher is None:
@@ -313,6 +325,6 @@ def _depth(value: object) -> int:
 def _message(error: str) -> str:
     """llguidance's error on one line, without its position ("at 1(8): "), the grammar's text
     it quotes ("   1 | start: ...") or the parser's state dump."""
-    lines = [line.strip() for line in error.split(" <state>")[0].splitlines()]
+    lines = [line.strip() for line in re.split(r"\s<state>", error)[0].splitlines()]
     text = " ".join(line for line in itertools.takewhile(lambda line: not _QUOTED.match(line), lines) if line)
     return re.sub(r"^at \d+\(\d+\): ", "", text)[:300] or "invalid grammar"

@@ -14,7 +14,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from checkpoints import TOKENIZER_TEKKEN
-from mlx_mistral import MistralError, load, stream_generate
+from mlx_mistral import Grammars, MistralError, load, stream_generate
 from mlx_mistral.generate.__main__ import DIM, main
 from mlx_mistral.tokenizer import Tokenizer
 
@@ -172,3 +172,40 @@ def test_a_call_after_the_reasoning_is_parsed(model):
     assert "".join(r.reasoning for r in out) == "I should call add." and "".join(r.text for r in out) == ""
     assert out[-1].finish_reason == "tool_calls"
     assert [(c.name, json.loads(c.arguments)) for c in out[-1].tool_calls] == [("add", {"a": 2, "b": 2})]
+
+
+def test_a_constrained_answer_may_think_first_with_reasoning(model):
+    """With reasoning, a JSON schema or a required call lets the model think first ([THINK] any
+    text [/THINK]), then holds the answer to its grammar; without it, [THINK] breaks the grammar."""
+    model, tok = model
+    begin, end = tok.think_ids
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    ids = [begin, *tok.encode("Two plus two: four."), end, *tok.encode('{"answer": 4}'), tok.eos_id]
+    grammars = Grammars(tok, model.args.vocab_size)
+    out = list(stream_generate(model, tok, tok.chat_tokens(QUESTION, reasoning=True), sampler=scripted(ids, tok.eos_id),
+                               constraint=grammars.json(schema, reasoning=True)))
+    assert "".join(r.reasoning for r in out) == "Two plus two: four." and out[-1].finish_reason == "stop"
+    assert json.loads("".join(r.text for r in out)) == {"answer": 4}
+    with pytest.raises(MistralError, match=f"token {begin} broke the grammar"):
+        list(stream_generate(model, tok, tok.chat_tokens(QUESTION), sampler=scripted(ids, tok.eos_id),
+                             constraint=grammars.json(schema)))
+    args = tok._raw.get_special_token("[ARGS]")
+    call = [begin, *tok.encode("I should call add."), end, tok.tool_calls_id, *tok.encode("add"), args,
+            *tok.encode('{"a": 2, "b": 2}'), tok.eos_id]
+    add = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+        "a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+    out = list(stream_generate(model, tok, tok.chat_tokens(QUESTION, tools=[add], reasoning=True),
+                               sampler=scripted(call, tok.eos_id), tool_calls=True,
+                               constraint=grammars.for_chat(None, [add], "required", reasoning=True)))
+    assert "".join(r.reasoning for r in out) == "I should call add." and out[-1].finish_reason == "tool_calls"
+
+
+def test_server_response_format_lets_a_reasoning_model_think(live):
+    client, script, tok = live
+    begin, end = tok.think_ids
+    script.ids = [begin, *tok.encode("Four."), end, *tok.encode('{"answer": 4}'), tok.eos_id]
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}}}
+    message = ask(client, response_format=fmt).choices[0].message
+    assert message.model_extra["reasoning_content"] == "Four." and json.loads(message.content) == {"answer": 4}
+    assert streamed(client, response_format=fmt) == ("Four.", '{"answer": 4}', "stop")

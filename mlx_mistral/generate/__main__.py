@@ -121,7 +121,7 @@ def make_constraint(args: argparse.Namespace, tokenizer, vocab_size: int) -> Con
     if choice != "auto" and not args.tools:
         raise MistralError("--tool-choice needs --tools")
     try:
-        return Grammars(tokenizer, vocab_size).for_chat(response_format, args.tools or [], choice)
+        return Grammars(tokenizer, vocab_size).for_chat(response_format, args.tools or [], choice, args.reasoning)
     except MistralError as e:
         field, _, why = str(e).partition(": ")
         flag = {"tool_choice": "--tool-choice", "tools": f"--tools {args.tools_file}"}.get(

@@ -73,7 +73,8 @@ def constrain(service: Service, spec: Spec) -> Constraint | None:
     """The one place that decides what a request may hold the model to: the grammar of its
     response_format and tool_choice (structured.Grammars), or None for free text; a 400 names the field."""
     try:
-        return service.ready().grammars.for_chat(spec.response_format, spec.tools, spec.tool_choice)
+        return service.ready().grammars.for_chat(spec.response_format, spec.tools, spec.tool_choice,
+                                                 reasoning=service.reasoning and spec.messages is not None)
     except MistralError as e:
         message = str(e)
         if spec.format_param and message.startswith("response_format"):  # a schema's field: named as sent
