@@ -82,21 +82,22 @@ class Grammars:
         return self._constraint([self._json(schema, what)], what, reasoning=reasoning)
 
     def tool_calls(self, tools: Sequence[dict], name: str | None = None, required: bool = True,
-                   reasoning: bool = False) -> Constraint:
+                   reasoning: bool = False, parallel: bool = True) -> Constraint:
         """The answer is function calls of `tools` (OpenAI's form: {"type": "function", "function":
         {"name", "parameters", "strict"}}), of the one named `name` if given. Required: from the
         first token (after any thinking, with `reasoning`); otherwise only if the answer begins
-        with [TOOL_CALLS] (tool_choice "auto")."""
+        with [TOOL_CALLS] (tool_choice "auto"). Not `parallel`: one call at most."""
         trigger = None if required else self.tokenizer.tool_calls_id
-        return self._constraint([self._calls(tools, name)], "tools", trigger, reasoning)
+        return self._constraint([self._calls(tools, name, parallel)], "tools", trigger, reasoning)
 
     def for_chat(self, response_format: dict | None, tools: Sequence[dict], tool_choice: str | dict | None,
-                 reasoning: bool = False) -> Constraint | None:
+                 reasoning: bool = False, parallel: bool = True) -> Constraint | None:
         """The constraint of an OpenAI chat request: `response_format` (text, json_object, or
         json_schema {"schema", ...}) and `tool_choice` ("auto", "none", "required" or
         {"type": "function", "function": {"name"}}) over `tools`; None if the answer is free.
         With tools and tool_choice "auto", a JSON answer may be function calls instead; with
-        `reasoning`, the model may think first. MistralError names the field at fault."""
+        `reasoning`, the model may think first; not `parallel` (OpenAI's parallel_tool_calls
+        false), it calls one function at most. MistralError names the field at fault."""
         schema = _response_schema(response_format)
         name = _tool_choice(tool_choice, bool(tools))
         if tool_choice == "none":
@@ -104,19 +105,19 @@ class Grammars:
         if schema is None:
             if not tools:
                 return None
-            return self.tool_calls(tools, name, tool_choice not in (None, "auto"), reasoning)
+            return self.tool_calls(tools, name, tool_choice not in (None, "auto"), reasoning, parallel)
         if tools and tool_choice not in (None, "auto"):
             raise MistralError("response_format: a JSON answer cannot also be a required function call "
                                "(use tool_choice 'auto' or 'none')")
         json_rule = self._json(schema or None, "response_format.json_schema.schema")
-        parts = [json_rule, self._calls(tools)] if tools else [json_rule]
+        parts = [json_rule, self._calls(tools, parallel=parallel)] if tools else [json_rule]
         return self._constraint(parts, "response_format", reasoning=reasoning)
 
     def _json(self, schema: dict | None, what: str) -> tuple[str, list[str]]:
         schema = {"type": "object"} if schema is None else _checked_schema(schema, what)
         return f"SAFE_WS? %json {_with_ws(schema)}", [LEADING_WS]
 
-    def _calls(self, tools: Sequence[dict], name: str | None = None) -> tuple[str, list[str]]:
+    def _calls(self, tools: Sequence[dict], name: str | None = None, parallel: bool = True) -> tuple[str, list[str]]:
         """(the rule of an answer of function calls, the rules it uses) in the tokenizer's format.
         A strict tool's arguments must match its parameters exactly (an unsupported keyword is
         an error); another's match them as far as llguidance understands them (lenient)."""
@@ -132,7 +133,7 @@ class Grammars:
             raise MistralError("tool_choice: a function call needs at least one tool")
         arguments = [_arguments(f, f"tools[{i}].function.parameters") for i, f in enumerate(functions)]
         if tok.version in ("v2", "v3", "v7"):  # [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]
-            calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
+            calls = {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": [
                 {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": a, "id": CALL_ID},
                  "required": ["name", "arguments"], "additionalProperties": False}
                 for f, a in zip(functions, arguments)]}}
@@ -140,7 +141,7 @@ class Grammars:
         args = tok.control_id("[ARGS]")  # v11+: ([TOOL_CALLS]name[ARGS]{...})+
         rules = [f'call_{i}: <[{tok.tool_calls_id}]> {json.dumps(f["name"])} <[{args}]> %json {_with_ws(a)}'
                  for i, (f, a) in enumerate(zip(functions, arguments))]
-        return "(" + " | ".join(f"call_{i}" for i in range(len(rules))) + ")+", rules
+        return "(" + " | ".join(f"call_{i}" for i in range(len(rules))) + ")" + "+" * parallel, rules
 
     def _constraint(self, parts: list[tuple[str, list[str]]], what: str, trigger: int | None = None,
                     reasoning: bool = False) -> Constraint:

@@ -116,6 +116,9 @@ def test_json_object_and_tool_choice_required_whole(live, monkeypatch):
     for call in choice.message.tool_calls:
         assert call.function.name == "lookup" and len(call.id) == 9
         jsonschema.validate(json.loads(call.function.arguments), LOOKUP["function"]["parameters"])
+    one = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=[LOOKUP],
+                                         tool_choice="required", parallel_tool_calls=False, max_tokens=200, seed=3)
+    assert one.choices[0].finish_reason == "tool_calls" and len(one.choices[0].message.tool_calls) == 1
 
 
 def deep(levels: int) -> dict:

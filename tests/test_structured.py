@@ -146,3 +146,29 @@ def test_stream_generate_and_a_mixed_batch_equal_solo_runs(models):
         if c:
             check_json(text, ids, tok, BOUNDED)
     assert batch_generate(model, tok, prompts[1:2], max_tokens=100, constraint=constraint)[0][0] == solo[1][0]
+
+
+@pytest.mark.parametrize("name", ["v3", "v11"])
+def test_one_call_at_most_when_not_parallel(models, name):
+    """parallel=False (OpenAI's parallel_tool_calls false, Anthropic's disable_parallel_tool_use):
+    after one call the mask allows no second one (V3: no "," in the array; v11: EOS alone, no
+    [TOOL_CALLS]); parallel, it does."""
+    model, tok, grammars = models(name)
+    add = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+    if name == "v3":
+        call = [tok.tool_calls_id, *tok.encode('[{"name": "add", "arguments": {"a": 1}}')]
+    else:
+        call = [tok.tool_calls_id, *tok.encode("add"), tok.control_id("[ARGS]"), *tok.encode('{"a": 1}')]
+
+    def after_one_call(parallel: bool) -> set[int]:
+        guide = grammars.for_chat(None, [add], "required", parallel=parallel).guide()
+        assert [e for e in map(guide.advance, call) if e] == []
+        return allowed_ids(guide, model.args.vocab_size)
+
+    one, more = after_one_call(False), after_one_call(True)
+    if name == "v3":
+        assert not any(b"," in tok.piece_bytes[i] for i in one) and any(b"," in tok.piece_bytes[i] for i in more)
+        assert any(b"]" in tok.piece_bytes[i] for i in one)
+    else:
+        assert one == {tok.eos_id} and tok.tool_calls_id in more

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..tokenizer import ToolCall
 from .anthropic_request import Conversation, MessagesRequest, to_spec
 from .build import build, prompt_tokens
-from .http import APIError, Service, answer, sse, submit
+from .http import Service, answer, sse, submit
 from .request import Event, Request
 
 PREFIX = "/v1/messages"
@@ -53,25 +53,19 @@ def add_routes(app: FastAPI, service: Service) -> None:
         request = build(service, spec)
         events = submit(service, request, "messages")
         head = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": service.model_id}
-        one_call = bool(body.tool_choice and body.tool_choice.disable_parallel_tool_use)
         if body.stream:
-            return StreamingResponse(stream(request, events, head, one_call), media_type="text/event-stream")
+            return StreamingResponse(stream(request, events, head), media_type="text/event-stream")
         received, last = await answer(request, events, http)
         reasoning = "".join(e.reasoning for e in received + [last])
         text = "".join(e.text for e in received + [last])
         blocks = ([{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []) + \
             ([{"type": "text", "text": text}] if text else []) + \
-            [tool_use(call) for call in calls(last, one_call)]
+            [tool_use(call) for call in last.tool_calls or []]
         return head | {"content": blocks} | ending(last)
 
     @app.post(PREFIX + "/count_tokens", dependencies=auth)
     async def count_tokens(body: Conversation):
         return {"input_tokens": len(prompt_tokens(service, to_spec(body)))}
-
-
-def calls(event: Event, one_call: bool) -> list[ToolCall]:
-    """The calls an answer ends with: the first only under disable_parallel_tool_use."""
-    return (event.tool_calls or [])[:1 if one_call else None]
 
 
 def tool_use(call: ToolCall) -> dict:
@@ -101,8 +95,8 @@ class Blocks:
     deltas, closed with content_block_stop; a new kind of text (thinking, then the answer) opens
     the next one, and the calls come whole at the end."""
 
-    def __init__(self, one_call: bool):
-        self.index, self.open, self.one_call = -1, None, one_call
+    def __init__(self):
+        self.index, self.open = -1, None
 
     def add(self, event: Event) -> Iterator[str]:
         """The server-sent events of one Event; the last one's end with message_stop."""
@@ -111,7 +105,7 @@ class Blocks:
                 yield from self.delta(kind, piece)
         if event.finish_reason:
             yield from self.close()
-            for call in calls(event, self.one_call):
+            for call in event.tool_calls or []:
                 yield from self.tool_use(call)
             end = ending(event)
             yield frame({"type": "message_delta", "usage": end.pop("usage"), "delta": end})
@@ -141,12 +135,12 @@ class Blocks:
             self.open = None
 
 
-async def stream(request: Request, events: asyncio.Queue, head: dict, one_call: bool) -> AsyncIterator[str]:
+async def stream(request: Request, events: asyncio.Queue, head: dict) -> AsyncIterator[str]:
     """The server-sent events of a streamed answer: message_start (once the first token says how much
     of the prompt was cached), ping, the content blocks, message_delta, message_stop; an error as
     Anthropic's error event."""
     try:
-        event, blocks = await events.get(), Blocks(one_call)
+        event, blocks = await events.get(), Blocks()
         if event.finish_reason != "error":
             yield frame({"type": "message_start", "message": head | {
                 "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage(event)}})

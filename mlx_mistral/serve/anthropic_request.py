@@ -85,7 +85,9 @@ def to_spec(body: Conversation, **sampling) -> Spec:
             messages += _user(turn.content, f"messages.{i}", called)
             called = set()
     tools = [_tool(tool, f"tools.{i}") for i, tool in enumerate(body.tools or [])]
+    one = bool(body.tool_choice and body.tool_choice.disable_parallel_tool_use)
     return Spec(body.model, messages=messages, tools=tools, tool_choice=_tool_choice(body.tool_choice),
+                parallel_tool_calls=not one,
                 response_format=_format(body.model_extra.get("output_config")), format_param="output_config.format",
                 **sampling)
 

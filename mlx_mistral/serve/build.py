@@ -29,6 +29,7 @@ class Spec:
     tools: Sequence[dict] = ()
     tool_choice: str | dict = "auto"
     response_format: dict | None = None  # None or {"type": "text"}: free text
+    parallel_tool_calls: bool = True  # False: one call at most (the grammar's)
     format_param: str | None = None  # the request's own name of response_format, if it has another
     max_tokens: int | None = None  # None: up to DEFAULT_MAX_TOKENS, within the context
     temperature: float = 1.0
@@ -73,8 +74,9 @@ def constrain(service: Service, spec: Spec) -> Constraint | None:
     """The one place that decides what a request may hold the model to: the grammar of its
     response_format and tool_choice (structured.Grammars), or None for free text; a 400 names the field."""
     try:
-        return service.ready().grammars.for_chat(spec.response_format, spec.tools, spec.tool_choice,
-                                                 reasoning=service.reasoning and spec.messages is not None)
+        reasoning = service.reasoning and spec.messages is not None
+        return service.ready().grammars.for_chat(spec.response_format, spec.tools, spec.tool_choice, reasoning,
+                                                 spec.parallel_tool_calls)
     except MistralError as e:
         message = str(e)
         if spec.format_param and message.startswith("response_format"):  # a schema's field: named as sent

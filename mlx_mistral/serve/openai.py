@@ -86,6 +86,7 @@ class ChatRequest(Sampling):
     max_completion_tokens: StrictInt | None = Field(None, gt=0)
     tools: list[Tool] | None = None
     tool_choice: str | dict | None = None
+    parallel_tool_calls: StrictBool = True
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
@@ -108,8 +109,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
     async def chat(body: ChatRequest, http: HTTPRequest):
         spec = Spec(body.model, messages=text_messages(body.messages),
                     tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
-                    tool_choice=body.tool_choice or "auto", max_tokens=body.max_completion_tokens or body.max_tokens,
-                    **spec_fields(body))
+                    tool_choice=body.tool_choice or "auto", parallel_tool_calls=body.parallel_tool_calls,
+                    max_tokens=body.max_completion_tokens or body.max_tokens, **spec_fields(body))
         return await run(service, build(service, spec), body, "chat", http)
 
     @app.post("/v1/completions", dependencies=auth)
