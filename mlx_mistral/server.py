@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="at most this many GB of blocks in --prompt-cache-dir (default %(default)s)")
     p.add_argument("--reasoning", action="store_true",
                    help="start every chat with the model's reasoning system prompt (reasoning models: Magistral)")
-    p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (required off loopback)")
+    p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
+                   "(required off loopback)")
     p.add_argument("--cors-origin", help="allow browser pages from this origin (default: no CORS)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)

@@ -37,6 +37,7 @@ class Spec:
     top_k: int = 0  # 0: off
     seed: int | None = None
     stop: Sequence[str] = ()
+    logprobs: int | None = None  # None: none; n: each token's and the n most likely (Request.logprobs)
 
 
 def build(service: Service, spec: Spec) -> Request:
@@ -49,7 +50,7 @@ def build(service: Service, spec: Spec) -> Request:
     chat = spec.messages is not None
     return Request(tokens, max_tokens, spec.temperature, spec.top_p, spec.seed, list(spec.stop),
                    service.ready().tokenizer.encode if chat else None, tool_calls=bool(_offered(spec)),
-                   top_k=spec.top_k, constraint=constraint)
+                   top_k=spec.top_k, constraint=constraint, logprobs=spec.logprobs)
 
 
 def prompt_tokens(service: Service, spec: Spec) -> list[int]:

@@ -110,12 +110,12 @@ def add_routes(app: FastAPI, service: Service) -> None:
         spec = Spec(body.model, messages=text_messages(body.messages),
                     tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
                     tool_choice=body.tool_choice or "auto", parallel_tool_calls=body.parallel_tool_calls,
-                    max_tokens=body.max_completion_tokens or body.max_tokens, **spec_fields(body))
+                    max_tokens=body.max_completion_tokens or body.max_tokens, **spec_fields(body, "chat"))
         return await run(service, build(service, spec), body, "chat", http)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        spec = Spec(body.model, prompt=body.prompt, max_tokens=body.max_tokens, **spec_fields(body))
+        spec = Spec(body.model, prompt=body.prompt, max_tokens=body.max_tokens, **spec_fields(body, "text"))
         return await run(service, build(service, spec), body, "text", http)
 
 
@@ -136,8 +136,9 @@ def text_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
-def spec_fields(body: Sampling) -> dict:
-    """The Spec fields chat and completions share; the fields that would change the answer are refused."""
+def spec_fields(body: Sampling, kind: str) -> dict:
+    """The Spec fields chat and completions (`kind` "chat" or "text") share; the fields that
+    would change the answer are refused."""
     if body.n != 1:
         raise APIError(400, "n: only n = 1 is supported", param="n")
     for name in UNSUPPORTED:
@@ -145,12 +146,11 @@ def spec_fields(body: Sampling) -> dict:
             raise APIError(400, f"{name}: not supported by this server", param=name)
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     return {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": stop,
-            "response_format": body.model_extra.get("response_format")}
+            "response_format": body.model_extra.get("response_format"), "logprobs": requested(body, kind)}
 
 
 async def run(service: Service, request: Request, body: Sampling, kind: str, http: HTTPRequest):
     """Submit `request` and answer it: an SSE stream, or the whole completion object."""
-    request.logprobs = requested(body, kind)
     logprobs = Logprobs(kind, service.ready().tokenizer) if request.logprobs is not None else None
     events = submit(service, request, "messages" if kind == "chat" else "prompt")
     ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex

@@ -75,9 +75,9 @@ class Request:
     is one its grammar allows. With `logprobs` (0 to MAX_LOGPROBS) each token's Event carries
     its log-probability and the `logprobs` most likely tokens' (a TokenLogprob): the
     log_softmax of the logits the token was picked from, after every step that changed them:
-    the grammar's mask, the repetition penalty, then (temperature > 0) the temperature and
-    top_p; a token the mask or top_p removed has -inf and is never listed. Only the rows
-    that ask compute them."""
+    the grammar's mask, the repetition penalty, then (temperature > 0) the temperature,
+    top_k and top_p; a token the mask, top_k or top_p removed has -inf and is never listed.
+    Only the rows that ask compute them."""
 
     tokens: list[int]
     max_tokens: int = 256
