@@ -5,12 +5,15 @@ files are skipped; the tiers stay within their budgets."""
 import os
 import warnings
 
+import mlx.core as mx
+import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from checkpoints import tiny_config, write_hf
 from mlx_mistral.serve import Request, Scheduler
 from mlx_mistral.serve.blocks import BLOCK_TOKENS, chain
+from mlx_mistral.serve.disk_cache import DiskCache
 
 SYSTEM = 1024  # tokens of the shared system prompt: 8 whole blocks
 LAYERS = ["full_attention", "sliding_attention", "sliding_attention"] * 2
@@ -207,3 +210,20 @@ def test_blocks_count_in_the_kv_budget(models):
         assert got == run(s, second, reuse=False)[0]
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_precision_blocks_come_back_bit_for_bit(tmp_path, dtype):
+    """A Mac's float16 / bfloat16 K/V (numpy has no bfloat16: stored as their bits) read back by
+    a new DiskCache on the same directory as the same values, in their dtype."""
+    template = [[mx.zeros((1, 2, 4, 8), dtype=dtype)] * 2, [mx.zeros((1, 2, 3, 8), dtype=dtype)] * 2]
+    block = [[(mx.random.normal(x.shape) * 100).astype(dtype) for x in arrays] for arrays in template]
+    metadata = {"model": "m", "dtype": str(dtype)}
+    disk = DiskCache(str(tmp_path), 1 << 20, metadata, template)
+    disk.put("k", block)
+    disk.close()
+    got = DiskCache(str(tmp_path), 1 << 20, metadata, template).read("k")
+    assert [[x.dtype for x in arrays] for arrays in got] == [[dtype] * 2] * 2
+    for want, have in zip(block, got):
+        for a, b in zip(want, have):
+            assert np.array_equal(np.array(a.view(mx.uint16)), np.array(b.view(mx.uint16)))

@@ -75,7 +75,7 @@ class DiskCache:
     def __init__(self, directory: str, max_bytes: int, metadata: dict[str, str], template: Block):
         self.path, self.max_bytes, self.metadata = check_directory(directory), max_bytes, metadata
         self._groups = [len(arrays) for arrays in template]
-        self._dtypes = dict(_named(template))
+        self._dtypes = {name: x.dtype for name, x in _named(template)}
         self._expected = {name: (a.shape, a.dtype) for name, a in _numpy(template).items()}
         self._lock = threading.Lock()
         self._files: OrderedDict[str, int] = OrderedDict()  # key -> bytes, least recently used first
