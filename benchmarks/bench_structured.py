@@ -121,9 +121,9 @@ def time_steps() -> None:
 
     def timed(self, model):
         t0 = time.perf_counter()
-        tokens = step(self, model)
-        STEPS.append((len(tokens), time.perf_counter() - t0))
-        return tokens
+        out = step(self, model)  # (tokens, logprobs)
+        STEPS.append((len(out[0]), time.perf_counter() - t0))
+        return out
     Batch.step = timed
 
 
