@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
 from .config_keys import (
     HF_IGNORED, HF_ONLY, HF_TEXT_KEYS, IMAGES_UNSUPPORTED, LAYER_TYPES, PARAMS_IGNORED, PARAMS_KEYS, PARAMS_ONLY,
     TEXT_TYPES, WRAPPER_IGNORED, WRAPPER_TYPES, check_keys,
@@ -19,6 +21,11 @@ from .rope import QueryScaling, Yarn, rope_from_hf, rope_from_params, rope_to_hf
 class Quantization:
     group_size: int
     bits: int
+
+
+def packed_bits(weight: mx.array, scales: mx.array, group_size: int) -> int:
+    """The bits per value of a quantized weight: its uint32 columns hold 32 / bits values each."""
+    return weight.shape[-1] * 32 // (scales.shape[-1] * group_size)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs, read_json
+from .config import ModelArgs, packed_bits, read_json
 from .config_keys import WRAPPER_TYPES
 from .fp8 import dequantize
 from .cpu import cpu_paths_on, prepare_for_cpu
@@ -289,8 +289,13 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
     model = Mistral(args)
     if args.quantization:
         q = args.quantization
-        nn.quantize(model, q.group_size, q.bits,
-                    class_predicate=lambda p, m: f"{p}.scales" in weights)
+        def width(p: str, m: nn.Module) -> bool | dict:  # a layer of another width keeps it (mixed files)
+            if f"{p}.scales" not in weights:
+                return False
+            bits = packed_bits(weights[f"{p}.weight"], weights[f"{p}.scales"], q.group_size)
+            return True if bits == q.bits else {"group_size": q.group_size, "bits": bits}
+
+        nn.quantize(model, q.group_size, q.bits, class_predicate=width)
     check_weights(model, weights)
     loaded = [(name, w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w)
               for name, w in weights.items()]

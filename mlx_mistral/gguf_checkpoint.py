@@ -1,0 +1,144 @@
+"""GGUF files (llama.cpp, Ollama, LM Studio downloads) -> ModelArgs and HF-named weights.
+
+MLX reads GGUF itself (`mx.load(..., return_metadata=True)`): Q4_0, Q4_1 and Q8_0 tensors come
+back as MLX's affine quantized triples (weight uint32, scales, biases; group 32), exactly as
+stored, and F32/F16/BF16 as arrays. The metadata keys and tensor names are the `gguf` package's
+constants (llama.cpp's own), never guessed. Every `{arch}.*` key is read, known harmless, or
+refused by name.
+
+RoPE layout: llama.cpp's converter permutes the q/k rows of a Hugging Face checkpoint so that
+its rotation of adjacent pairs (GPT-J style, Meta's original layout) computes what the HF
+half-split rotation does. Our model runs the HF layout (nn.RoPE(traditional=False)), so the rows
+are permuted back, per head, exactly as an original Mistral checkpoint's wq/wk are. The rows of
+a quantized weight are quantized independently (groups run along the input dimension), so the
+same row permutation of its weight, scales and biases is exact.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import mlx.core as mx
+
+from .config import ModelArgs, Quantization, packed_bits
+from .errors import MistralError
+
+ARCHITECTURES = ("llama",)  # dense llama (Mistral 7B, NeMo, Small, Codestral, SmolLM2); others refused
+K = gguf.Keys
+# {arch}.* keys we implement (-> ModelArgs) and those that do not change the computation.
+ARCH_KEYS = {
+    K.LLM.CONTEXT_LENGTH, K.LLM.EMBEDDING_LENGTH, K.LLM.BLOCK_COUNT, K.LLM.FEED_FORWARD_LENGTH,
+    K.Attention.HEAD_COUNT, K.Attention.HEAD_COUNT_KV, K.Attention.LAYERNORM_RMS_EPS, K.Rope.FREQ_BASE,
+    K.Rope.DIMENSION_COUNT, K.Attention.KEY_LENGTH, K.Attention.VALUE_LENGTH, K.LLM.VOCAB_SIZE,
+    K.Attention.SLIDING_WINDOW, K.Rope.SCALING_TYPE,
+}
+MT = gguf.MODEL_TENSOR
+# GGUF tensor -> our (Hugging Face) name; "{bid}" is the block index.
+TENSORS = {
+    MT.TOKEN_EMBD: "model.embed_tokens", MT.OUTPUT_NORM: "model.norm", MT.OUTPUT: "lm_head",
+    MT.ATTN_NORM: "model.layers.{bid}.input_layernorm", MT.FFN_NORM: "model.layers.{bid}.post_attention_layernorm",
+    MT.ATTN_Q: "model.layers.{bid}.self_attn.q_proj", MT.ATTN_K: "model.layers.{bid}.self_attn.k_proj",
+    MT.ATTN_V: "model.layers.{bid}.self_attn.v_proj", MT.ATTN_OUT: "model.layers.{bid}.self_attn.o_proj",
+    MT.FFN_GATE: "model.layers.{bid}.mlp.gate_proj", MT.FFN_UP: "model.layers.{bid}.mlp.up_proj",
+    MT.FFN_DOWN: "model.layers.{bid}.mlp.down_proj",
+}
+IGNORED_TENSORS = (MT.ROPE_FREQS,)  # llama.cpp's precomputed inverse frequencies: we compute RoPE ourselves
+GROUP = 32  # every MLX-read GGUF quantization (Q4_0, Q4_1, Q8_0) has blocks of 32
+
+
+def read_gguf(path: Path) -> tuple[ModelArgs, dict[str, mx.array], dict[str, Any]]:
+    """(args, lazy HF-named weights, the file's metadata) of a GGUF file."""
+    tensors, meta = _load(path)
+    arch = meta.get(K.General.ARCHITECTURE)
+    if arch not in ARCHITECTURES:
+        raise MistralError(f"{path}: general.architecture must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    args = _args(path, arch, meta, tensors)
+    return args, _weights(path, arch, args, tensors), meta
+
+
+def _load(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    if not path.is_file():
+        raise MistralError(f"{path}: GGUF file not found")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise MistralError(f"{path}: not a GGUF file (its first bytes are not the GGUF magic)")
+    try:
+        tensors, meta = mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:  # truncated, an unsupported tensor type, a corrupt header
+        reason = " ".join(str(e).split())
+        raise MistralError(f"{path}: GGUF file could not be read ({reason[:200]}; MLX reads F32, F16, BF16, "
+                           "Q4_0, Q4_1 and Q8_0 tensors)") from None
+    meta = {k: (v.item() if isinstance(v, mx.array) and v.size == 1 else v) for k, v in meta.items()}
+    return tensors, meta
+
+
+def _args(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, mx.array]) -> ModelArgs:
+    prefix = f"{arch}."
+    for key in sorted(k for k in meta if k.startswith(prefix)):
+        if key.removeprefix(prefix) not in {k.format(arch="").lstrip(".") for k in ARCH_KEYS}:
+            raise MistralError(f"{path}: unknown metadata key {key!r} (it may change the computation; refused)")
+
+    def get(key: str, default: Any = None, required: bool = False) -> Any:
+        name = key.format(arch=arch)
+        if required and name not in meta:
+            raise MistralError(f"{path}: missing metadata key {name!r}")
+        return meta.get(name, default)
+
+    scaling = get(K.Rope.SCALING_TYPE, "none")
+    if scaling != "none":
+        raise MistralError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported (only 'none')")
+    dim, n_heads = get(K.LLM.EMBEDDING_LENGTH, required=True), get(K.Attention.HEAD_COUNT, required=True)
+    head_dim = get(K.Attention.KEY_LENGTH) or (dim // n_heads if isinstance(dim, int) and n_heads else 0)
+    for key in (K.Attention.VALUE_LENGTH, K.Rope.DIMENSION_COUNT):
+        if get(key, head_dim) != head_dim:  # partial rotary or v heads of another width: not this model
+            raise MistralError(f"{path}: {key.format(arch=arch)} must equal the head dimension ({head_dim}), "
+                               f"got {get(key)!r}")
+    embed = tensors.get("token_embd.weight")
+    vocab = get(K.LLM.VOCAB_SIZE) or (embed.shape[0] if embed is not None else 0)
+    return ModelArgs(
+        dim=dim, n_layers=get(K.LLM.BLOCK_COUNT, required=True), n_heads=n_heads,
+        n_kv_heads=get(K.Attention.HEAD_COUNT_KV, n_heads), head_dim=head_dim,
+        hidden_dim=get(K.LLM.FEED_FORWARD_LENGTH, required=True), vocab_size=vocab,
+        norm_eps=get(K.Attention.LAYERNORM_RMS_EPS, 1e-5), rope_theta=get(K.Rope.FREQ_BASE, 10000.0),
+        sliding_window=get(K.Attention.SLIDING_WINDOW) or None,
+        max_position_embeddings=get(K.LLM.CONTEXT_LENGTH, 32768),
+        tie_word_embeddings="output.weight" not in tensors,
+        quantization=_quantization(tensors),
+    )
+
+
+def _quantization(tensors: dict[str, mx.array]) -> Quantization | None:
+    """The file's most common quantization (group 32; bits from the packed width). Tensors of
+    another width (a Q4_1 file's Q8_0 embedding) keep theirs: build_model reads each one's."""
+    widths = [packed_bits(tensors[n.removesuffix(".scales") + ".weight"], w, GROUP)
+              for n, w in tensors.items() if n.endswith(".scales")]
+    return Quantization(group_size=GROUP, bits=max(set(widths), key=widths.count)) if widths else None
+
+
+def _weights(path: Path, arch: str, args: ModelArgs, tensors: dict[str, mx.array]) -> dict[str, mx.array]:
+    names = {}
+    for tensor, ours in TENSORS.items():
+        for bid in range(args.n_layers if "{bid}" in gguf.TENSOR_NAMES[tensor] else 1):
+            names[gguf.TENSOR_NAMES[tensor].format(bid=bid)] = (tensor, ours.format(bid=bid))
+    ignored = {gguf.TENSOR_NAMES[t] for t in IGNORED_TENSORS}
+    out = {}
+    for name, w in tensors.items():
+        stem, _, part = name.rpartition(".")
+        if stem in ignored:
+            continue
+        if stem not in names or part not in ("weight", "scales", "biases"):
+            raise MistralError(f"{path}: unexpected tensor {name!r} for a {arch} model of {args.n_layers} blocks")
+        tensor, ours = names[stem]
+        if tensor in (MT.ATTN_Q, MT.ATTN_K):
+            w = _unpermute(path, name, w, args.n_heads if tensor == MT.ATTN_Q else args.n_kv_heads)
+        out[f"{ours}.{part}"] = w
+    return out
+
+
+def _unpermute(path: Path, name: str, w: mx.array, heads: int) -> mx.array:
+    """llama.cpp's q/k rows (adjacent-pair RoPE) -> Hugging Face's half-split rows, per head:
+    the inverse of the converter's `reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2)`."""
+    rows, cols = w.shape
+    if rows % (2 * heads):
+        raise MistralError(f"{path}: tensor {name!r} has {rows} rows, not a multiple of 2 x {heads} heads")
+    return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
