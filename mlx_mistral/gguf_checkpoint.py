@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from .config import ModelArgs, Quantization, packed_bits
 from .errors import MistralError
+from .rope import half_split_rows
 
 ARCHITECTURES = ("llama",)  # dense llama (Mistral 7B, NeMo, Small, Codestral, SmolLM2); others refused
 K = gguf.Keys
@@ -130,15 +131,7 @@ def _weights(path: Path, arch: str, args: ModelArgs, tensors: dict[str, mx.array
             raise MistralError(f"{path}: unexpected tensor {name!r} for a {arch} model of {args.n_layers} blocks")
         tensor, ours = names[stem]
         if tensor in (MT.ATTN_Q, MT.ATTN_K):
-            w = _unpermute(path, name, w, args.n_heads if tensor == MT.ATTN_Q else args.n_kv_heads)
+            heads = args.n_heads if tensor == MT.ATTN_Q else args.n_kv_heads
+            w = half_split_rows(w, heads, f"{path}: tensor {name!r}")
         out[f"{ours}.{part}"] = w
     return out
-
-
-def _unpermute(path: Path, name: str, w: mx.array, heads: int) -> mx.array:
-    """llama.cpp's q/k rows (adjacent-pair RoPE) -> Hugging Face's half-split rows, per head:
-    the inverse of the converter's `reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2)`."""
-    rows, cols = w.shape
-    if rows % (2 * heads):
-        raise MistralError(f"{path}: tensor {name!r} has {rows} rows, not a multiple of 2 x {heads} heads")
-    return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)

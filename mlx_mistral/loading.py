@@ -19,6 +19,7 @@ from .cpu import cpu_paths_on, prepare_for_cpu
 from .shard import shard
 from .errors import MistralError
 from .model import Mistral
+from .rope import half_split_rows
 from .moe import stack_experts
 from .tokenizer import Tokenizer
 
@@ -235,17 +236,9 @@ def _from_original(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, m
         kind = m.group(2)
         if kind in ("attention.wq", "attention.wk") and w.ndim == 2:
             heads = args.n_heads if kind == "attention.wq" else args.n_kv_heads
-            w = _permute_rope(w, heads, name)
+            w = half_split_rows(w, heads, f"original checkpoint: {name}")
         out[f"model.layers.{m.group(1)}.{ORIGINAL_LAYER_NAMES[kind]}.weight"] = w
     return out
-
-
-def _permute_rope(w: mx.array, heads: int, name: str) -> mx.array:
-    """Interleaved (traditional) RoPE rows -> half-split rows, per head."""
-    rows, cols = w.shape
-    if rows % (2 * heads):
-        raise MistralError(f"original checkpoint: {name} has {rows} rows, not a multiple of 2 x {heads} heads")
-    return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 def default_dtype(weights: dict[str, mx.array]) -> mx.Dtype:

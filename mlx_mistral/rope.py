@@ -200,3 +200,14 @@ def rope_to_hf(theta: float, yarn: Yarn | None, scaling: QueryScaling | None) ->
         out["llama_4_scaling_beta"] = scaling.beta
         out["original_max_position_embeddings"] = scaling.original_max_position_embeddings
     return out
+
+
+def half_split_rows(w: mx.array, heads: int, what: str) -> mx.array:
+    """q/k projection rows for interleaved RoPE (adjacent pairs: Meta's original layout, which
+    original Mistral checkpoints and llama.cpp's GGUF files hold) -> the half-split rows of
+    nn.RoPE(traditional=False), per head. Rows are permuted whole, so a quantized weight's scales
+    and biases take the same permutation exactly. `what` names the tensor in the error."""
+    rows, cols = w.shape
+    if rows % (2 * heads):
+        raise MistralError(f"{what} has {rows} rows, not a multiple of 2 x {heads} heads")
+    return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)

