@@ -74,9 +74,9 @@ def _load(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
 
 
 def _args(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, mx.array]) -> ModelArgs:
-    prefix = f"{arch}."
-    for key in sorted(k for k in meta if k.startswith(prefix)):
-        if key.removeprefix(prefix) not in {k.format(arch="").lstrip(".") for k in ARCH_KEYS}:
+    known = {k.format(arch=arch) for k in ARCH_KEYS}
+    for key in sorted(k for k in meta if k.startswith(f"{arch}.")):
+        if key not in known:
             raise MistralError(f"{path}: unknown metadata key {key!r} (it may change the computation; refused)")
 
     def get(key: str, default: Any = None, required: bool = False) -> Any:
