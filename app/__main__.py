@@ -13,7 +13,7 @@ from mlx_mistral.server import check_host, check_port, is_loopback, serve as ser
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo",
-                   help="local directory, Hugging Face repo id, or 'demo' (the default)")
+                   help="local directory, .gguf file, Hugging Face repo id, 'smollm2' (the installed SmolLM2 GGUF) or 'demo' (the default)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-kv-size", type=int,

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_mistral import Mistral, ModelArgs, make_cache  # noqa: E402
-from mlx_mistral.loading import build_model, read_checkpoint  # noqa: E402
+from mlx_mistral.loading import build_model, dequantized, read_checkpoint  # noqa: E402
 from presets import PRESETS, preset_args, write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,14 +59,7 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
 def dense_fp32(path: Path) -> Mistral:
     """The checkpoint's function with dense float32 weights (quantized layers dequantized)."""
     args, weights, _ = read_checkpoint(path)
-    q = args.quantization
-    for name in [n for n in weights if n.endswith(".scales")]:
-        layer = name.removesuffix(".scales")
-        scales = weights.pop(name).astype(mx.float32)
-        biases = weights.pop(f"{layer}.biases").astype(mx.float32)
-        weights[f"{layer}.weight"] = mx.dequantize(weights[f"{layer}.weight"], scales, biases,
-                                                   q.group_size, q.bits)
-    return build_model(replace(args, quantization=None), weights, mx.float32)
+    return build_model(*dequantized(args, weights), mx.float32)
 
 
 def next_token_logprobs(model: Mistral, ids: list[int]) -> np.ndarray:

@@ -11,10 +11,11 @@ from .loading import load
 from .model import Mistral
 from .sample import make_sampler
 from .structured import Constraint, Grammars
-from .tokenizer import StreamingDetokenizer, Tokenizer, ToolCall
+from .text import StreamingDetokenizer, TextTokenizer, ToolCall
+from .tokenizer import Tokenizer
 
 __all__ = [
     "Constraint", "Grammars", "GenerationResponse", "Mistral", "batch_generate", "batch_stream_generate", "MistralError", "ModelArgs", "RollingKVCache",
-    "StreamingDetokenizer", "Tokenizer", "ToolCall", "generate", "generate_step", "load", "make_cache",
+    "StreamingDetokenizer", "TextTokenizer", "Tokenizer", "ToolCall", "generate", "generate_step", "load", "make_cache",
     "make_sampler", "stream_generate",
 ]

@@ -32,7 +32,7 @@ def is_loopback(host: str) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_mistral.server", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="demo", help="local directory, Hugging Face repo id, or 'demo'")
+    p.add_argument("--model", default="demo", help="local directory, .gguf file, Hugging Face repo id (org/name, org/name/FILE.gguf), 'smollm2' (the installed SmolLM2 GGUF) or 'demo'")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import MistralError
-from .tokenizer import Tokenizer
+from .text import TextTokenizer
 
 # Limits on a schema a client sends: its JSON text, and how deeply it nests.
 MAX_SCHEMA_BYTES = 64 * 1024
@@ -62,7 +62,7 @@ class Constraint:
 class Grammars:
     """The grammars of one tokenizer and their matchers."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int | None = None):
+    def __init__(self, tokenizer: TextTokenizer, vocab_size: int | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size or tokenizer.vocab_size  # a model may pad its vocabulary
         self._pristine: OrderedDict[str, object] = OrderedDict()  # grammar text -> matcher
@@ -240,7 +240,7 @@ class _Vocabulary:
     allowed only where a grammar names them), the control ids, and `encode`, which llguidance
     calls on text the grammar forces and trusts to be the canonical split."""
 
-    def __init__(self, tok: Tokenizer, vocab_size: int):
+    def __init__(self, tok: TextTokenizer, vocab_size: int):
         pieces = tok.piece_bytes
         special = sorted(set(tok.control_ids) | {tok.unk_id} | set(range(len(pieces), vocab_size)))
         names = set(special)
@@ -250,7 +250,7 @@ class _Vocabulary:
         self._tok = tok
         # SentencePiece puts its dummy "▁" before text (forced `name` would become "▁name"). A
         # newline never merges with what follows (byte fallback): encode "\n" + text, drop its ids.
-        self._newline = [] if tok.tekken else tok.encode("\n")
+        self._newline = tok.encode("\n") if tok.space_prefix else []
 
     def __call__(self, text: str) -> list[int]:
         if not self._newline:

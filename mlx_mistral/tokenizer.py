@@ -5,17 +5,14 @@ mistral-common is Mistral's own encoder for chat requests, tools included: chat_
 hands it the conversation in OpenAI's message format, so our templates are never hand-written.
 """
 
-import codecs
 import json
 import logging
 import re
 import secrets
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import sentencepiece as spm
 import tokenizers
@@ -28,38 +25,25 @@ from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerV
 from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV1, InstructTokenizerV3
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
-from mistral_common.tokens.tokenizers.tekken import is_tekken
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer, is_tekken
 
 from .errors import MistralError
-
-# OpenAI chat format: {"role": "system" | "user" | "assistant" | "tool", "content": str, ...},
-# assistant "tool_calls" [{"id", "type": "function", "function": {"name", "arguments": JSON str}}],
-# tool messages with "tool_call_id".
-Message = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One function call the model asked for."""
-
-    id: str  # 9 letters/digits, as Mistral's tool results refer to it
-    name: str
-    arguments: str  # a JSON object, as text (OpenAI's convention)
-
-    def to_openai(self) -> dict:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-
+from .text import Message, ToolCall, check_unicode
 
 class Tokenizer:
-    def __init__(self, path: str | Path):
+    """A Mistral vocabulary (implements text.TextTokenizer). `mistral`: one already built (from a
+    GGUF file's vocabulary); else read from the file at `path`."""
+
+    def __init__(self, path: str | Path, mistral: MistralTokenizer | None = None):
         self.path = Path(path)
-        self._mistral = _load_mistral(self.path)
+        self._mistral = mistral or _load_mistral(self.path)
         self._raw = self._mistral.instruct_tokenizer.tokenizer
         self.vocab_size = self._raw.n_words
         self.bos_id, self.eos_id, self.unk_id = self._raw.bos_id, self._raw.eos_id, self._raw.unk_id
         self.version = self._raw.version.value  # "v1", "v3", "v7", ...
         self.control_ids = frozenset(self._raw.special_ids)
-        self.tekken = is_tekken(self.path)
+        self.tekken = isinstance(self._raw, Tekkenizer)
+        self.space_prefix = not self.tekken  # SentencePiece's dummy prefix
         self.tool_calls_id = self._raw.get_special_token("[TOOL_CALLS]") if self.version != "v1" else None
         begin, end = self.control_id("[THINK]"), self.control_id("[/THINK]")
         # a reasoning model's: its reasoning comes between them, before the answer
@@ -79,7 +63,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Plain text to ids. Control tokens are never produced from text."""
-        _check_unicode(text)
+        check_unicode(text)
         return self._raw.encode(text, bos=bos, eos=False)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -123,7 +107,7 @@ class Tokenizer:
         messages = [m for m in messages if m.get("role") != "assistant" or m.get("content") or m.get("tool_calls")]
         for m in messages:
             if isinstance(m.get("content"), str):
-                _check_unicode(m["content"])
+                check_unicode(m["content"])
         try:
             request = ChatCompletionRequest.from_openai(messages, tools=list(tools) if tools else None)
             return self._mistral.encode_chat_completion(request).tokens
@@ -170,13 +154,6 @@ class Tokenizer:
         return [ToolCall(id=_call_id(c.id), name=c.function.name, arguments=c.function.arguments) for c in calls]
 
 
-def _check_unicode(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise MistralError(f"text is not valid Unicode ({e.reason} at character {e.start})") from None
-
-
 def _call_id(given: str) -> str:
     """The model's call id if it is a valid one, else a new random one (Mistral's 9 alphanumerics)."""
     if re.fullmatch(r"[A-Za-z0-9]{9}", given or ""):
@@ -203,9 +180,17 @@ def _load_mistral(path: Path) -> MistralTokenizer:
             raise MistralError(f"{path}: not a SentencePiece tokenizer model ({reason})") from None
         if re.search(r"\.v\d+(m\d+)?$", path.name):  # its name says its version (v7m1: v7, multimodal)
             return MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
+    return sentencepiece_mistral(path, sp, in_memory=isinstance(sp, _SentencePieceJson))
+
+
+def sentencepiece_mistral(path: Path, sp: "spm.SentencePieceProcessor | _SentencePieceJson",
+                          in_memory: bool = True) -> MistralTokenizer:
+    """mistral-common's tokenizer of a SentencePiece vocabulary: V3 when [INST] is a control
+    token, else V1. `in_memory`: `sp` is used as it is (a tokenizer.json's, a GGUF file's),
+    not read again from `path`."""
     v3 = sp.vocab_size() > 4 and sp.id_to_piece(3) == "[INST]" and sp.is_control(3)
     version = TokenizerVersion.v3 if v3 else TokenizerVersion.v1
-    raw = (_JsonSentencePieceTokenizer(path, sp, version) if isinstance(sp, _SentencePieceJson)
+    raw = (_InMemorySentencePieceTokenizer(path, sp, version) if in_memory
            else SentencePieceTokenizer(path, tokenizer_version=version))
     instruct = (InstructTokenizerV3 if v3 else InstructTokenizerV1)(raw)
     return MistralTokenizer(instruct, validator=get_validator(version, mode=ValidationMode.test),
@@ -289,38 +274,15 @@ class _SentencePieceJson:
         return -1
 
 
-class _JsonSentencePieceTokenizer(SentencePieceTokenizer):
-    """mistral-common's SentencePieceTokenizer on a _SentencePieceJson instead of a .model file."""
+class _InMemorySentencePieceTokenizer(SentencePieceTokenizer):
+    """mistral-common's SentencePieceTokenizer on a SentencePiece model already built (a
+    _SentencePieceJson, or a processor of a GGUF file's vocabulary) instead of a .model file."""
 
-    def __init__(self, path: Path, model: _SentencePieceJson, version: TokenizerVersion):
+    def __init__(self, path: Path, model: "spm.SentencePieceProcessor | _SentencePieceJson",
+                 version: TokenizerVersion):
         # what SentencePieceTokenizer.__init__ sets, without its SentencePieceProcessor
         self._logger = logging.getLogger(self.__class__.__name__)
         self._model = model
         self._vocab = [model.id_to_piece(i) for i in range(model.vocab_size())]
         self._version = version
         self._file_path = path
-
-
-class StreamingDetokenizer:
-    """Turns ids into text piece by piece, never splitting a UTF-8 character.
-
-    Joining everything it returns gives tokenizer.decode(ids): SentencePiece's
-    leading space is dropped once at the start of the stream, and kept elsewhere
-    (Tekken keeps every space).
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._pieces = tokenizer.piece_bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._at_start = not tokenizer.tekken
-
-    def add(self, token: int) -> str:
-        text = self._utf8.decode(self._pieces[token])
-        if self._at_start and text:
-            self._at_start = False
-            text = text[1:] if text.startswith(" ") else text
-        return text
-
-    def flush(self) -> str:
-        """Whatever is left (an incomplete UTF-8 sequence becomes U+FFFD)."""
-        return self._utf8.decode(b"", final=True)

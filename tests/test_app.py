@@ -413,7 +413,8 @@ def test_missing_model_refuses_to_start():
     run = subprocess.run([sys.executable, "-m", "app", "--model", "/no/such/model", "--port", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1] == "error: model directory '/no/such/model' does not exist"
+    assert run.stderr.strip().splitlines()[-1] == ("error: model '/no/such/model' does not exist (expected a "
+                                                   "directory, a .gguf file, a Hub repo id, 'smollm2' or 'demo')")
     assert "Running on" not in run.stdout
 
 

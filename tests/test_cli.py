@@ -81,7 +81,7 @@ BREAKAGES = {
     "truncated weights": (lambda p: (p / "model.safetensors").write_bytes(
         (p / "model.safetensors").read_bytes()[:100_000]), "model.safetensors: not a valid safetensors"),
     "a file, not a directory": (lambda p: (shutil.rmtree(p), p.write_text("x")),
-                                "expected a directory, found a file"),
+                                "expected a directory or a .gguf file, found another file"),
     "config not an object": (lambda p: (p / "config.json").write_text("[1, 2]"),
                              "expected a JSON object, got list"),
     "rope scaling": (lambda p: edit_config(p, rope_scaling={"type": "linear", "factor": 2.0}),

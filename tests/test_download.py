@@ -9,7 +9,7 @@ import pytest
 
 from checkpoints import to_original
 from mlx_mistral import MistralError, load
-from mlx_mistral.loading import download, read_checkpoint
+from mlx_mistral.loading import download, read_checkpoint, resolve
 
 TOKENIZERS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 # mistralai/Mistral-Small-Instruct-2409's files (both layouts: 89 GB if all are fetched)
@@ -68,10 +68,26 @@ def test_a_repo_without_loadable_weights_is_refused(hub):
 
 def test_offline_uses_the_cache_or_fails_in_one_line(hub):
     with pytest.raises(MistralError) as e:
-        download("org/model")
+        resolve("org/model")
     assert hub[1] == [None]  # the cache was tried
-    assert str(e.value).startswith("model 'org/model' is not a local directory and could not be downloaded")
+    assert str(e.value).startswith("model 'org/model' is not a local path and could not be downloaded")
     assert "\n" not in str(e.value)
+
+
+def test_a_hub_gguf_file_offline_fails_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MistralError) as e:
+        resolve("org/model-GGUF/model-Q4_0.gguf")
+    assert str(e.value).startswith("model 'org/model-GGUF/model-Q4_0.gguf' is not a local path and could not be "
+                                   "downloaded from the Hugging Face Hub (offline or unreachable?")
+    assert "\n" not in str(e.value)
+
+
+def test_a_repo_of_gguf_files_asks_for_one_by_name(hub):
+    hub[0].extend(["README.md", "model-Q4_0.gguf", "model-Q8_0.gguf"])
+    with pytest.raises(MistralError, match=r"^model 'org/model': a Hub repo of GGUF files: name one as "
+                                           r"org/model/FILE.gguf \(model-Q4_0.gguf, model-Q8_0.gguf\)$"):
+        download("org/model")
 
 
 @pytest.mark.parametrize("index", [False, True])

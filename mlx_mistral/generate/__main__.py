@@ -21,7 +21,7 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"  # a reasoning model's reasoning, on a termina
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_mistral.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="local directory, Hugging Face repo id, or 'demo'")
+    p.add_argument("--model", required=True, help="local directory, .gguf file, Hugging Face repo id (org/name, org/name/FILE.gguf), 'smollm2' (the installed SmolLM2 GGUF) or 'demo'")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the user message ('-' reads it from stdin)")
     source.add_argument("--prompts-file", help="many prompts decoded as one batch: one per line, or JSONL "

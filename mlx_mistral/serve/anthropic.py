@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..tokenizer import ToolCall
+from ..text import ToolCall
 from .anthropic_request import Conversation, MessagesRequest, to_spec
 from .build import build, prompt_tokens
 from .http import Service, answer, sse, submit

@@ -7,7 +7,7 @@ vocabulary ("[TOOL_CALLS]", "[THINK]") with `bytes` null. Every generated token 
 in order, except the EOS that ends an answer (OpenAI lists none for it).
 """
 
-from ..tokenizer import StreamingDetokenizer, Tokenizer
+from ..text import StreamingDetokenizer, TextTokenizer
 from .http import APIError
 from .request import Event, TokenLogprob
 
@@ -23,7 +23,7 @@ def requested(body, kind: str) -> int | None:
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
-def token_name(tokenizer: Tokenizer, token: int) -> tuple[str, list[int] | None]:
+def token_name(tokenizer: TextTokenizer, token: int) -> tuple[str, list[int] | None]:
     """(the token as OpenAI names it, its bytes: None for a control token)."""
     if token in tokenizer.control_ids:
         return tokenizer.piece(token), None
@@ -38,7 +38,7 @@ class Logprobs:
     """One answer's logprobs in the shape of `kind` ("chat" or "text"): add() each Event, take()
     the object of the tokens added since the last take (a streamed chunk's, or the whole answer's)."""
 
-    def __init__(self, kind: str, tokenizer: Tokenizer):
+    def __init__(self, kind: str, tokenizer: TextTokenizer):
         self.kind, self.tokenizer = kind, tokenizer
         self.pending: list[TokenLogprob] = []
         self._text = StreamingDetokenizer(tokenizer)  # completions' text_offset

@@ -12,7 +12,7 @@ from ..generate import _check_request
 from ..model import Mistral
 from ..sample import check_repetition_penalty, check_sampler
 from ..structured import Constraint
-from ..tokenizer import ToolCall
+from ..text import ToolCall
 
 # Out of idle, admission waits for a burst of requests to finish arriving (Waiting.gather): while
 # each comes within GATHER_GAP_S of the last, for GATHER_S at most.

@@ -20,9 +20,9 @@ from typing import Any
 import gguf
 import mlx.core as mx
 
-from .config import ModelArgs, Quantization, packed_bits
-from .errors import MistralError
-from .rope import half_split_rows
+from ..config import ModelArgs, Quantization, packed_bits
+from ..errors import MistralError
+from ..rope import half_split_rows
 
 ARCHITECTURES = ("llama",)  # dense llama (Mistral 7B, NeMo, Small, Codestral, SmolLM2); others refused
 K = gguf.Keys
