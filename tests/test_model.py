@@ -138,8 +138,8 @@ def test_windowless_rolls_as_a_window_past_max_kv_size(windowless):
     assert np.abs(ours - oracle_logits(hf, ids, sliding_window=W)).max() <= 1e-4
 
 
-@pytest.mark.parametrize("parts", [2, 3, 8])
-@pytest.mark.parametrize("shape", [(1, 1, 128), (3, 1, 128), (1, 37, 128)])
+@pytest.mark.parametrize("parts", [1, 2, 3, 8])
+@pytest.mark.parametrize("shape", [(1, 1, 128), (3, 1, 128), (1, 15, 128), (5, 3, 128)])
 def test_parallel_quantized_linear_is_bit_identical(parts, shape):
     """Splitting output rows over CPU streams changes no bit of the result (odd row counts too)."""
     import mlx.nn as nn
@@ -152,6 +152,24 @@ def test_parallel_quantized_linear_is_bit_identical(parts, shape):
     split = ParallelQuantizedLinear(q, parts)
     assert split(x).shape == (*shape[:2], 100)
     assert mx.array_equal(split(x), q(x)).item()
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32)])
+@pytest.mark.parametrize("shape", [(1, 16, 128), (1, 37, 128), (4, 5, 128)])
+def test_parallel_quantized_linear_chunks_use_the_dequantized_matrix(bits, group, shape):
+    """From 16 rows of x on, the product is x @ dequantize(w).T: the same values as MLX's
+    quantized matmul, summed by BLAS (float32 rounding apart)."""
+    import mlx.nn as nn
+
+    from mlx_mistral.cpu import ParallelQuantizedLinear
+
+    mx.random.seed(1)
+    q = nn.QuantizedLinear.from_linear(nn.Linear(128, 100, bias=False), group_size=group, bits=bits)
+    x = mx.random.normal(shape)
+    out = ParallelQuantizedLinear(q, 2)(x)
+    w = mx.dequantize(q.weight, q.scales, q.biases, group, bits)
+    assert mx.array_equal(out, x @ w.T).item()
+    assert mx.allclose(out, q(x), rtol=1e-5, atol=1e-5).item()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 15, 16, 40])
