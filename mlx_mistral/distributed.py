@@ -70,12 +70,12 @@ def init(timeout: float = DEFAULT_CONNECT_TIMEOUT) -> mx.distributed.Group | Non
     return group
 
 
-def load(path_or_repo: str, group: mx.distributed.Group,
-         dtype: mx.Dtype | None = None) -> tuple[Mistral, Tokenizer]:
+def load(path_or_repo: str, group: mx.distributed.Group, dtype: mx.Dtype | None = None,
+         gguf_bits: int | None = None) -> tuple[Mistral, Tokenizer]:
     """loading.load of this rank's share on every rank of `group`; if any rank fails, all
     fail with a clear error instead of waiting for it on their first all_sum."""
     try:
-        model, tokenizer = load_one(path_or_repo, dtype, group)
+        model, tokenizer = load_one(path_or_repo, dtype, group, gguf_bits)
     except MistralError as e:
         check_loaded(group, None, e)
     check_loaded(group, model.args, None)

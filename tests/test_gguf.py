@@ -2,13 +2,16 @@
 transformers' loading of the same file (dequantized, float32), and bad files."""
 
 import importlib.util
+import json
 from pathlib import Path
 
+import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 
+from mlx_mistral.config import packed_bits
 from mlx_mistral.errors import MistralError
 from mlx_mistral.loading import read_gguf
 from mlx_mistral.loading import build_model, dequantized
@@ -102,16 +105,188 @@ def test_a_tiny_llama_gguf_loads_and_runs(tmp_path):
     assert logits.shape == (3, 32) and np.isfinite(logits).all()
 
 
+Q = gguf.GGMLQuantizationType
+DIM, FFN, LAYERS, VOCAB = 256, 512, 2, 300  # 256: a K-quant block spans 256 weights of a row
+K_SCALES = {Q.Q4_K: ((0, 1e-4), (2, 1e-4)), Q.Q6_K: ((208, 2e-5),)}  # (byte offset, value) of its float16 scales
+
+
+def k_blocks(rng, qtype, shape):
+    """Random K-quant blocks whose float16 super-block scales are set to keep weights ~0.03."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
+    for offset, value in K_SCALES[qtype]:
+        data[..., offset:offset + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+    return data.reshape(shape[0], -1)
+
+
+def model_gguf(path, qtype=Q.F32, types=None, vocab=None):
+    """A small llama GGUF (GQA 4/2, head_dim 64, tied embedding) as llama.cpp lays one out,
+    written by the gguf package's writer: its matrices in `qtype` (quantized by gguf.quants, or
+    random K-quant blocks), `types` overriding it by tensor name suffix; norms in F32.
+    `vocab`: (tokens, types, scores) of a SentencePiece vocabulary, else none."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(LAYERS)
+    writer.add_embedding_length(DIM)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(128)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(len(vocab[0]) if vocab else VOCAB)
+    if vocab:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(vocab[0])
+        writer.add_token_types(vocab[1])
+        writer.add_token_scores(vocab[2])
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+    shapes = {"token_embd.weight": (len(vocab[0]) if vocab else VOCAB, DIM), "output_norm.weight": (DIM,)}
+    for b in range(LAYERS):
+        shapes |= {f"blk.{b}.attn_norm.weight": (DIM,), f"blk.{b}.ffn_norm.weight": (DIM,),
+                   f"blk.{b}.attn_q.weight": (DIM, DIM), f"blk.{b}.attn_k.weight": (128, DIM),
+                   f"blk.{b}.attn_v.weight": (128, DIM), f"blk.{b}.attn_output.weight": (DIM, DIM),
+                   f"blk.{b}.ffn_gate.weight": (FFN, DIM), f"blk.{b}.ffn_up.weight": (FFN, DIM),
+                   f"blk.{b}.ffn_down.weight": (DIM, FFN)}
+    rng = np.random.default_rng(0)
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+            continue
+        t = next((t for suffix, t in (types or {}).items() if name.endswith(suffix)), qtype)
+        if t in K_SCALES:
+            writer.add_tensor(name, k_blocks(rng, t, shape), raw_dtype=t)
+        elif t == Q.Q8_1:  # a type nothing here reads: zero blocks
+            block, size = gguf.GGML_QUANT_SIZES[t]
+            writer.add_tensor(name, np.zeros((shape[0], shape[1] // block * size), np.uint8), raw_dtype=t)
+        else:
+            w = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+            writer.add_tensor(name, w if t == Q.F32 else gguf.quants.quantize(w, t), raw_dtype=None if t == Q.F32 else t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def transformers_logits(path, ids, rounded_to_float16=False):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        if rounded_to_float16:  # as --gguf-bits 16 keeps the dequantized matrices
+            for p in hf.parameters():
+                if p.ndim == 2:
+                    p.copy_(p.half().float())
+        return hf(torch.tensor([ids])).logits[0].numpy()
+
+
+IDS = [1, 5, 299, 17, 42, 3, 100, 250, 7, 8, 9, 10, 200, 150, 60, 33]
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_tiny_gguf_logits_equal_transformers(tmp_path, qtype):
+    """Each type MLX reads: as stored (quantized types widen their float16 scales exactly), our
+    logits are transformers' within float32 rounding (the bound of the SmolLM2 test), prefill,
+    chunks and token by token; and the gguf package's reader (gguf_blocks, used for files
+    holding K-quants) gives bit for bit the tensors MLX's reader gives."""
+    from mlx_mistral.loading.gguf_blocks import read_with_gguf
+
+    path = model_gguf(tmp_path / f"{qtype.name}.gguf", qtype)
+    args, weights, _ = read_gguf(path)
+    assert (args.n_heads, args.n_kv_heads, args.head_dim, args.tie_word_embeddings) == (4, 2, 64, True)
+    assert (args.quantization is None) == (qtype in (Q.F32, Q.F16))
+    model = build_model(args, weights, mx.float32)
+    ref = transformers_logits(path, IDS)
+    for chunks in MODES.values():
+        assert np.abs(run_chunks(model, IDS, chunks) - ref).max() / np.abs(ref).max() < 1e-4
+    theirs, ours = mx.load(str(path)), read_with_gguf(path, None)[0]
+    assert theirs.keys() == ours.keys()
+    for name, w in theirs.items():
+        assert ours[name].dtype == w.dtype and mx.array_equal(ours[name], w).item(), name
+
+
+K_QUANT_MIX = {"attn_v.weight": Q.Q6_K, "ffn_down.weight": Q.Q6_K}  # the rest Q4_K: llama.cpp's Q4_K_M
+
+
+def test_a_k_quant_gguf_kept_at_16_bits_equals_transformers(tmp_path):
+    """Q4_K/Q6_K tensors (MLX cannot read them) dequantized by the gguf package, as transformers
+    does, and kept as float16: transformers' model with its matrices rounded to float16 is ours
+    within float32 rounding. The warning names what happened."""
+    path = model_gguf(tmp_path / "q4_k_m.gguf", Q.Q4_K, K_QUANT_MIX)
+    with pytest.warns(UserWarning) as caught:
+        args, weights, _ = read_gguf(path, bits=16)
+    lines = sorted(str(w.message) for w in caught)
+    assert lines == [f"{path}: 11 Q4_K tensors dequantized (gguf) and kept as float16",
+                     f"{path}: 4 Q6_K tensors dequantized (gguf) and kept as float16"]
+    assert args.quantization is None and weights["model.embed_tokens.weight"].dtype == mx.float16
+    ours = run_chunks(build_model(args, weights, mx.float32), IDS, [5])
+    ref = transformers_logits(path, IDS, rounded_to_float16=True)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_a_k_quant_gguf_is_requantized_as_asked(tmp_path, bits):
+    """By default Q4_K becomes MLX 4-bit and Q6_K 8-bit (group 32); --gguf-bits 8 or 4 makes
+    every one that width. Each is requantized from the gguf package's dequantization (what
+    transformers computes): within one quantization step (its group's scale) of it, the bound of
+    MLX's affine quantizer (measured: exactly one step at the edges; MLX's own Q4_K reading is 0.5 off on
+    weights of 0.6 and would not pass)."""
+    path = model_gguf(tmp_path / "q4_k_m.gguf", Q.Q4_K, K_QUANT_MIX)
+    with pytest.warns(UserWarning) as caught:
+        args, weights, _ = read_gguf(path, bits=bits)
+    q4, q6 = bits or 4, bits or 8
+    assert sorted(str(w.message) for w in caught) == [
+        f"{path}: 11 Q4_K tensors dequantized (gguf) and requantized to MLX {q4}-bit, group 32",
+        f"{path}: 4 Q6_K tensors dequantized (gguf) and requantized to MLX {q6}-bit, group 32"]
+    layer = build_model(args, dict(weights), mx.float32).model.layers[0]
+    assert (layer.self_attn.q_proj.bits, layer.self_attn.v_proj.bits, layer.mlp.down_proj.bits) == (q4, q6, q6)
+    reference = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(str(path)).tensors}
+    for gguf_name, ours in (("blk.0.attn_v", "model.layers.0.self_attn.v_proj"), ("blk.1.ffn_up", "model.layers.1.mlp.up_proj"),
+                            ("blk.1.ffn_down", "model.layers.1.mlp.down_proj"), ("token_embd", "model.embed_tokens")):
+        w, scales, biases = (weights[f"{ours}.{part}"] for part in ("weight", "scales", "biases"))
+        width = packed_bits(w, scales, 32)
+        error = np.abs(np.array(mx.dequantize(w, scales, biases, 32, width)) - reference[f"{gguf_name}.weight"])
+        assert (error.reshape(*scales.shape, 32) <= np.abs(np.array(scales))[..., None] * (1 + 1e-4)).all(), gguf_name  # + float32 rounding (1.5e-5 of a step measured)
+
+
+def test_a_tiny_gguf_with_a_mistral_v3_vocabulary_runs_with_mistral_common(tmp_path):
+    """A llama GGUF carrying Mistral's V3 SentencePiece vocabulary loads with mistral-common's
+    tokenizer (tools and [INST] templates), and its logits are transformers'."""
+    import sentencepiece as spm
+
+    from mlx_mistral import load
+    from mlx_mistral.tokenizer import Tokenizer
+
+    data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
+    sp = spm.SentencePieceProcessor(model_file=str(data / "mistral_instruct_tokenizer_240323.model.v3"))
+    n = sp.vocab_size()
+    types = [6 if sp.is_byte(i) else 3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 1 for i in range(n)]
+    vocab = ([sp.id_to_piece(i) for i in range(n)], types, [sp.get_score(i) for i in range(n)])
+    path = model_gguf(tmp_path / "mistral-v3.gguf", Q.Q8_0, vocab=vocab)
+    model, tokenizer = load(str(path), dtype=mx.float32)
+    assert isinstance(tokenizer, Tokenizer) and tokenizer.version == "v3"
+    ids = tokenizer.chat_tokens([{"role": "user", "content": "What is the capital of France?"}])
+    assert ids[:2] == [1, 3]  # <s>[INST]
+    ref = transformers_logits(path, ids)
+    assert np.abs(run_chunks(model, ids, [7]) - ref).max() / np.abs(ref).max() < 1e-4
+
+
 def bad_files(tmp_path):
     good = tiny_gguf(tmp_path / "good.gguf").read_bytes()
     (tmp_path / "magic.gguf").write_bytes(b"GGML" + good[4:])
     (tmp_path / "truncated.gguf").write_bytes(good[: len(good) // 2])
+    (tmp_path / "header.gguf").write_bytes(good[:100])
+    model_gguf(tmp_path / "type.gguf", types={"attn_q.weight": Q.Q8_1})
     tiny_gguf(tmp_path / "arch.gguf", arch="gpt2")
     tiny_gguf(tmp_path / "key.gguf", extra={"llama.expert_count": 8})
     tiny_gguf(tmp_path / "dims.gguf", extra={"llama.rope.dimension_count": 2})
     return {
         "magic.gguf": "not a GGUF file",
         "truncated.gguf": "could not be read",
+        "header.gguf": "could not be read (its header is truncated or corrupt",
+        "type.gguf": "tensor 'blk.0.attn_q.weight' has type Q8_1, which the gguf package cannot dequantize",
         "arch.gguf": "general.architecture must be one of llama, got 'gpt2'",
         "key.gguf": "unknown metadata key 'llama.expert_count'",
         "dims.gguf": "llama.rope.dimension_count must equal the head dimension (4), got 2",
@@ -135,3 +310,25 @@ def test_a_misshapen_gguf_tensor_is_refused_by_name(tmp_path):
     weights["model.layers.0.mlp.up_proj.weight"] = mx.zeros((15, 8))
     with pytest.raises(MistralError, match=r"'model.layers.0.mlp.up_proj.weight' has shape \(15, 8\)"):
         check_weights(Mistral(args), weights)
+
+
+def test_the_cli_says_what_it_did_to_a_k_quant_gguf(tmp_path):
+    """`generate --gguf-bits 8` on a Q4_K file: one warning line per type says the tensors were
+    requantized, and the run goes on (Mistral V3 vocabulary: mistral-common's template)."""
+    import subprocess
+    import sys
+
+    import sentencepiece as spm
+
+    data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
+    sp = spm.SentencePieceProcessor(model_file=str(data / "mistral_instruct_tokenizer_240323.model.v3"))
+    n = sp.vocab_size()
+    types = [6 if sp.is_byte(i) else 3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 1 for i in range(n)]
+    path = model_gguf(tmp_path / "k.gguf", Q.Q4_K, vocab=([sp.id_to_piece(i) for i in range(n)], types,
+                                                          [sp.get_score(i) for i in range(n)]))
+    proc = subprocess.run([sys.executable, "-m", "mlx_mistral.generate", "--model", str(path), "--gguf-bits", "8",
+                           "--prompt", "hi", "--max-tokens", "3", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: {path}: 15 Q4_K tensors dequantized (gguf) and requantized to MLX 8-bit, group 32" in proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["prompt_tokens"] > 3 and 1 <= result["generation_tokens"] <= 3

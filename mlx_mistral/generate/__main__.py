@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-bits", type=int, help="store the KV cache quantized to 8 or 4 bits (default: float)")
     p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group along head_dim")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill step")
+    p.add_argument("--gguf-bits", type=int, choices=(4, 8, 16), help="a GGUF's K-quant/IQ/Q5 tensors become MLX "
+                   "4/8-bit or float16 (default: 4 from types of <= 4.5 bits a weight, else 8)")
     p.add_argument("--dtype", choices=DTYPES, help="activation dtype (default: float32 on CPU, the checkpoint's on GPU)")
     p.add_argument("--json", action="store_true", help="print the result and stats as one JSON object")
     p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
@@ -262,9 +264,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(mx, args.dtype) if args.dtype else None
     command = run_batch if args.prompts_file else run_single
     if group is None:
-        model, tokenizer = load(args.model, dtype=dtype)
+        model, tokenizer = load(args.model, dtype=dtype, gguf_bits=args.gguf_bits)
         return command(args, model, tokenizer, sampler)
-    model, tokenizer = distributed.load(args.model, group, dtype)  # this rank's share of each layer
+    model, tokenizer = distributed.load(args.model, group, dtype, args.gguf_bits)  # this rank's share of each layer
     with distributed.rank_zero_output(group):
         return command(args, model, tokenizer, distributed.shared_sampler(sampler, group))
 

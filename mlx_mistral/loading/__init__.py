@@ -22,13 +22,15 @@ __all__ = ["build_model", "check_weights", "default_dtype", "dequantized", "down
            "read_checkpoint", "read_config", "read_gguf", "resolve"]
 
 
-def load(path_or_repo: str, dtype: mx.Dtype | None = None,
-         group: mx.distributed.Group | None = None) -> tuple[Mistral, TextTokenizer]:
+def load(path_or_repo: str, dtype: mx.Dtype | None = None, group: mx.distributed.Group | None = None,
+         gguf_bits: int | None = None) -> tuple[Mistral, TextTokenizer]:
     """Load a model and its tokenizer from a directory, a GGUF file (or a directory holding one),
     a Hub repo id (`org/name`, or `org/name/FILE.gguf`), "smollm2" (the installed SmolLM2 GGUF) or
     "demo" (random weights, Mistral-shaped, windowed).
 
     With a `group` (mlx_mistral.distributed.init()), this rank's share of the model.
+    `gguf_bits` (4, 8 or 16): what a GGUF's K-quant/IQ/Q5 tensors become (MLX 4/8-bit or
+    float16; default 4 for types of at most 4.5 bits a weight, else 8). Q4_0/Q4_1/Q8_0 stay as stored.
     """
     if path_or_repo == "demo":
         from ..demo import demo_checkpoint
@@ -38,7 +40,7 @@ def load(path_or_repo: str, dtype: mx.Dtype | None = None,
     else:
         source = resolve(path_or_repo)
         if source.suffix == ".gguf":
-            args, weights, meta = read_gguf(source)
+            args, weights, meta = read_gguf(source, gguf_bits)
             tokenizer = gguf_tokenizer(source, meta)
         else:
             args, weights, tokenizer_path = read_checkpoint(source)

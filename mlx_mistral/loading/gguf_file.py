@@ -2,7 +2,7 @@
 
 MLX reads GGUF itself (`mx.load(..., return_metadata=True)`): Q4_0, Q4_1 and Q8_0 tensors come
 back as MLX's affine quantized triples (weight uint32, scales, biases; group 32), exactly as
-stored, and F32/F16/BF16 as arrays. The metadata keys and tensor names are the `gguf` package's
+stored, and F32/F16/BF16 as arrays. A file holding any other type is read by gguf_blocks.py. The metadata keys and tensor names are the `gguf` package's
 constants (llama.cpp's own), never guessed. Every `{arch}.*` key is read, known harmless, or
 refused by name.
 
@@ -23,6 +23,7 @@ import mlx.core as mx
 from ..config import ModelArgs, Quantization, packed_bits
 from ..errors import MistralError
 from ..rope import half_split_rows
+from .gguf_blocks import GROUP, MLX_READS, read_with_gguf, tensor_types
 
 ARCHITECTURES = ("llama",)  # dense llama (Mistral 7B, NeMo, Small, Codestral, SmolLM2); others refused
 K = gguf.Keys
@@ -44,12 +45,12 @@ TENSORS = {
     MT.FFN_DOWN: "model.layers.{bid}.mlp.down_proj",
 }
 IGNORED_TENSORS = (MT.ROPE_FREQS,)  # llama.cpp's precomputed inverse frequencies: we compute RoPE ourselves
-GROUP = 32  # every MLX-read GGUF quantization (Q4_0, Q4_1, Q8_0) has blocks of 32
 
 
-def read_gguf(path: Path) -> tuple[ModelArgs, dict[str, mx.array], dict[str, Any]]:
-    """(args, lazy HF-named weights, the file's metadata) of a GGUF file."""
-    tensors, meta = _load(path)
+def read_gguf(path: Path, bits: int | None = None) -> tuple[ModelArgs, dict[str, mx.array], dict[str, Any]]:
+    """(args, HF-named weights, the file's metadata) of a GGUF file. Tensors of types MLX does
+    not read (K-quants, IQ, Q5) are requantized to `bits` (gguf_blocks.read_with_gguf)."""
+    tensors, meta = _load(path, bits)
     arch = meta.get(K.General.ARCHITECTURE)
     if arch not in ARCHITECTURES:
         raise MistralError(f"{path}: general.architecture must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
@@ -57,18 +58,19 @@ def read_gguf(path: Path) -> tuple[ModelArgs, dict[str, mx.array], dict[str, Any
     return args, _weights(path, arch, args, tensors), meta
 
 
-def _load(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+def _load(path: Path, bits: int | None) -> tuple[dict[str, mx.array], dict[str, Any]]:
     if not path.is_file():
         raise MistralError(f"{path}: GGUF file not found")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise MistralError(f"{path}: not a GGUF file (its first bytes are not the GGUF magic)")
+    if any(t not in MLX_READS for t in tensor_types(path).values()):
+        return read_with_gguf(path, bits)
     try:
         tensors, meta = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as e:  # truncated, an unsupported tensor type, a corrupt header
+    except (RuntimeError, ValueError) as e:  # truncated, a corrupt header
         reason = " ".join(str(e).split())
-        raise MistralError(f"{path}: GGUF file could not be read ({reason[:200]}; MLX reads F32, F16, BF16, "
-                           "Q4_0, Q4_1 and Q8_0 tensors)") from None
+        raise MistralError(f"{path}: GGUF file could not be read ({reason[:200]})") from None
     meta = {k: (v.item() if isinstance(v, mx.array) and v.size == 1 else v) for k, v in meta.items()}
     return tensors, meta
 
