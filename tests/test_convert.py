@@ -26,6 +26,7 @@ from checkpoints import DATA, TOKENIZER_TEKKEN, TOKENIZER_V1, TOKENIZER_V3, orac
 from convert.__main__ import main
 from mlx_mistral import Mistral, MistralError, Tokenizer, load, make_cache
 from mlx_mistral.config import Quantization
+from mlx_mistral.cpu import cpu_paths_on, prepare_for_cpu
 from mlx_mistral.convert import convert
 from mlx_mistral.loading import read_checkpoint
 from test_tokenizer import CONVERSATIONS, TOOL_REQUESTS
@@ -107,6 +108,8 @@ def test_quantized_round_trip(hf_checkpoint, tmp_path, bits):
     reference = Mistral(args)  # plain nn.Linear layers (build_model transposes them on CPU)
     reference.load_weights(list(weights.items()))
     nn.quantize(reference, 64, bits)
+    if cpu_paths_on():  # the loaded model runs the CPU backend's paths (prompt chunks through BLAS): so does this
+        prepare_for_cpu(reference)
     assert np.array_equal(logits(model, IDS), logits(reference, IDS))
 
 
@@ -184,8 +187,9 @@ def mlx_lm_logits(model, ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("quantize", [False, True])
-def test_mlx_lm_loads_our_output(windowless, tmp_path, quantize):
+def test_mlx_lm_loads_our_output(windowless, tmp_path, quantize, monkeypatch):
     src, _ = windowless  # mlx-lm 0.32 ignores sliding_window: compare a windowless model
+    monkeypatch.setenv("MLX_MISTRAL_CPU_PATHS", "0")  # the Mac's path: MLX's quantized matmul, as mlx-lm's
     dst = converted(src, tmp_path, quantization=Quantization(64, 4) if quantize else None)
     theirs = mlx_lm_logits(mlx_lm.load(str(dst))[0], IDS)
     diff = np.abs(theirs - logits(load(str(dst))[0], IDS)).max()
@@ -206,7 +210,8 @@ def mlx_lm_dirs(windowless, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["float16", "4-bit"])
-def test_we_load_mlx_lm_output(mlx_lm_dirs, kind):
+def test_we_load_mlx_lm_output(mlx_lm_dirs, kind, monkeypatch):
+    monkeypatch.setenv("MLX_MISTRAL_CPU_PATHS", "0")  # the Mac's path: MLX's quantized matmul, as mlx-lm's
     path = mlx_lm_dirs[kind]
     theirs = mlx_lm.load(str(path))[0]
     theirs.set_dtype(mx.float32)  # fp16 weights, fp32 compute on both sides (what we do on CPU)
