@@ -118,7 +118,7 @@ def read_with_gguf(path: Path, bits: int | None) -> tuple[dict[str, mx.array], d
                 raise MistralError(f"{path}: tensor {name!r} has type {qtype.name}, which the gguf package "
                                    "cannot dequantize") from None
             width = bits or (4 if qtype in NARROW else 8)
-            if width == 16 or w.shape[-1] % GROUP:
+            if width == 16:  # (every block type spans a multiple of 32 weights of a row)
                 tensors[name] = mx.array(w.astype(np.float16))
             else:
                 tensors[name], tensors[f"{stem}.scales"], tensors[f"{stem}.biases"] = mx.quantize(
