@@ -77,12 +77,12 @@ class ParallelQuantizedLinear(nn.QuantizedLinear):
     SwiGLU too made some processes hang at exit in OpenBLAS 0.3.21's shutdown (~1 in 25).
     """
 
+    DEQUANTIZE_FROM = 16  # rows of x; OpenBLAS is slow below 16 (TransposedLinear)
+
     def __init__(self, q: nn.QuantizedLinear, parts: int):
         nn.Module.__init__(self)  # not QuantizedLinear's, which would quantize a new matrix
         self.weight, self.scales, self.biases = q.weight, q.scales, q.biases
         self.group_size, self.bits, self.mode, self.parts = q.group_size, q.bits, q.mode, parts
-
-    DEQUANTIZE_FROM = 16  # rows of x; OpenBLAS is slow below 16 (TransposedLinear)
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] >= self.DEQUANTIZE_FROM:

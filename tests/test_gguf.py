@@ -332,3 +332,10 @@ def test_the_cli_says_what_it_did_to_a_k_quant_gguf(tmp_path):
     assert f"warning: {path}: 15 Q4_K tensors dequantized (gguf) and requantized to MLX 8-bit, group 32" in proc.stderr
     result = json.loads(proc.stdout)
     assert result["prompt_tokens"] > 3 and 1 <= result["generation_tokens"] <= 3
+
+
+def test_gguf_bits_other_than_4_8_16_are_refused_for_any_file(tmp_path):
+    """Checked before the file is read, so a file MLX reads whole refuses it too."""
+    for path in (tiny_gguf(tmp_path / "f32.gguf"), model_gguf(tmp_path / "k.gguf", Q.Q4_K)):
+        with pytest.raises(MistralError, match=r"^gguf_bits must be 4, 8 or 16, got 5$"):
+            read_gguf(path, bits=5)

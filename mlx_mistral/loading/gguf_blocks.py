@@ -34,8 +34,6 @@ FLOATS = {Q.F32: np.float32, Q.F16: np.float16}
 GROUP = 32  # the block of Q4_0, Q4_1 and Q8_0, and the group of every requantized tensor
 NARROW = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
           Q.IQ4_NL, Q.IQ4_XS, Q.TQ1_0, Q.TQ2_0, Q.MXFP4)  # <= 4.5 bits a weight: 4-bit by default
-
-
 V = gguf.GGUFValueType
 SIZES = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4,
          V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
@@ -43,7 +41,7 @@ SIZES = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4,
 
 def tensor_types(path: Path) -> dict[str, Q]:
     """Each tensor's type, from the header alone (the metadata values skipped, not parsed: the
-    gguf package's reader takes 3 s to parse SmolLM2's 98k tokenizer strings, this 0.1 s)."""
+    gguf package's reader takes 3 s to parse SmolLM2's 98k tokenizer strings, this 0.04 s)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         pos = 0
 
@@ -89,19 +87,21 @@ def tensor_types(path: Path) -> dict[str, Q]:
     return types
 
 
+def unreadable(path: Path, error: Exception) -> MistralError:
+    """The one-line error for a GGUF file a reader gave up on."""
+    return MistralError(f"{path}: GGUF file could not be read ({' '.join(str(error).split())[:200]})")
+
+
 def read_with_gguf(path: Path, bits: int | None) -> tuple[dict[str, mx.array], dict[str, Any]]:
     """(tensors named as mx.load names them, metadata) of the GGUF file at `path`; tensors of
     types MLX cannot read are requantized to `bits` (4, 8; 16 keeps float16; None: 4 for types
     of at most 4.5 bits a weight, else 8), and a warning says so."""
-    if bits not in (None, 4, 8, 16):
-        raise MistralError(f"GGUF requantization bits must be 4, 8 or 16, got {bits!r}")
     try:
         reader = gguf.GGUFReader(str(path))
         raw = [(t.name, t.tensor_type, tuple(int(n) for n in reversed(t.shape)), t.data) for t in reader.tensors]
         meta = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     except Exception as e:  # truncated, a corrupt header, a type the gguf package does not know
-        reason = " ".join(str(e).split())
-        raise MistralError(f"{path}: GGUF file could not be read ({reason[:200]})") from None
+        raise unreadable(path, e) from None
     tensors, redone = {}, Counter()
     for name, qtype, shape, data in raw:
         stem = name.removesuffix(".weight")
@@ -135,7 +135,7 @@ def _value(field: gguf.ReaderField) -> Any:
     """A metadata value as mx.load gives it: scalars and strings as Python values, arrays of
     numbers as arrays (numpy here), arrays of strings as lists."""
     value = field.contents()
-    if isinstance(value, list) and field.types[-1] != gguf.GGUFValueType.STRING:
+    if isinstance(value, list) and field.types[-1] != V.STRING:
         return np.array(value)
     return value
 

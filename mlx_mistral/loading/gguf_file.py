@@ -2,7 +2,8 @@
 
 MLX reads GGUF itself (`mx.load(..., return_metadata=True)`): Q4_0, Q4_1 and Q8_0 tensors come
 back as MLX's affine quantized triples (weight uint32, scales, biases; group 32), exactly as
-stored, and F32/F16/BF16 as arrays. A file holding any other type is read by gguf_blocks.py. The metadata keys and tensor names are the `gguf` package's
+stored, and F32/F16 as arrays. A file holding any other type (BF16, K-quants, ...) is read by
+gguf_blocks.py, into the same form. The metadata keys and tensor names are the `gguf` package's
 constants (llama.cpp's own), never guessed. Every `{arch}.*` key is read, known harmless, or
 refused by name.
 
@@ -23,7 +24,7 @@ import mlx.core as mx
 from ..config import ModelArgs, Quantization, packed_bits
 from ..errors import MistralError
 from ..rope import half_split_rows
-from .gguf_blocks import GROUP, MLX_READS, read_with_gguf, tensor_types
+from .gguf_blocks import GROUP, MLX_READS, read_with_gguf, tensor_types, unreadable
 
 ARCHITECTURES = ("llama",)  # dense llama (Mistral 7B, NeMo, Small, Codestral, SmolLM2); others refused
 K = gguf.Keys
@@ -50,6 +51,8 @@ IGNORED_TENSORS = (MT.ROPE_FREQS,)  # llama.cpp's precomputed inverse frequencie
 def read_gguf(path: Path, bits: int | None = None) -> tuple[ModelArgs, dict[str, mx.array], dict[str, Any]]:
     """(args, HF-named weights, the file's metadata) of a GGUF file. Tensors of types MLX does
     not read (K-quants, IQ, Q5) are requantized to `bits` (gguf_blocks.read_with_gguf)."""
+    if bits not in (None, 4, 8, 16):
+        raise MistralError(f"gguf_bits must be 4, 8 or 16, got {bits!r}")
     tensors, meta = _load(path, bits)
     arch = meta.get(K.General.ARCHITECTURE)
     if arch not in ARCHITECTURES:
@@ -69,8 +72,7 @@ def _load(path: Path, bits: int | None) -> tuple[dict[str, mx.array], dict[str, 
     try:
         tensors, meta = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as e:  # truncated, a corrupt header
-        reason = " ".join(str(e).split())
-        raise MistralError(f"{path}: GGUF file could not be read ({reason[:200]})") from None
+        raise unreadable(path, e) from None
     meta = {k: (v.item() if isinstance(v, mx.array) and v.size == 1 else v) for k, v in meta.items()}
     return tensors, meta
 
