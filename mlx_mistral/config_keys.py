@@ -15,18 +15,21 @@ HF_IGNORED = {
     "max_window_layers", "use_sliding_window",  # Qwen2's: transformers' Mistral/Ministral never read them
     "chunk_size_feed_forward", "id2label", "label2id", "problem_type", "tokenizer_class",
     "_attn_implementation_autoset",
+    "is_llama_config",  # SmolLM2's (nanotron's) marker; transformers never reads it
     "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",  # training only
 }
 LAYER_TYPES = {"sliding_attention", "full_attention"}  # config.json's layer_types entries
 # Keys harmless at one value (the one transformers' Mistral runs), refused at any other.
-HF_ONLY = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "is_encoder_decoder": False}
+HF_ONLY = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "is_encoder_decoder": False,
+           "pretraining_tp": 1, "rope_interleaved": False}  # llama's: a split matmul, SmolLM2's RoPE layout
 HF_TEXT_KEYS = {
     "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "rope_parameters",
     "rope_scaling", "sliding_window", "layer_types", "max_position_embeddings", "tie_word_embeddings",
     "quantization", "quantization_config", "num_local_experts", "num_experts_per_tok",
 }
-TEXT_TYPES = ("mistral", "ministral", "ministral3", "mixtral")
+# llama (LlamaForCausalLM: SmolLM2) is Mistral's maths without a window
+TEXT_TYPES = ("mistral", "ministral", "ministral3", "mixtral", "llama")
 # Mistral3ForConditionalGeneration / LlavaForConditionalGeneration: the language model is text_config.
 WRAPPER_TYPES = ("mistral3", "llava")
 WRAPPER_IGNORED = HF_IGNORED | {

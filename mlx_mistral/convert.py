@@ -28,13 +28,14 @@ from .errors import MistralError
 from .loading import check_weights, read_checkpoint, resolve
 from .model import Mistral
 from .moe import is_router
+from .template_tokenizer import byte_level_json
 from .tokenizer import Tokenizer
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = ("float16", "bfloat16", "float32")
 SHARD_BYTES = 5 * 10**9  # Hugging Face's limit per weight file
-TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
 
 
@@ -109,7 +110,10 @@ def convert(src: str, dst: str | Path, dtype: str | None = None, quantization: Q
 def hf_tokenizer_config(tokenizer_file: Path) -> dict | None:
     """tokenizer_config.json for transformers and mlx-lm, so that they add BOS and apply Mistral's
     chat template (Jinja, from mistral-common) for the tokenizer's version. None for Tekken, whose
-    tekken.json they do not read this way."""
+    tekken.json they do not read this way, and for a byte-level tokenizer.json that is not Mistral's
+    (its chat template is the directory's own)."""
+    if tokenizer_file.name == "tokenizer.json" and byte_level_json(tokenizer_file):
+        return None
     tokenizer = Tokenizer(tokenizer_file)
     if tokenizer.tekken:
         return None

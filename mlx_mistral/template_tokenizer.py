@@ -1,6 +1,7 @@
-"""Any other model's tokenizer (SmolLM2's, a GGUF file's byte-level BPE): Hugging Face
-`tokenizers` runs the vocabulary, and the model's own Jinja chat template, rendered in jinja2's
-sandbox as transformers renders it, writes the conversation. Implements text.TextTokenizer.
+"""Any other model's tokenizer (SmolLM2's: a GGUF file's byte-level BPE, or a Hugging Face
+directory's tokenizer.json): Hugging Face `tokenizers` runs the vocabulary, and the model's own
+Jinja chat template, rendered in jinja2's sandbox as transformers renders it, writes the
+conversation. Implements text.TextTokenizer.
 """
 
 import json
@@ -108,6 +109,51 @@ class TemplateTokenizer:
 
     def parse_tool_calls(self, ids: Sequence[int]) -> list[ToolCall] | None:
         return None
+
+
+def byte_level_json(path: Path) -> bool:
+    """Whether a tokenizer.json is a byte-level BPE that is not Mistral's (a Tekken one has [INST]
+    as token 3): what read_tokenizer_json runs. SentencePiece-style ones are Mistral's (tokenizer.py)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        byte_level = data["model"]["type"] == "BPE" and not data["model"].get("byte_fallback")
+        added = {t["id"]: t["content"] for t in data.get("added_tokens") or []}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise MistralError(f"{path}: not a Hugging Face tokenizer.json ({type(e).__name__}: {e})") from None
+    return byte_level and added.get(3) != "[INST]"
+
+
+def read_tokenizer_json(path: Path) -> TemplateTokenizer:
+    """A Hugging Face directory's tokenizer: tokenizer.json, and beside it tokenizer_config.json
+    (bos/eos/unk tokens; a missing bos or unk is the eos token, as GPT-2's are) and the chat
+    template (chat_template.jinja, as transformers 5 saves it, else tokenizer_config.json's).
+    BOS starts a prompt where the tokenizer's own post-processor puts it (as transformers encodes)."""
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    config_file, jinja_file = path.with_name("tokenizer_config.json"), path.with_name("chat_template.jinja")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        template = jinja_file.read_text(encoding="utf-8") if jinja_file.exists() else config.get("chat_template")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MistralError(f"{config_file}: not readable JSON ({type(e).__name__}: {e})") from None
+
+    def token_id(name: str) -> int | None:
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and hf.token_to_id(token) is None:
+            raise MistralError(f"{config_file}: {name} {token!r} is not in {path.name}")
+        return None if token is None else hf.token_to_id(token)
+
+    eos = token_id("eos_token")
+    if eos is None:
+        raise MistralError(f"{config_file}: no eos_token (generation would never stop)")
+    bos = token_id("bos_token")
+    bos, unk = eos if bos is None else bos, token_id("unk_token")
+    control = frozenset(i for i, t in hf.get_added_tokens_decoder().items() if t.special)
+    add_bos = hf.encode("a").ids[:1] == [bos] and hf.encode("a", add_special_tokens=False).ids[:1] != [bos]
+    if isinstance(template, list):  # named templates: transformers' chat uses "default"
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return TemplateTokenizer(path, hf, template if isinstance(template, str) else None, bos_id=bos, eos_id=eos,
+                             unk_id=eos if unk is None else unk, add_bos=add_bos, control_ids=control)
 
 
 def _raise(message: str) -> None:

@@ -71,7 +71,7 @@ BREAKAGES = {
     "bad tokenizer": (lambda p: (p / "tokenizer.model").write_bytes(b"\0junk"), "not a SentencePiece"),
     "config not json": (lambda p: (p / "config.json").write_text("{oops"), "not a valid JSON"),
     "unknown model_type": (lambda p: edit_config(p, model_type="llama4"),
-                           "model_type must be one of mistral, ministral, ministral3, mixtral, mistral3, llava, "
+                           "model_type must be one of mistral, ministral, ministral3, mixtral, llama, mistral3, llava, "
                            "got 'llama4'"),
     "heads not divisible": (lambda p: edit_config(p, num_key_value_heads=3), "multiple of n_kv_heads"),
     "negative window": (lambda p: edit_config(p, sliding_window=-4), "sliding_window"),

@@ -6,11 +6,14 @@
     build.py     weights -> a model, checked against the config
 """
 
+from pathlib import Path
+
 import mlx.core as mx
 
 from ..errors import MistralError
 from ..gguf_tokenizer import gguf_tokenizer
 from ..model import Mistral
+from ..template_tokenizer import byte_level_json, read_tokenizer_json
 from ..text import TextTokenizer
 from ..tokenizer import Tokenizer
 from .build import build_model, check_weights, default_dtype, dequantized
@@ -18,8 +21,17 @@ from .gguf_file import read_gguf
 from .hf import find_tokenizer, read_checkpoint, read_config
 from .hub import download, resolve
 
-__all__ = ["build_model", "check_weights", "default_dtype", "dequantized", "download", "find_tokenizer", "load",
-           "read_checkpoint", "read_config", "read_gguf", "resolve"]
+__all__ = ["build_model", "check_weights", "default_dtype", "dequantized", "directory_tokenizer", "download",
+           "find_tokenizer", "load", "read_checkpoint", "read_config", "read_gguf", "resolve"]
+
+
+def directory_tokenizer(path: Path) -> TextTokenizer:
+    """A directory's tokenizer file, read: Mistral's (tokenizer.model, tekken.json, a
+    SentencePiece-style tokenizer.json) by mistral-common; any other byte-level tokenizer.json
+    (a LlamaForCausalLM's such as SmolLM2) with `tokenizers` and the directory's chat template."""
+    if path.name == "tokenizer.json" and byte_level_json(path):
+        return read_tokenizer_json(path)
+    return Tokenizer(path)
 
 
 def load(path_or_repo: str, dtype: mx.Dtype | None = None, group: mx.distributed.Group | None = None,
@@ -44,7 +56,7 @@ def load(path_or_repo: str, dtype: mx.Dtype | None = None, group: mx.distributed
             tokenizer = gguf_tokenizer(source, meta)
         else:
             args, weights, tokenizer_path = read_checkpoint(source)
-            tokenizer = Tokenizer(tokenizer_path)
+            tokenizer = directory_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > args.vocab_size:
         raise MistralError(
             f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} tokens, model vocab_size is {args.vocab_size}"
