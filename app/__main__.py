@@ -6,6 +6,7 @@ import sys
 from mlx_mistral.cache import check_kv_bits
 from mlx_mistral.demo import NOTICE
 from mlx_mistral.errors import run_command
+from mlx_mistral.loading.gguf_blocks import GGUF_BITS_HELP
 from mlx_mistral.serve import create_app
 from mlx_mistral.server import check_host, check_port, is_loopback, serve as serve_api
 
@@ -14,6 +15,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo",
                    help="local directory, .gguf file, Hugging Face repo id, 'smollm2' (the installed SmolLM2 GGUF) or 'demo' (the default)")
+    p.add_argument("--gguf-bits", type=int, choices=(4, 8, 16), help=GGUF_BITS_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-kv-size", type=int,
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from .chat import Engine
 
     print(f"loading {args.model}...", file=sys.stderr, flush=True)
-    engine = Engine(args.model, args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+    engine = Engine(args.model, args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                    gguf_bits=args.gguf_bits)
     try:
         from .ui import build, serve
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 
-from .cache import check_kv_quantization, make_cache
+from .cache import check_kv_quantization, kv_slots, make_cache
 from .config import ModelArgs
 from .errors import MistralError, run_command
 
@@ -63,6 +63,17 @@ def rolling_kv_bytes(args: ModelArgs, tokens: int, dtype_bytes: int = 2, bits: i
     min(tokens, its sliding window) tokens (a full-attention layer: all of them)."""
     per_layer = kv_bytes_per_token(args, dtype_bytes, bits=bits, group=group) // args.n_layers
     return per_layer * sum(min(tokens, window or tokens) for window in args.windows)
+
+
+def row_cache(args: ModelArgs, max_kv_size: int | None, dtype_bytes: int, bits: int | None,
+              group: int) -> tuple[int, int, int]:
+    """One served row's KV cache: (capacity: its largest layer's slots; context: the prompt and
+    answer tokens it serves, where a model with a full-attention layer stops at its cache and a
+    windowed one slides on; its bytes, K and V of every layer's slots)."""
+    slots = kv_slots(args, max_kv_size)
+    per_slot = kv_bytes_per_token(args, dtype_bytes, bits=bits, group=group) // args.n_layers
+    context = max(slots) if args.sliding_window is None else args.max_position_embeddings
+    return max(slots), context, sum(slots) * per_slot
 
 
 def kv_bytes(args: ModelArgs, tokens: int, batch: int = 1, dtype_bytes: int = 2, bits: int | None = None,

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from .cache import check_kv_bits
 from .errors import MistralError, run_command
 from .generate import DEFAULT_PREFILL_CHUNK
+from .loading.gguf_blocks import GGUF_BITS_HELP
 from .serve import Scheduler, create_app
 from .serve.disk_cache import check_directory
 from .serve.scheduler import DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_PROMPT_CACHE_DISK_BYTES
@@ -33,6 +34,7 @@ def is_loopback(host: str) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_mistral.server", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo", help="local directory, .gguf file, Hugging Face repo id (org/name, org/name/FILE.gguf), 'smollm2' (the installed SmolLM2 GGUF) or 'demo'")
+    p.add_argument("--gguf-bits", type=int, choices=(4, 8, 16), help=GGUF_BITS_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                                       kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                                       prompt_cache_bytes=args.prompt_cache_mib << 20,
                                       prompt_cache_dir=args.prompt_cache_dir,
-                                      prompt_cache_disk_bytes=int(args.prompt_cache_gb * 10**9))
+                                      prompt_cache_disk_bytes=int(args.prompt_cache_gb * 10**9),
+                                      gguf_bits=args.gguf_bits)
                 if args.reasoning:
                     try:
                         scheduler.tokenizer.reasoning_prompt()  # MistralError unless the model has one

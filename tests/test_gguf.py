@@ -251,20 +251,24 @@ def test_a_k_quant_gguf_is_requantized_as_asked(tmp_path, bits):
         assert (error.reshape(*scales.shape, 32) <= np.abs(np.array(scales))[..., None] * (1 + 1e-4)).all(), gguf_name  # + float32 rounding (1.5e-5 of a step measured)
 
 
-def test_a_tiny_gguf_with_a_mistral_v3_vocabulary_runs_with_mistral_common(tmp_path):
-    """A llama GGUF carrying Mistral's V3 SentencePiece vocabulary loads with mistral-common's
-    tokenizer (tools and [INST] templates), and its logits are transformers'."""
+def mistral_v3_vocab() -> tuple[list[str], list[int], list[float]]:
+    """Mistral's V3 SentencePiece vocabulary as llama.cpp writes it: pieces, types, scores."""
     import sentencepiece as spm
-
-    from mlx_mistral import load
-    from mlx_mistral.tokenizer import Tokenizer
 
     data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
     sp = spm.SentencePieceProcessor(model_file=str(data / "mistral_instruct_tokenizer_240323.model.v3"))
     n = sp.vocab_size()
     types = [6 if sp.is_byte(i) else 3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 1 for i in range(n)]
-    vocab = ([sp.id_to_piece(i) for i in range(n)], types, [sp.get_score(i) for i in range(n)])
-    path = model_gguf(tmp_path / "mistral-v3.gguf", Q.Q8_0, vocab=vocab)
+    return [sp.id_to_piece(i) for i in range(n)], types, [sp.get_score(i) for i in range(n)]
+
+
+def test_a_tiny_gguf_with_a_mistral_v3_vocabulary_runs_with_mistral_common(tmp_path):
+    """A llama GGUF carrying Mistral's V3 SentencePiece vocabulary loads with mistral-common's
+    tokenizer (tools and [INST] templates), and its logits are transformers'."""
+    from mlx_mistral import load
+    from mlx_mistral.tokenizer import Tokenizer
+
+    path = model_gguf(tmp_path / "mistral-v3.gguf", Q.Q8_0, vocab=mistral_v3_vocab())
     model, tokenizer = load(str(path), dtype=mx.float32)
     assert isinstance(tokenizer, Tokenizer) and tokenizer.version == "v3"
     ids = tokenizer.chat_tokens([{"role": "user", "content": "What is the capital of France?"}])
@@ -318,14 +322,7 @@ def test_the_cli_says_what_it_did_to_a_k_quant_gguf(tmp_path):
     import subprocess
     import sys
 
-    import sentencepiece as spm
-
-    data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
-    sp = spm.SentencePieceProcessor(model_file=str(data / "mistral_instruct_tokenizer_240323.model.v3"))
-    n = sp.vocab_size()
-    types = [6 if sp.is_byte(i) else 3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 1 for i in range(n)]
-    path = model_gguf(tmp_path / "k.gguf", Q.Q4_K, vocab=([sp.id_to_piece(i) for i in range(n)], types,
-                                                          [sp.get_score(i) for i in range(n)]))
+    path = model_gguf(tmp_path / "k.gguf", Q.Q4_K, vocab=mistral_v3_vocab())
     proc = subprocess.run([sys.executable, "-m", "mlx_mistral.generate", "--model", str(path), "--gguf-bits", "8",
                            "--prompt", "hi", "--max-tokens", "3", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -339,3 +336,23 @@ def test_gguf_bits_other_than_4_8_16_are_refused_for_any_file(tmp_path):
     for path in (tiny_gguf(tmp_path / "f32.gguf"), model_gguf(tmp_path / "k.gguf", Q.Q4_K)):
         with pytest.raises(MistralError, match=r"^gguf_bits must be 4, 8 or 16, got 5$"):
             read_gguf(path, bits=5)
+
+
+def test_the_server_and_the_app_take_gguf_bits(tmp_path):
+    """--gguf-bits reaches the scheduler (the server's and the app's model): a Q4_K file's layers
+    become 8-bit, and the disk prefix cache tells the widths apart (their K/V differ)."""
+    from app.__main__ import parse_args as app_args
+    from mlx_mistral.serve import Scheduler
+    from mlx_mistral.serve.disk_cache import model_identity
+    from mlx_mistral.server import parse_args as server_args
+
+    assert server_args(["--gguf-bits", "8"]).gguf_bits == app_args(["--gguf-bits", "8"]).gguf_bits == 8
+    path = model_gguf(tmp_path / "k.gguf", Q.Q4_K, vocab=mistral_v3_vocab())
+    with pytest.warns(UserWarning, match="requantized to MLX 8-bit"):
+        s = Scheduler(str(path), max_kv_size=64, gguf_bits=8)
+    try:
+        assert s.model.model.layers[0].self_attn.q_proj.bits == 8
+        args, dtype = s.model.args, s.model.dtype
+        assert model_identity(str(path), args, dtype, 8) != model_identity(str(path), args, dtype, 4)
+    finally:
+        s.close()

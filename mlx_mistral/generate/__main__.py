@@ -13,6 +13,7 @@ from .. import Constraint, Grammars, batch_stream_generate, distributed, load, m
 from ..demo import NOTICE
 from ..distributed import DEFAULT_CONNECT_TIMEOUT
 from ..errors import MistralError, run_command
+from ..loading.gguf_blocks import GGUF_BITS_HELP
 from . import DEFAULT_PREFILL_CHUNK, GenerationResponse
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -49,8 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-bits", type=int, help="store the KV cache quantized to 8 or 4 bits (default: float)")
     p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group along head_dim")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill step")
-    p.add_argument("--gguf-bits", type=int, choices=(4, 8, 16), help="a GGUF's K-quant/IQ/Q5 tensors become MLX "
-                   "4/8-bit or float16 (default: 4 from types of <= 4.5 bits a weight, else 8)")
+    p.add_argument("--gguf-bits", type=int, choices=(4, 8, 16), help=GGUF_BITS_HELP)
     p.add_argument("--dtype", choices=DTYPES, help="activation dtype (default: float32 on CPU, the checkpoint's on GPU)")
     p.add_argument("--json", action="store_true", help="print the result and stats as one JSON object")
     p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,

@@ -29,6 +29,8 @@ from ..errors import MistralError
 
 Q = gguf.GGMLQuantizationType
 AS_STORED = (Q.Q4_0, Q.Q4_1, Q.Q8_0)
+GGUF_BITS_HELP = ("a GGUF's K-quant/IQ/Q5 tensors become MLX 4/8-bit or float16 "
+                  "(default: 4 from types of <= 4.5 bits a weight, else 8); Q4_0/Q4_1/Q8_0 stay as stored")
 MLX_READS = (Q.F32, Q.F16, *AS_STORED)  # exactly; mx.load is 30x faster than gguf's reader on SmolLM2
 FLOATS = {Q.F32: np.float32, Q.F16: np.float16}
 GROUP = 32  # the block of Q4_0, Q4_1 and Q8_0, and the group of every requantized tensor

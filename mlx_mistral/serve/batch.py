@@ -54,6 +54,13 @@ class Group:
             self.cache.keep(keep)
         self.rows = [self.rows[b] for b in keep]
 
+    def drop_cancelled(self) -> list[Row]:
+        """The rows whose client cancelled, dropped from the group."""
+        gone = [row for row in self.rows if row.request.cancelled]
+        if gone:
+            self.keep([b for b, row in enumerate(self.rows) if not row.request.cancelled])
+        return gone
+
     def prefill(self, model: Mistral, n: int, blocks: BlockStore) -> None:
         """Feed every row its next n prompt tokens (one [rows, n] forward); `blocks` keeps the
         blocks they complete."""

@@ -37,13 +37,14 @@ HALF = (mx.float16, mx.bfloat16)  # stored as uint16 bits
 Block = list[list[mx.array]]  # blocks.Block
 
 
-def model_identity(name: str, args: object, dtype: mx.Dtype) -> str:
-    """A name for the model that survives a restart: its args and dtype and, for a local
-    directory, its files' names and sizes (the config, the weights); otherwise (demo, a Hub
-    repo id) its name."""
+def model_identity(name: str, args: object, dtype: mx.Dtype, gguf_bits: int | None = None) -> str:
+    """A name for the model that survives a restart: its args and dtype, what a GGUF's other
+    types were requantized to (`gguf_bits`) and, for a local directory or file, its files' names
+    and sizes (the config, the weights); otherwise (demo, a Hub repo id) its name."""
     path = Path(name).expanduser()
-    files = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.is_file()) if path.is_dir() else name
-    return hashlib.blake2b(f"{args!r} {dtype} {files}".encode(), digest_size=16).hexdigest()
+    files = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.is_file()) if path.is_dir() else \
+        (path.name, path.stat().st_size) if path.is_file() else name
+    return hashlib.blake2b(f"{args!r} {dtype} {gguf_bits} {files}".encode(), digest_size=16).hexdigest()
 
 
 def check_directory(directory: str) -> Path:

@@ -26,11 +26,11 @@ from collections.abc import Callable, Hashable
 
 import mlx.core as mx
 
-from ..cache import KVCache, check_kv_quantization, kv_slots, make_cache
+from ..cache import KVCache, check_kv_quantization, make_cache
 from ..errors import MistralError
 from ..generate import DEFAULT_PREFILL_CHUNK, TextStream
 from ..loading import load
-from ..memory import kv_bytes_per_token
+from ..memory import row_cache
 from ..structured import Grammars
 from .batch import Batch, Group, Row
 from .blocks import BlockStore
@@ -60,7 +60,7 @@ class Scheduler:
     `max_idle` finished caches (and `max_idle_bytes`) are kept, least recently used out
     first, for requests that continue them, and up to `prompt_cache_bytes` of K/V blocks for
     any request that starts the same (0: none), and `prompt_cache_disk_bytes` of them in
-    `prompt_cache_dir` if given (see prefix_cache.py).
+    `prompt_cache_dir` if given (see prefix_cache.py). `gguf_bits`: see loading.load.
     """
 
     def __init__(self, model: str = "demo", max_kv_size: int | None = None, max_batch: int = 8,
@@ -69,7 +69,7 @@ class Scheduler:
                  max_idle: int = 4, max_idle_bytes: int | None = None, kv_bits: int | None = None,
                  kv_group_size: int = 64, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
                  prompt_cache_dir: str | None = None,
-                 prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES):
+                 prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES, gguf_bits: int | None = None):
         optional = [(name, value) for name, value in (("max_kv_size", max_kv_size), ("kv_budget", kv_budget))
                     if value is not None]
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
@@ -92,13 +92,13 @@ class Scheduler:
         self.model = self.tokenizer = None
         self._thread = ModelThread(self._tick, lambda: bool(self._batch.rows or self._prefilling or self._waiting))
         self.name = model
-        self.model, self.tokenizer = self.call(load, model)
+        self.model, self.tokenizer = self.call(load, model, gguf_bits=gguf_bits)
         atexit.register(self.close)
         self.grammars = Grammars(self.tokenizer, self.model.args.vocab_size)  # structured output's (built on first use)
         try:
             self._configure(max_kv_size, kv_budget, kv_bits, kv_group_size)
             self.prefixes.blocks = self.call(
-                BlockStore, self._new_cache, model_identity(model, self.model.args, self.model.dtype),
+                BlockStore, self._new_cache, model_identity(model, self.model.args, self.model.dtype, gguf_bits),
                 prompt_cache_bytes, prompt_cache_dir, prompt_cache_disk_bytes)
         except MistralError:
             self.close()
@@ -109,17 +109,10 @@ class Scheduler:
         """The loaded model's row caches: their slots, quantization and bytes (MistralError if bad)."""
         args = self.model.args
         check_kv_quantization(args, kv_bits, kv_group_size, self.model.dtype)
-        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
-        self.window = args.sliding_window
-        if max_kv_size is None and self.window is None:
-            max_kv_size = DEFAULT_MAX_KV_SIZE
-        self.max_kv_size = max_kv_size
-        slots = kv_slots(args, max_kv_size)  # each layer's KV cache slots per row
-        self.capacity = max(slots)
-        # prompt + answer: a model with a full-attention layer stops at its cache, a windowed one slides on
-        self.context = self.capacity if self.window is None else args.max_position_embeddings
-        per_slot = kv_bytes_per_token(args, self.model.dtype.size, bits=kv_bits, group=kv_group_size) // args.n_layers
-        self.row_bytes = sum(slots) * per_slot  # K and V of one row
+        self.kv_bits, self.kv_group_size, self.window = kv_bits, kv_group_size, args.sliding_window
+        self.max_kv_size = DEFAULT_MAX_KV_SIZE if max_kv_size is None and self.window is None else max_kv_size
+        self.capacity, self.context, self.row_bytes = row_cache(args, self.max_kv_size, self.model.dtype.size,
+                                                                kv_bits, kv_group_size)
         if kv_budget is not None and kv_budget < self.row_bytes:
             raise MistralError(f"kv_budget of {kv_budget} bytes is less than one row's KV cache "
                                f"({self.row_bytes} bytes: {self.capacity} slots)")
@@ -203,12 +196,8 @@ class Scheduler:
             self._finish(self._batch.rows[b], "cancelled")
         if gone:
             self._leave(gone)
-        for group in self._prefilling:
-            gone = [row for row in group.rows if row.request.cancelled]
-            for row in gone:
-                self._finish(row, "cancelled")
-            if gone:
-                group.keep([b for b, row in enumerate(group.rows) if not row.request.cancelled])
+        for row in [row for group in self._prefilling for row in group.drop_cancelled()]:
+            self._finish(row, "cancelled")
         self._prefilling = [group for group in self._prefilling if group.rows]
         if not self._batch.rows and not self._prefilling:
             mx.reset_peak_memory()  # the Events' peak_memory: since the scheduler was last idle
