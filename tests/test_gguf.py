@@ -70,8 +70,9 @@ def test_smollm2_logits_match_transformers(oracle, models, weights, mode):
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.99
 
 
-def tiny_gguf(path, arch="llama", extra=None):
-    """A tiny llama GGUF written by the gguf package's writer (F32 tensors)."""
+def tiny_gguf(path, arch="llama", extra=None, tensors=None):
+    """A tiny llama GGUF written by the gguf package's writer (F32 tensors; `extra` keys: str,
+    float32 or uint32 by their Python type; `tensors` added)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -83,7 +84,7 @@ def tiny_gguf(path, arch="llama", extra=None):
     writer.add_context_length(64)
     writer.add_layer_norm_rms_eps(1e-5)
     for key, value in (extra or {}).items():
-        writer.add_uint32(key, value)
+        {str: writer.add_string, float: writer.add_float32}.get(type(value), writer.add_uint32)(key, value)
     rng = np.random.default_rng(0)
     shapes = {"token_embd.weight": (32, 8), "output_norm.weight": (8,), "blk.0.attn_norm.weight": (8,),
               "blk.0.ffn_norm.weight": (8,), "blk.0.attn_q.weight": (8, 8), "blk.0.attn_k.weight": (4, 8),
@@ -91,6 +92,8 @@ def tiny_gguf(path, arch="llama", extra=None):
               "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8), "blk.0.ffn_down.weight": (8, 16)}
     for name, shape in shapes.items():
         writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    for name, value in (tensors or {}).items():
+        writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -284,15 +287,15 @@ def bad_files(tmp_path):
     (tmp_path / "header.gguf").write_bytes(good[:100])
     model_gguf(tmp_path / "type.gguf", types={"attn_q.weight": Q.Q8_1})
     tiny_gguf(tmp_path / "arch.gguf", arch="gpt2")
-    tiny_gguf(tmp_path / "key.gguf", extra={"llama.expert_count": 8})
+    tiny_gguf(tmp_path / "key.gguf", extra={"llama.expert_shared_count": 1})
     tiny_gguf(tmp_path / "dims.gguf", extra={"llama.rope.dimension_count": 2})
     return {
         "magic.gguf": "not a GGUF file",
         "truncated.gguf": "could not be read",
         "header.gguf": "could not be read (its header is truncated or corrupt",
         "type.gguf": "tensor 'blk.0.attn_q.weight' has type Q8_1, which the gguf package cannot dequantize",
-        "arch.gguf": "general.architecture must be one of llama, got 'gpt2'",
-        "key.gguf": "unknown metadata key 'llama.expert_count'",
+        "arch.gguf": "general.architecture must be one of llama, mistral3, got 'gpt2'",
+        "key.gguf": "unknown metadata key 'llama.expert_shared_count'",
         "dims.gguf": "llama.rope.dimension_count must equal the head dimension (4), got 2",
         "missing.gguf": "GGUF file not found",
     }

@@ -15,6 +15,7 @@ a quantized weight are quantized independently (groups run along the input dimen
 same row permutation of its weight, scales and biases is exact.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,25 @@ import mlx.core as mx
 
 from ..config import ModelArgs, Quantization, packed_bits
 from ..errors import MistralError
-from ..rope import half_split_rows
+from ..rope import QueryScaling, Yarn, half_split_rows
 from .gguf_blocks import GROUP, MLX_READS, read_with_gguf, tensor_types, unreadable
 
-ARCHITECTURES = ("llama",)  # dense llama (Mistral 7B, NeMo, Small, Codestral, SmolLM2); others refused
+# llama: Mistral 7B, NeMo, Small, Codestral, SmolLM2, and Mixtral (with llama.expert_count);
+# mistral3: what llama.cpp writes for Ministral 3 / Devstral 2 (YaRN, llama-4 temperature) and the
+# text of Mistral Small 3.x. Others are refused.
+ARCHITECTURES = ("llama", "mistral3")
 K = gguf.Keys
 # {arch}.* keys we implement (-> ModelArgs) and those that do not change the computation.
 ARCH_KEYS = {
     K.LLM.CONTEXT_LENGTH, K.LLM.EMBEDDING_LENGTH, K.LLM.BLOCK_COUNT, K.LLM.FEED_FORWARD_LENGTH,
     K.Attention.HEAD_COUNT, K.Attention.HEAD_COUNT_KV, K.Attention.LAYERNORM_RMS_EPS, K.Rope.FREQ_BASE,
     K.Rope.DIMENSION_COUNT, K.Attention.KEY_LENGTH, K.Attention.VALUE_LENGTH, K.LLM.VOCAB_SIZE,
-    K.Attention.SLIDING_WINDOW, K.Rope.SCALING_TYPE,
+    K.Attention.SLIDING_WINDOW, K.Rope.SCALING_TYPE, K.LLM.EXPERT_COUNT, K.LLM.EXPERT_USED_COUNT,
+}
+# mistral3's YaRN and temperature, as llama.cpp's src/models/mistral3.cpp reads them
+YARN_KEYS = {
+    K.Rope.SCALING_FACTOR, K.Rope.SCALING_ORIG_CTX_LEN, K.Rope.SCALING_YARN_BETA_FAST, K.Rope.SCALING_YARN_BETA_SLOW,
+    K.Rope.SCALING_YARN_LOG_MUL, K.Rope.SCALING_ATTN_FACTOR, K.Attention.TEMPERATURE_SCALE,
 }
 MT = gguf.MODEL_TENSOR
 # GGUF tensor -> our (Hugging Face) name; "{bid}" is the block index.
@@ -44,8 +53,12 @@ TENSORS = {
     MT.ATTN_V: "model.layers.{bid}.self_attn.v_proj", MT.ATTN_OUT: "model.layers.{bid}.self_attn.o_proj",
     MT.FFN_GATE: "model.layers.{bid}.mlp.gate_proj", MT.FFN_UP: "model.layers.{bid}.mlp.up_proj",
     MT.FFN_DOWN: "model.layers.{bid}.mlp.down_proj",
+    # Mixtral: the router, and each projection's experts stacked [experts, out, in] (llama.cpp's merge)
+    MT.FFN_GATE_INP: "model.layers.{bid}.block_sparse_moe.gate",
+    MT.FFN_GATE_EXP: "model.layers.{bid}.block_sparse_moe.switch_mlp.gate_proj",
+    MT.FFN_UP_EXP: "model.layers.{bid}.block_sparse_moe.switch_mlp.up_proj",
+    MT.FFN_DOWN_EXP: "model.layers.{bid}.block_sparse_moe.switch_mlp.down_proj",
 }
-IGNORED_TENSORS = (MT.ROPE_FREQS,)  # llama.cpp's precomputed inverse frequencies: we compute RoPE ourselves
 
 
 def read_gguf(path: Path, bits: int | None = None) -> tuple[ModelArgs, dict[str, mx.array], dict[str, Any]]:
@@ -78,7 +91,7 @@ def _load(path: Path, bits: int | None) -> tuple[dict[str, mx.array], dict[str, 
 
 
 def _args(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, mx.array]) -> ModelArgs:
-    known = {k.format(arch=arch) for k in ARCH_KEYS}
+    known = {k.format(arch=arch) for k in ARCH_KEYS | (YARN_KEYS if arch == "mistral3" else set())}
     for key in sorted(k for k in meta if k.startswith(f"{arch}.")):
         if key not in known:
             raise MistralError(f"{path}: unknown metadata key {key!r} (it may change the computation; refused)")
@@ -89,9 +102,6 @@ def _args(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, mx.arr
             raise MistralError(f"{path}: missing metadata key {name!r}")
         return meta.get(name, default)
 
-    scaling = get(K.Rope.SCALING_TYPE, "none")
-    if scaling != "none":
-        raise MistralError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported (only 'none')")
     dim, n_heads = get(K.LLM.EMBEDDING_LENGTH, required=True), get(K.Attention.HEAD_COUNT, required=True)
     head_dim = get(K.Attention.KEY_LENGTH) or (dim // n_heads if isinstance(dim, int) and n_heads else 0)
     for key in (K.Attention.VALUE_LENGTH, K.Rope.DIMENSION_COUNT):
@@ -109,7 +119,36 @@ def _args(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, mx.arr
         max_position_embeddings=get(K.LLM.CONTEXT_LENGTH, 32768),
         tie_word_embeddings="output.weight" not in tensors,
         quantization=_quantization(tensors),
+        n_experts=get(K.LLM.EXPERT_COUNT, 0), n_experts_per_tok=get(K.LLM.EXPERT_USED_COUNT, 0),
+        **_rope_scaling(path, arch, get),
     )
+
+
+def _rope_scaling(path: Path, arch: str, get: Callable[..., Any]) -> dict[str, Any]:
+    """YaRN and the llama-4 temperature as llama.cpp computes them for mistral3
+    (src/llama-context.cpp, src/models/mistral3.cpp): yarn_log_multiplier is transformers'
+    mscale_all_dim with mscale 1 (0 or absent: the attention factor 0.1 ln(factor) + 1, as
+    transformers' without either); the temperature 1 + scale * ln(1 + floor(pos / the original
+    context)), transformers' llama_4_scaling_beta."""
+    scaling = get(K.Rope.SCALING_TYPE, "none")
+    if scaling not in ("none", "yarn") or (scaling == "yarn" and arch != "mistral3"):
+        raise MistralError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported "
+                           f"({'none or yarn' if arch == 'mistral3' else 'only none'})")
+    if get(K.Rope.SCALING_ATTN_FACTOR, 1.0) != 1.0:
+        raise MistralError(f"{path}: {arch}.rope.scaling.attn_factor must be 1.0, got {get(K.Rope.SCALING_ATTN_FACTOR)!r}")
+    original, beta = get(K.Rope.SCALING_ORIG_CTX_LEN), get(K.Attention.TEMPERATURE_SCALE, 0.0)
+    out: dict[str, Any] = {}
+    if scaling == "yarn":
+        log_mul = get(K.Rope.SCALING_YARN_LOG_MUL, 0.0)
+        out["yarn"] = Yarn(get(K.Rope.SCALING_FACTOR, required=True), get(K.Rope.SCALING_ORIG_CTX_LEN, required=True),
+                           beta_fast=get(K.Rope.SCALING_YARN_BETA_FAST, 32.0),
+                           beta_slow=get(K.Rope.SCALING_YARN_BETA_SLOW, 1.0),
+                           mscale=1.0 if log_mul else None, mscale_all_dim=log_mul or None)
+    if beta:
+        if not original:
+            raise MistralError(f"{path}: {arch}.attention.temperature_scale needs {arch}.rope.scaling.original_context_length")
+        out["query_scaling"] = QueryScaling(float(beta), original)
+    return out
 
 
 def _quantization(tensors: dict[str, mx.array]) -> Quantization | None:
@@ -125,11 +164,13 @@ def _weights(path: Path, arch: str, args: ModelArgs, tensors: dict[str, mx.array
     for tensor, ours in TENSORS.items():
         for bid in range(args.n_layers if "{bid}" in gguf.TENSOR_NAMES[tensor] else 1):
             names[gguf.TENSOR_NAMES[tensor].format(bid=bid)] = (tensor, ours.format(bid=bid))
-    ignored = {gguf.TENSOR_NAMES[t] for t in IGNORED_TENSORS}
     out = {}
     for name, w in tensors.items():
         stem, _, part = name.rpartition(".")
-        if stem in ignored:
+        if stem == gguf.TENSOR_NAMES[MT.ROPE_FREQS]:  # llama.cpp divides each RoPE frequency by its factor
+            if not mx.all(w == 1).item():
+                raise MistralError(f"{path}: tensor {name!r} holds RoPE frequency factors (Llama 3's scaling), "
+                                   "which are not supported")
             continue
         if stem not in names or part not in ("weight", "scales", "biases"):
             raise MistralError(f"{path}: unexpected tensor {name!r} for a {arch} model of {args.n_layers} blocks")
