@@ -12,7 +12,9 @@ Mistral's vocabularies get mistral-common's tokenizer, so that tools and reasoni
   v11; else the chat template: one that writes [SYSTEM_PROMPT] -> v7 (every Tekken vocabulary
   holds that token, NeMo's v3 too), else v3.
 Any other byte-level BPE (SmolLM2's) is run by `tokenizers` with the file's pre-tokenizer and its
-Jinja chat template (template_tokenizer.TemplateTokenizer). Anything else is refused by name.
+Jinja chat template (template_tokenizer.TemplateTokenizer); any other SentencePiece vocabulary
+(Llama 2's, TinyLlama's) by SentencePiece with its template (SentencePieceTemplateTokenizer).
+Anything else is refused by name.
 """
 
 import base64
@@ -29,7 +31,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from sentencepiece import sentencepiece_model_pb2
 
 from .errors import MistralError
-from .template_tokenizer import TemplateTokenizer, byte_decoder
+from .template_tokenizer import SentencePieceTemplateTokenizer, TemplateTokenizer, byte_decoder
 from .text import TextTokenizer
 from .tokenizer import Tokenizer, sentencepiece_mistral
 
@@ -61,10 +63,11 @@ def gguf_tokenizer(path: Path, meta: dict[str, Any]) -> TextTokenizer:
     if model == "llama":
         mistral = (len(tokens) > 4 and tokens[3] == "[INST]" and types[3] == CONTROL) or \
                   "[INST]" in (meta.get(T.CHAT_TEMPLATE) or "")
+        sp = _sentencepiece(path, meta, tokens, types)
         if not mistral:
-            raise MistralError(f"{path}: a SentencePiece vocabulary that is not Mistral's is not supported "
-                               "(Mistral's V1/V3, Tekken and byte-level BPE ones are)")
-        return Tokenizer(path, sentencepiece_mistral(path, _sentencepiece(path, meta, tokens, types)))
+            return SentencePieceTemplateTokenizer(path, sp, meta.get(T.CHAT_TEMPLATE),
+                                                  **_special_ids(path, meta, len(tokens)))
+        return Tokenizer(path, sentencepiece_mistral(path, sp))
     raise MistralError(f"{path}: {T.MODEL} {model!r} is not supported (expected 'llama' or 'gpt2')")
 
 

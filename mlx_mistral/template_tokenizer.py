@@ -5,17 +5,20 @@ conversation. Implements text.TextTokenizer.
 """
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
 
 import jinja2
+import sentencepiece as spm
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import MistralError
 from .text import Message, ToolCall, check_unicode
+from .tokenizer import sentencepiece_bytes
 
 
 @lru_cache(maxsize=1)
@@ -105,10 +108,56 @@ class TemplateTokenizer:
             text = self._template.render(messages=plain, add_generation_prompt=True, **tokens)
         except jinja2.TemplateError as e:
             raise MistralError(f"chat messages: the model's chat template refused them ({e})") from None
+        return self._encode_rendered(text)
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        """A rendered conversation's ids, its control tokens' names as those tokens."""
         return self._chat.encode(text, add_special_tokens=False).ids
 
     def parse_tool_calls(self, ids: Sequence[int]) -> list[ToolCall] | None:
         return None
+
+
+class SentencePieceTemplateTokenizer(TemplateTokenizer):
+    """A SentencePiece vocabulary that is not Mistral's (Llama 2's, TinyLlama's GGUF), run by
+    SentencePiece itself, as llama.cpp's tokenizer matches it. A rendered conversation is cut at its
+    control tokens' names and each text between them encoded with SentencePiece's dummy-prefix
+    space, as llama.cpp does (llama-vocab.cpp: a space after every control token); transformers'
+    GGUF tokenizer (prepend_scheme "first") puts it only at the start, and merges a leading run of
+    spaces otherwise: it is not the reference here."""
+
+    space_prefix = True
+
+    def __init__(self, path: Path, sp: "spm.SentencePieceProcessor", chat_template: str | None, *, bos_id: int,
+                 eos_id: int, unk_id: int, add_bos: bool):
+        self.path, self._template_source, self._sp = path, chat_template, sp
+        self.vocab_size = sp.vocab_size()
+        self.bos_id, self.eos_id, self.unk_id, self.add_bos = bos_id, eos_id, unk_id, add_bos
+        self.control_ids = frozenset(i for i in range(self.vocab_size) if sp.is_control(i))
+        self._control = {sp.id_to_piece(i): i for i in self.control_ids}
+        names = sorted(self._control, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        check_unicode(text)
+        ids = self._sp.encode(text)
+        return [self.bos_id, *ids] if bos and self.add_bos else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def piece(self, i: int) -> str:
+        return self._sp.id_to_piece(i)
+
+    @cached_property
+    def piece_bytes(self) -> list[bytes]:
+        return sentencepiece_bytes(self._sp)
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        ids = []
+        for part in self._split.split(text) if self._split else [text]:
+            ids += [self._control[part]] if part in self._control else self._sp.encode(part) if part else []
+        return ids
 
 
 def byte_level_json(path: Path) -> bool:

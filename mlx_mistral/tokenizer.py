@@ -74,16 +74,7 @@ class Tokenizer:
         """The bytes each id stands for (control tokens: none), for streaming decode."""
         if self.tekken:
             return [self._raw.id_to_byte_piece(i, SpecialTokenPolicy.IGNORE) for i in range(self.vocab_size)]
-        sp, out = self._raw._model, []
-        for i in range(self.vocab_size):
-            piece = sp.id_to_piece(i)
-            if sp.is_control(i) or sp.is_unknown(i):
-                out.append(b"" if sp.is_control(i) else "\u2047".encode())
-            elif sp.is_byte(i):
-                out.append(bytes([int(piece[3:5], 16)]))  # "<0xAB>"
-            else:
-                out.append(piece.replace("\u2581", " ").encode())
-        return out
+        return sentencepiece_bytes(self._raw._model)
 
     def chat_tokens(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
                     reasoning: bool = False) -> list[int]:
@@ -159,6 +150,21 @@ def _call_id(given: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9]{9}", given or ""):
         return given
     return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
+def sentencepiece_bytes(sp: "spm.SentencePieceProcessor | _SentencePieceJson") -> list[bytes]:
+    """The bytes each SentencePiece id stands for: control tokens none, <unk> U+2047, byte pieces
+    ("<0xAB>") their byte, others their text with U+2581 as a space."""
+    out = []
+    for i in range(sp.vocab_size()):
+        piece = sp.id_to_piece(i)
+        if sp.is_control(i) or sp.is_unknown(i):
+            out.append(b"" if sp.is_control(i) else "\u2047".encode())
+        elif sp.is_byte(i):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(piece.replace("\u2581", " ").encode())
+    return out
 
 
 def _load_mistral(path: Path) -> MistralTokenizer:

@@ -196,6 +196,41 @@ def test_smollm2_missing_names_its_install_command(monkeypatch):
         resolve("smollm2")
 
 
+ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")  # TinyLlama-chat's template
+
+
+def test_a_sentencepiece_vocabulary_that_is_not_mistrals_runs_as_llama_cpp_runs_it(tmp_path):
+    """A Llama-style SentencePiece GGUF with a template that is not [INST] (TinyLlama's zephyr) is
+    run by SentencePiece itself: ids equal SentencePiece's, and transformers' wherever the text
+    does not start with a space (there transformers' prepend_scheme "first" adds a second one).
+    The chat is cut at its control tokens, each text between them encoded with SentencePiece's
+    dummy-prefix space, as llama.cpp's llama-vocab.cpp does."""
+    import transformers
+
+    from checkpoints import TOKENIZER_V1
+    from mlx_mistral.template_tokenizer import SentencePieceTemplateTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_V1))
+    n = sp.vocab_size()
+    types = [6 if sp.is_byte(i) else 3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 1 for i in range(n)]
+    path = write_vocab(tmp_path / "llama.gguf", "llama", [sp.id_to_piece(i) for i in range(n)], types,
+                       [sp.get_score(i) for i in range(n)], template=ZEPHYR)
+    ours = gguf_tokenizer(path, metadata(path))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert isinstance(ours, SentencePieceTemplateTokenizer) and ours.space_prefix
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == sp.encode(text) and ours.decode(ids) == sp.decode(ids)
+        assert b"".join(ours.piece_bytes[i] for i in ids).decode() == " " + text
+        if not text.startswith(" "):
+            assert ids == ref(text, add_special_tokens=False)["input_ids"], text
+    rendered = ref.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    expected = [i for part in rendered.split("</s>") for i in sp.encode(part) + [2]][:-1]  # </s> is id 2
+    assert ours.chat_tokens(CONVERSATION) == expected
+    assert ours.encode("Hi", bos=True) == [1, *sp.encode("Hi")]  # llama.cpp's default for SentencePiece: BOS
+
+
 def test_the_server_on_smollm2_answers_json_schema_requests():
     """The server (`--model smollm2`) with the official openai client: a chat answer, and a
     response_format json_schema one valid for the schema (the grammar over SmolLM2's byte-level
