@@ -254,24 +254,28 @@ def test_a_k_quant_gguf_is_requantized_as_asked(tmp_path, bits):
         assert (error.reshape(*scales.shape, 32) <= np.abs(np.array(scales))[..., None] * (1 + 1e-4)).all(), gguf_name  # + float32 rounding (1.5e-5 of a step measured)
 
 
-def mistral_v3_vocab() -> tuple[list[str], list[int], list[float]]:
-    """Mistral's V3 SentencePiece vocabulary as llama.cpp writes it: pieces, types, scores."""
+MISTRAL_V3_MODEL = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data" / \
+    "mistral_instruct_tokenizer_240323.model.v3"
+
+
+def sentencepiece_vocab(model_file: Path = MISTRAL_V3_MODEL) -> tuple[list[str], list[int], list[float]]:
+    """A SentencePiece vocabulary (Mistral's V3 by default) as llama.cpp writes it: pieces, types
+    (SentencePiece's numbers), scores."""
     import sentencepiece as spm
 
-    data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
-    sp = spm.SentencePieceProcessor(model_file=str(data / "mistral_instruct_tokenizer_240323.model.v3"))
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
     n = sp.vocab_size()
     types = [6 if sp.is_byte(i) else 3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 1 for i in range(n)]
     return [sp.id_to_piece(i) for i in range(n)], types, [sp.get_score(i) for i in range(n)]
 
 
-def test_a_tiny_gguf_with_a_mistral_v3_vocabulary_runs_with_mistral_common(tmp_path):
+def test_a_tiny_gguf_with_a_sentencepiece_vocabulary_runs_with_mistral_common(tmp_path):
     """A llama GGUF carrying Mistral's V3 SentencePiece vocabulary loads with mistral-common's
     tokenizer (tools and [INST] templates), and its logits are transformers'."""
     from mlx_mistral import load
     from mlx_mistral.tokenizer import Tokenizer
 
-    path = model_gguf(tmp_path / "mistral-v3.gguf", Q.Q8_0, vocab=mistral_v3_vocab())
+    path = model_gguf(tmp_path / "mistral-v3.gguf", Q.Q8_0, vocab=sentencepiece_vocab())
     model, tokenizer = load(str(path), dtype=mx.float32)
     assert isinstance(tokenizer, Tokenizer) and tokenizer.version == "v3"
     ids = tokenizer.chat_tokens([{"role": "user", "content": "What is the capital of France?"}])
@@ -325,7 +329,7 @@ def test_the_cli_says_what_it_did_to_a_k_quant_gguf(tmp_path):
     import subprocess
     import sys
 
-    path = model_gguf(tmp_path / "k.gguf", Q.Q4_K, vocab=mistral_v3_vocab())
+    path = model_gguf(tmp_path / "k.gguf", Q.Q4_K, vocab=sentencepiece_vocab())
     proc = subprocess.run([sys.executable, "-m", "mlx_mistral.generate", "--model", str(path), "--gguf-bits", "8",
                            "--prompt", "hi", "--max-tokens", "3", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -350,7 +354,7 @@ def test_the_server_and_the_app_take_gguf_bits(tmp_path):
     from mlx_mistral.server import parse_args as server_args
 
     assert server_args(["--gguf-bits", "8"]).gguf_bits == app_args(["--gguf-bits", "8"]).gguf_bits == 8
-    path = model_gguf(tmp_path / "k.gguf", Q.Q4_K, vocab=mistral_v3_vocab())
+    path = model_gguf(tmp_path / "k.gguf", Q.Q4_K, vocab=sentencepiece_vocab())
     with pytest.warns(UserWarning, match="requantized to MLX 8-bit"):
         s = Scheduler(str(path), max_kv_size=64, gguf_bits=8)
     try:

@@ -19,7 +19,7 @@ from mlx_mistral.structured import Grammars
 from mlx_mistral.template_tokenizer import TemplateTokenizer
 from mlx_mistral.tokenizer import Tokenizer
 from checkpoints import write_tekken
-from test_gguf import SMOLLM2
+from test_gguf import SMOLLM2, sentencepiece_vocab
 
 MISTRAL_DATA = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
 TEXTS = [  # code, unicode, whitespace runs, contractions, special tokens' names typed as text
@@ -134,11 +134,7 @@ def metadata(path: Path) -> dict:
 def test_a_mistral_v3_sentencepiece_vocabulary_gets_mistral_common(tmp_path):
     """The pieces, scores and types of tokenizer.model.v3, as llama.cpp's converter (gguf's
     MistralVocab) writes them: the tokenizer rebuilt from them is mistral-common's V3."""
-    sp = spm.SentencePieceProcessor(model_file=str(MISTRAL_DATA / "mistral_instruct_tokenizer_240323.model.v3"))
-    n = sp.vocab_size()
-    types = [6 if sp.is_byte(i) else 3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 1 for i in range(n)]
-    path = write_vocab(tmp_path / "v3.gguf", "llama", [sp.id_to_piece(i) for i in range(n)], types,
-                       [sp.get_score(i) for i in range(n)])
+    path = write_vocab(tmp_path / "v3.gguf", "llama", *sentencepiece_vocab())
     ours = gguf_tokenizer(path, metadata(path))
     ref = Tokenizer(MISTRAL_DATA / "mistral_instruct_tokenizer_240323.model.v3")
     assert isinstance(ours, Tokenizer) and ours.version == "v3" and ours.tool_calls_id == ref.tool_calls_id
@@ -212,10 +208,7 @@ def test_a_sentencepiece_vocabulary_that_is_not_mistrals_runs_as_llama_cpp_runs_
     from mlx_mistral.template_tokenizer import SentencePieceTemplateTokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_V1))
-    n = sp.vocab_size()
-    types = [6 if sp.is_byte(i) else 3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 1 for i in range(n)]
-    path = write_vocab(tmp_path / "llama.gguf", "llama", [sp.id_to_piece(i) for i in range(n)], types,
-                       [sp.get_score(i) for i in range(n)], template=ZEPHYR)
+    path = write_vocab(tmp_path / "llama.gguf", "llama", *sentencepiece_vocab(TOKENIZER_V1), template=ZEPHYR)
     ours = gguf_tokenizer(path, metadata(path))
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     assert isinstance(ours, SentencePieceTemplateTokenizer) and ours.space_prefix
