@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 import mlx_mistral.serve.batch as batch_module
 from mlx_mistral.serve import QueueFull, create_app
 from mlx_mistral.tokenizer import Tokenizer
+from checkpoints import write_tekken
 from structured_cases import BOUNDED, Closing
 from test_reasoning import answer_ids
 from test_server_tools import CALLS, WEATHER, Script, serving, tiny_v3
@@ -102,6 +103,34 @@ def test_system_and_content_blocks_encode_as_openai_parts(live):
     parts = [{"type": "text", "text": b["text"]} for b in system]
     assert count.input_tokens == len(tok.chat_tokens([{"role": "system", "content": parts},
                                                       {"role": "user", "content": user}]))
+
+
+def test_claude_codes_request_shape_is_served(live, tmp_path):
+    """What Claude Code 2.1 sends (../shared/notes/agent-clients.md): system blocks with
+    cache_control, a system-role message inside `messages`, thinking adaptive, output_config's
+    effort, context_management clear_thinking, metadata, max_tokens 32000 past the context (cut to
+    what the context leaves): a streamed answer. mistral-common folds the system message into the
+    one system prompt with a V3 template, and keeps it in place from V7 on."""
+    client, _, _, script, tok = live
+    script.ids = [*tok.encode("Hi!"), tok.eos_id]
+    system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1"},
+              {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>be kind</system-reminder>"},
+                                             {"type": "text", "text": "Say hi", "cache_control": {"type": "ephemeral"}}]},
+                {"role": "system", "content": "Available agent types: general-purpose"}]
+    extra = {"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+             "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}} | SCRIPTED
+    text, message = create(client, messages, stream=True, system=system, max_tokens=32000,
+                           metadata={"user_id": json.dumps({"device_id": "x"})}, extra_body=extra)
+    assert (text.strip(), message.stop_reason) == ("Hi!", "end_turn")
+    plain = [{"role": "system", "content": [{"type": "text", "text": b["text"]} for b in system]},
+             {"role": "user", "content": [{"type": "text", "text": b["text"]} for b in messages[0]["content"]]},
+             {"role": "system", "content": messages[1]["content"]}]
+    assert prompt(message.usage) == len(tok.chat_tokens(plain))
+    assert tok.decode(tok.chat_tokens(plain)).index("Available agent") < tok.decode(tok.chat_tokens(plain)).index("Say hi")
+    v7 = Tokenizer(write_tekken(tmp_path / "tekken.json", "v7"))
+    pieces = [v7.piece(i) for i in v7.chat_tokens(plain) if i in v7.control_ids]
+    assert pieces[-2:] == ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]  # after the user turn, in place
 
 
 def test_stop_sequences_and_max_tokens(live):
@@ -239,8 +268,10 @@ UNKNOWN_RESULT = [*ASK, {"role": "assistant", "content": "Let me see."},
                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "abcdefghi", "content": "x"}]}]
 BAD = [  # (path, body or raw bytes, headers, status, error type, the message or its start)
     ("", WITHOUT_MAX, None, 400, "invalid_request_error", "max_tokens: Field required"),
-    ("", GOOD | {"messages": [{"role": "system", "content": "x"}]}, None, 400, "invalid_request_error",
-     "messages.0.role: Input should be 'user' or 'assistant'"),
+    ("", GOOD | {"messages": [{"role": "tool", "content": "x"}]}, None, 400, "invalid_request_error",
+     "messages.0.role: Input should be 'user', 'assistant' or 'system'"),
+    ("", GOOD | {"context_management": {"edits": [{"type": "compact_20260101"}]}}, None, 400, "invalid_request_error",
+     "context_management.edits.0.type: 'compact_20260101' is not supported (only clear_thinking_*)"),
     ("", GOOD | {"messages": []}, None, 400, "invalid_request_error", "messages: List should have at least 1 item"),
     ("", GOOD | {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE]}]}, None,
      400, "invalid_request_error", "messages.0.content.1: image input is not supported (text-only model)"),
@@ -265,7 +296,8 @@ BAD = [  # (path, body or raw bytes, headers, status, error type, the message or
      "invalid_request_error", "mcp_servers: not supported"),
     ("", GOOD | {"messages": [*ASK, {"role": "assistant", "content": "The answer is"}]}, None, 400,
      "invalid_request_error", "chat messages: the conversation must end with a user message"),
-    ("", GOOD | {"max_tokens": 40000}, None, 400, "invalid_request_error", "prompt"),
+    ("", GOOD | {"messages": [{"role": "user", "content": "hi " * 2000}]}, None, 400, "invalid_request_error",
+     "prompt"),
     ("", GOOD | {"max_tokens": 0}, None, 400, "invalid_request_error", "max_tokens: Input should be greater than 0"),
     ("", GOOD | {"stop_sequences": ["ok", ""]}, None, 400, "invalid_request_error", "stop_sequences.1: String should"),
 ]

@@ -1,7 +1,9 @@
 """Anthropic's Messages request: its pydantic schema, and its translation into build.Spec.
 
 The messages become OpenAI-style chat messages for mistral-common: the system prompt (a string
-or text blocks) first; a user turn's tool_result blocks become tool messages and its text one
+or text blocks) first; a `system`-role message inside `messages` (Claude Code sends one) a system
+message in its place, where mistral-common's V7+ templates keep it ([SYSTEM_PROMPT] in place) and
+its V1-V3 ones fold every system message into the one system prompt; a user turn's tool_result blocks become tool messages and its text one
 user message; an assistant turn's text and tool_use blocks one assistant message with
 tool_calls. Earlier thinking blocks are left out, as the OpenAI route leaves out
 reasoning_content (and as Anthropic leaves out earlier turns' thinking): both routes make the
@@ -23,14 +25,14 @@ from .http import APIError
 
 ALNUM = string.ascii_letters + string.digits
 MEDIA = ("image", "document")  # multimodal input blocks: refused by name
-# Top-level fields that would change the answer (server-side tools, context edits): refused
-# unless off. Other fields are ignored: metadata, service_tier, cache_control, output_config's
-# effort, and thinking (whether the model reasons is the server's --reasoning).
-UNSUPPORTED = ("container", "mcp_servers", "context_management")
+# Top-level fields that would change the answer (server-side tools): refused unless off. Other
+# fields are ignored: metadata, service_tier, cache_control, output_config's effort, and thinking
+# (whether the model reasons is the server's --reasoning). context_management: see _context_edits.
+UNSUPPORTED = ("container", "mcp_servers")
 
 
 class Turn(BaseModel):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[dict]
 
 
@@ -74,10 +76,13 @@ def to_spec(body: Conversation, **sampling) -> Spec:
     for name in UNSUPPORTED:
         if body.model_extra.get(name) not in (None, [], {}):
             raise APIError(400, f"{name}: not supported by this server", param=name)
+    _context_edits(body.model_extra.get("context_management"))
     messages = [{"role": "system", "content": _text(body.system, "system")}] if body.system else []
     called: set[str] = set()  # the tool-use ids of the assistant turn before
     for i, turn in enumerate(body.messages):
-        if turn.role == "assistant":
+        if turn.role == "system":
+            messages.append({"role": "system", "content": _text(turn.content, f"messages.{i}.content")})
+        elif turn.role == "assistant":
             message = _assistant(turn.content, f"messages.{i}")
             messages.append(message)
             called = {call["id"] for call in message.get("tool_calls", ())}
@@ -87,9 +92,25 @@ def to_spec(body: Conversation, **sampling) -> Spec:
     tools = [_tool(tool, f"tools.{i}") for i, tool in enumerate(body.tools or [])]
     one = bool(body.tool_choice and body.tool_choice.disable_parallel_tool_use)
     return Spec(body.model, messages=messages, tools=tools, tool_choice=_tool_choice(body.tool_choice),
-                parallel_tool_calls=not one,
+                parallel_tool_calls=not one, clamp_max_tokens=True,
                 response_format=_format(body.model_extra.get("output_config")), format_param="output_config.format",
                 **sampling)
+
+
+def _context_edits(management: object) -> None:
+    """context_management.edits: `clear_thinking_*` (what Claude Code sends, any `keep`) changes
+    nothing here, since earlier turns' thinking never reaches the prompt; any other edit type is
+    refused by name."""
+    if management in (None, {}):
+        return
+    edits = management.get("edits") if isinstance(management, dict) else None
+    if not isinstance(edits, list):
+        raise APIError(400, "context_management.edits: expected a list of edits", param="context_management.edits")
+    for i, edit in enumerate(edits):
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if not isinstance(kind, str) or not kind.startswith("clear_thinking_"):
+            raise APIError(400, f"context_management.edits.{i}.type: {kind!r} is not supported (only clear_thinking_*)",
+                           param=f"context_management.edits.{i}.type")
 
 
 def _user(content: str | list[dict], where: str, called: set[str]) -> list[dict]:

@@ -32,6 +32,7 @@ class Spec:
     parallel_tool_calls: bool = True  # False: one call at most (the grammar's)
     format_param: str | None = None  # the request's own name of response_format, if it has another
     max_tokens: int | None = None  # None: up to DEFAULT_MAX_TOKENS, within the context
+    clamp_max_tokens: bool = False  # True: a max_tokens past the context is cut to what it leaves (Anthropic's route)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
@@ -44,9 +45,9 @@ def build(service: Service, spec: Spec) -> Request:
     """The scheduler Request of `spec` (an APIError naming the field at fault if it cannot be one)."""
     tokens = prompt_tokens(service, spec)
     constraint = constrain(service, spec)
-    max_tokens = spec.max_tokens
-    if max_tokens is None:
-        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, service.ready().context - len(tokens)))
+    max_tokens, left = spec.max_tokens, service.ready().context - len(tokens)
+    if max_tokens is None or spec.clamp_max_tokens:
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, left))
     chat = spec.messages is not None
     return Request(tokens, max_tokens, spec.temperature, spec.top_p, spec.seed, list(spec.stop),
                    service.ready().tokenizer.encode if chat else None, tool_calls=bool(_offered(spec)),
