@@ -18,6 +18,7 @@ from .errors import MistralError, run_command
 from .generate import DEFAULT_PREFILL_CHUNK
 from .loading.gguf_blocks import GGUF_BITS_HELP
 from .serve import Scheduler, create_app
+from .serve.app import served_name
 from .serve.disk_cache import check_directory
 from .serve.scheduler import DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_PROMPT_CACHE_DISK_BYTES
 
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_mistral.server", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo", help="local directory, .gguf file, Hugging Face repo id (org/name, org/name/FILE.gguf), 'smollm2' (the installed SmolLM2 GGUF) or 'demo'")
     p.add_argument("--gguf-bits", type=int, choices=(4, 8, 16), help=GGUF_BITS_HELP)
+    p.add_argument("--served-model-name", action="append", metavar="NAME",
+                   help="a name the model answers to in /v1/models and responses (repeatable; default: the "
+                   "directory's, file's or repo's name). Requests naming any other model are served by it too")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise MistralError(f"--{flag.replace('_', '-')} must be an integer >= 0, got {getattr(args, flag)}")
         if not args.prompt_cache_gb > 0:
             raise MistralError(f"--prompt-cache-gb must be a positive number of GB, got {args.prompt_cache_gb:g}")
+        if args.served_model_name and not all(n.strip() for n in args.served_model_name):
+            raise MistralError("--served-model-name must not be empty")
         if args.prompt_cache_dir is not None:
             check_directory(args.prompt_cache_dir)
         check_kv_bits(args.kv_bits, args.kv_group_size)  # before the model loads
@@ -130,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                 server.should_exit = True
 
         import uvicorn
-        app = create_app(loading, args.api_key, args.cors_origin, name=args.model, reasoning=args.reasoning)
+        names = args.served_model_name or [served_name(args.model)]
+        app = create_app(loading, args.api_key, args.cors_origin, name=names, reasoning=args.reasoning)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
         threading.Thread(target=load, name="load").start()
-        print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        print(f"serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr,
+              flush=True)
         server.run()
         loading.result().close()  # waits for a load in progress; a model that failed to load: its error
         raise KeyboardInterrupt  # uvicorn returns once Ctrl-C (or SIGTERM) has stopped it

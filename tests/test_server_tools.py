@@ -176,14 +176,31 @@ def test_bad_tool_requests_get_400(live, kw, param, says):
     assert e.value.body["param"] == param and says in e.value.body["message"]
 
 
-def test_tools_on_a_v1_tokenizer_get_400():
-    """The demo model's tokenizer is V1: no function calling (and no server needed to see it)."""
+def test_tools_on_a_v1_tokenizer_get_400_and_served_names(tmp_path):
+    """The demo model's tokenizer is V1: no function calling, said without a path of this machine
+    (and no server needed to see it). --served-model-name's names are listed and answered as
+    asked; any other name is served by the one model, the response naming the first."""
     from fastapi.testclient import TestClient
+
+    from mlx_mistral.serve.app import served_name
+
+    (tmp_path / "Mistral-7B").mkdir()
+    (tmp_path / "x.Q4_K_M.gguf").write_bytes(b"")
+    assert [served_name(str(p)) for p in (tmp_path / "Mistral-7B", tmp_path / "x.Q4_K_M.gguf")] == \
+        ["Mistral-7B", "x.Q4_K_M"]
+    assert served_name("org/name") == "org/name" and served_name("demo") == "demo"
     sched = Scheduler("demo", max_batch=1)
     try:
         with TestClient(create_app(sched)) as http:
             r = http.post("/v1/chat/completions", json={"model": "demo", "messages": PROMPT, "tools": [WEATHER]})
+        with TestClient(create_app(sched, name=["mistral", "alias"])) as http:
+            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["mistral", "alias"]
+            answered = [http.post("/v1/chat/completions", json={"model": name, "messages": PROMPT, "max_tokens": 1,
+                                                                "temperature": 0}).json()["model"]
+                        for name in ("alias", "gpt-9")]
+            assert answered == ["alias", "mistral"]
     finally:
         sched.close()
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
-    assert "a v1 tokenizer has no function calling" in r.json()["error"]["message"]
+    message = r.json()["error"]["message"]
+    assert message.startswith("demo: a v1 tokenizer has no function calling") and "/" not in message  # no server path

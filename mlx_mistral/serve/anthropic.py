@@ -52,7 +52,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
                        top_k=body.top_k, stop=body.stop_sequences)
         request = build(service, spec)
         events = submit(service, request, "messages")
-        head = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": service.model_id}
+        head = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": service.answering(body.model)}
         if body.stream:
             return StreamingResponse(stream(request, events, head), media_type="text/event-stream")
         received, last = await answer(request, events, http)

@@ -3,7 +3,9 @@ API's routes (openai.py, anthropic.py). An error is answered in the dialect of i
 Anthropic's error object under /v1/messages, OpenAI's everywhere else."""
 
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import Future
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -16,13 +18,16 @@ from .scheduler import Scheduler
 
 
 def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_origin: str | None = None,
-               max_body: int = MAX_BODY_BYTES, name: str | None = None, reasoning: bool = False) -> FastAPI:
+               max_body: int = MAX_BODY_BYTES, name: str | Sequence[str] | None = None,
+               reasoning: bool = False) -> FastAPI:
     """The API over `scheduler` (the chat app mounts its page on the same app), or over the Future
-    of one still loading (503 until it is ready; `name` is then the model's id). With `reasoning`,
-    chats start with the model's reasoning system prompt (Tokenizer.reasoning_prompt)."""
+    of one still loading (503 until it is ready). `name`: the model's served name or names (the
+    first is its id; default served_name of the scheduler's model). With `reasoning`, chats start
+    with the model's reasoning system prompt (Tokenizer.reasoning_prompt)."""
     app = FastAPI(title="mlx-mistral", docs_url=None, redoc_url=None, openapi_url=None)
     statuses: Counter = Counter()
-    service = Service(scheduler, api_key, name or scheduler.name, reasoning)
+    names = [name] if isinstance(name, str) else list(name or [served_name(scheduler.name)])
+    service = Service(scheduler, api_key, names, reasoning)
     if cors_origin:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["*"],
@@ -60,6 +65,14 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
     openai.add_routes(app, service)
     anthropic.add_routes(app, service)
     return app
+
+
+def served_name(model: str) -> str:
+    """The name a model is served by when none is given: a local directory's or file's name (never
+    a path on this machine: a GGUF file's without .gguf), else what was asked for (a Hub repo id,
+    "smollm2", "demo")."""
+    path = Path(model).expanduser()
+    return (path.stem if path.suffix == ".gguf" else path.name) if path.exists() else model
 
 
 def respond(path: str, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,

@@ -57,19 +57,16 @@ def build(service: Service, spec: Spec) -> Request:
 def prompt_tokens(service: Service, spec: Spec) -> list[int]:
     """The token ids of the prompt `spec` makes (what usage reports as its prompt or input tokens)."""
     tok = service.ready().tokenizer
-    if spec.model != service.model_id:
-        raise APIError(404, f"model {spec.model!r} not found (this server has {service.model_id!r})",
-                       param="model", code="model_not_found")
     if spec.messages is None:
         try:
             return tok.encode(spec.prompt, bos=True)
         except MistralError as e:
-            raise APIError(400, f"prompt: {e}", param="prompt")
+            raise APIError(400, service.public(f"prompt: {e}"), param="prompt")
     tools = _offered(spec)
     try:
         return tok.chat_tokens(spec.messages, tools=tools, reasoning=service.reasoning)
     except MistralError as e:
-        raise APIError(400, str(e), param="tools" if tools and tok.tool_calls_id is None else "messages")
+        raise APIError(400, service.public(str(e)), param="tools" if tools and tok.tool_calls_id is None else "messages")
 
 
 def constrain(service: Service, spec: Spec) -> Constraint | None:
@@ -80,7 +77,7 @@ def constrain(service: Service, spec: Spec) -> Constraint | None:
         return service.ready().grammars.for_chat(spec.response_format, spec.tools, spec.tool_choice, reasoning,
                                                  spec.parallel_tool_calls)
     except MistralError as e:
-        message = str(e)
+        message = service.public(str(e))
         if spec.format_param and message.startswith("response_format"):  # a schema's field: named as sent
             message = spec.format_param + re.sub(r"^response_format(\.json_schema)?", "", message)
         param = message.split(":", 1)[0]

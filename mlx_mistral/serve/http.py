@@ -7,7 +7,7 @@ import json
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from fastapi import Request as HTTPRequest
@@ -36,12 +36,25 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 class Service:
     """What the routes need: the scheduler, or the Future of one still loading (503 until it
-    is ready), the model's id, and `authorize` (a FastAPI dependency: 401 without the key, given
+    is ready), the model's served names (the first is its id), and `authorize` (a FastAPI dependency: 401 without the key, given
     as `Authorization: Bearer KEY` or as Anthropic's `x-api-key: KEY`).
     With `reasoning`, every chat starts with the model's reasoning system prompt."""
 
-    def __init__(self, scheduler: Scheduler | Future, api_key: str | None, model_id: str, reasoning: bool = False):
-        self.scheduler, self.api_key, self.model_id, self.reasoning = scheduler, api_key, model_id, reasoning
+    def __init__(self, scheduler: Scheduler | Future, api_key: str | None, names: Sequence[str],
+                 reasoning: bool = False):
+        self.scheduler, self.api_key, self.names, self.reasoning = scheduler, api_key, tuple(names), reasoning
+        self.model_id = self.names[0]
+
+    def answering(self, requested: str) -> str:
+        """The model name a response gives: the one asked for if it is a served name, else the
+        first. One model is loaded, so it answers every name (Claude Code asks for its small/fast
+        model by a Claude name): the response's `model` says which model answered."""
+        return requested if requested in self.names else self.model_id
+
+    def public(self, message: str) -> str:
+        """An error message as a client may see it: the model's local files named by the model."""
+        tokenizer = self.ready().tokenizer
+        return message.replace(str(tokenizer.path), self.model_id) if tokenizer is not None else message
 
     def loading(self) -> bool:
         return isinstance(self.scheduler, Future) and not self.scheduler.done()

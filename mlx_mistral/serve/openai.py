@@ -102,8 +102,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v1/models", dependencies=auth)
     async def models():
         service.ready()
-        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": 0,
-                                            "owned_by": "mlx-mistral"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "mlx-mistral"}
+                                           for name in service.names]}
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(body: ChatRequest, http: HTTPRequest):
@@ -155,7 +155,7 @@ async def run(service: Service, request: Request, body: Sampling, kind: str, htt
     events = submit(service, request, "messages" if kind == "chat" else "prompt")
     ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     head = {"id": ident, "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": int(time.time()), "model": service.model_id}
+            "created": int(time.time()), "model": service.answering(body.model)}
     if body.stream:
         return StreamingResponse(stream(request, events, body, kind, head, logprobs),
                                  media_type="text/event-stream")
