@@ -32,14 +32,15 @@ from .text import TextTokenizer
 # Limits on a schema a client sends: its JSON text, and how deeply it nests.
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 32
-# Whitespace: at most 8 characters before the JSON (a SentencePiece model's first piece is
-# "▁{", a space then the brace), one optional space between JSON tokens (Mistral writes
-# `{"a": 1, "b": 2}`; unbounded whitespace lets a model loop on spaces and newlines).
-LEADING_WS = 'SAFE_WS: /[ \\t\\r\\n]{1,8}/'
+# Whitespace: before the JSON only what the tokenizer needs (a SentencePiece model's first piece
+# is "▁{" or "▁[": one space; Tekken's none), one optional space between JSON tokens (Mistral
+# writes `{"a": 1, "b": 2}`, `[{...}, {...}]`; unbounded whitespace lets a model loop on spaces).
+LEADING_WS = 'SAFE_WS: / /'
 JSON_WS = {"whitespace_pattern": "[ ]?"}
 MATCHERS_KEPT = 64  # pristine matchers cached by grammar (a copy of one costs microseconds)
 _QUOTED = re.compile(r"\d+ \| ")  # a line of the grammar in llguidance's errors
 CALL_ID = {"type": "string", "pattern": "^[A-Za-z0-9]{9}$"}
+MAX_PARALLEL_CALLS = 16  # the most calls one V2-V7 [TOOL_CALLS] array may hold
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,13 @@ class Grammars:
 
     def _json(self, schema: dict | None, what: str) -> tuple[str, list[str]]:
         schema = {"type": "object"} if schema is None else _checked_schema(schema, what)
-        return f"SAFE_WS? %json {_with_ws(schema)}", [LEADING_WS]
+        return f"{self._leading} %json {_with_ws(schema)}", [LEADING_WS]
+
+    @property
+    def _leading(self) -> str:
+        """The whitespace allowed before a JSON answer (LEADING_WS): one space where the tokenizer
+        writes a dummy prefix, none otherwise."""
+        return "SAFE_WS?" if self.tokenizer.space_prefix else ""
 
     def _calls(self, tools: Sequence[dict], name: str | None = None, parallel: bool = True) -> tuple[str, list[str]]:
         """(the rule of an answer of function calls, the rules it uses) in the tokenizer's format.
@@ -132,16 +139,20 @@ class Grammars:
         if not functions:
             raise MistralError("tool_choice: a function call needs at least one tool")
         arguments = [_arguments(f, f"tools[{i}].function.parameters") for i, f in enumerate(functions)]
+        one = "(" + " | ".join(f"call_{i}" for i in range(len(functions))) + ")"
         if tok.version in ("v2", "v3", "v7"):  # [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]
-            calls = {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": [
-                {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": a, "id": CALL_ID},
-                 "required": ["name", "arguments"], "additionalProperties": False}
-                for f, a in zip(functions, arguments)]}}
-            return f"<[{tok.tool_calls_id}]> SAFE_WS? %json {_with_ws(calls)}", [LEADING_WS]
+            # one %json rule per call, so that each non-strict tool is lenient at its own top level
+            # (llguidance reads x-guidance there only); at most MAX_PARALLEL_CALLS calls in the array
+            rules = [f"call_{i}: %json " + _with_ws(_lenient(f, {
+                "type": "object", "properties": {"name": {"const": f["name"]}, "arguments": a, "id": CALL_ID},
+                "required": ["name", "arguments"], "additionalProperties": False}))
+                for i, (f, a) in enumerate(zip(functions, arguments))]
+            more = f' ("," " "? {one}){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
+            return f'<[{tok.tool_calls_id}]> {self._leading} "[" {one}{more} "]"', [LEADING_WS, *rules]
         args = tok.control_id("[ARGS]")  # v11+: ([TOOL_CALLS]name[ARGS]{...})+
-        rules = [f'call_{i}: <[{tok.tool_calls_id}]> {json.dumps(f["name"])} <[{args}]> %json {_with_ws(a)}'
+        rules = [f'call_{i}: <[{tok.tool_calls_id}]> {json.dumps(f["name"])} <[{args}]> %json {_with_ws(_lenient(f, a))}'
                  for i, (f, a) in enumerate(zip(functions, arguments))]
-        return "(" + " | ".join(f"call_{i}" for i in range(len(rules))) + ")" + "+" * parallel, rules
+        return one + "+" * parallel, rules
 
     def _constraint(self, parts: list[tuple[str, list[str]]], what: str, trigger: int | None = None,
                     reasoning: bool = False) -> Constraint:
@@ -303,8 +314,13 @@ def _checked_schema(schema: object, what: str) -> dict:
 
 
 def _arguments(function: dict, what: str) -> dict:
-    """A tool's arguments schema, lenient unless the tool is strict."""
-    schema = _checked_schema(function.get("parameters") or {"type": "object"}, what)
+    """A tool's arguments schema, checked."""
+    return _checked_schema(function.get("parameters") or {"type": "object"}, what)
+
+
+def _lenient(function: dict, schema: dict) -> dict:
+    """`schema` (a %json rule's top level, where llguidance reads x-guidance) lenient unless the
+    tool is strict: keywords llguidance lacks (propertyNames, ...) are then ignored, not an error."""
     if function.get("strict"):
         return schema
     return schema | {"x-guidance": {**schema.get("x-guidance", {}), "lenient": True}}

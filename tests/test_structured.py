@@ -172,3 +172,58 @@ def test_one_call_at_most_when_not_parallel(models, name):
         assert any(b"]" in tok.piece_bytes[i] for i in one)
     else:
         assert one == {tok.eos_id} and tok.tool_calls_id in more
+
+
+ENV_TOOL = {"type": "function", "function": {"name": "bash", "parameters": {  # Claude Code's kind of schema
+    "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "required": ["env"],
+    "properties": {"env": {"type": "object", "propertyNames": {"pattern": "^[A-Z_]+$"}}}}}}
+
+
+@pytest.mark.parametrize("name", ["v3", "v11"])
+def test_a_non_strict_tool_with_keywords_llguidance_lacks_compiles_per_tool(models, name):
+    """A tool whose schema uses propertyNames (which llguidance lacks) compiles leniently beside
+    other tools when it is not strict, and a call to it is accepted; strict, the request is
+    refused naming the keyword."""
+    from mlx_mistral import MistralError
+
+    model, tok, grammars = models(name)
+    other = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+    guide = grammars.for_chat(None, [other, ENV_TOOL], "required").guide()
+    if name == "v3":
+        call = [tok.tool_calls_id, *tok.encode('[{"name": "bash", "arguments": {"env": {"HOME": "x"}}}]')]
+    else:
+        call = [tok.tool_calls_id, *tok.encode("bash"), tok.control_id("[ARGS]"), *tok.encode('{"env": {"HOME": "x"}}')]
+    assert [e for e in map(guide.advance, call) if e] == []
+    assert tok.eos_id in allowed_ids(guide, model.args.vocab_size)
+    strict = {"type": "function", "function": ENV_TOOL["function"] | {"strict": True}}
+    with pytest.raises(MistralError, match="propertyNames"):
+        grammars.for_chat(None, [other, strict], "required")
+
+
+@pytest.mark.parametrize("name", ["v3", "tekken"])
+def test_before_the_json_only_the_whitespace_the_tokenizer_needs(models, name):
+    """SentencePiece's first piece may be "▁{" (one space: its dummy prefix), never two spaces, a
+    tab or a newline; Tekken's starts at the brace. A V3 call array starts "[TOOL_CALLS] [" alike
+    (pydantic-ai's request once began `\t\t\t\t [ {` on a random model)."""
+    model, tok, grammars = models(name)
+    first = [tok.piece_bytes[i] for i in allowed_ids(grammars.json(BOUNDED).guide(), model.args.vocab_size)]
+    leading = {p[:len(p) - len(p.lstrip())] for p in first if p.strip()}
+    assert leading == ({b"", b" "} if name == "v3" else {b""})
+    if name == "v3":
+        guide = grammars.for_chat(None, [ENV_TOOL], "required").guide()
+        assert guide.advance(tok.tool_calls_id) is None
+        after = {tok.piece_bytes[i] for i in allowed_ids(guide, model.args.vocab_size)}
+        assert b"[" in after and all(p == b" " or p.removeprefix(b" ").startswith(b"[") for p in after)
+
+
+def test_a_v3_call_array_holds_at_most_max_parallel_calls(models):
+    from mlx_mistral.structured import MAX_PARALLEL_CALLS
+
+    model, tok, grammars = models("v3")
+    add = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+    guide = grammars.for_chat(None, [add], "required").guide()
+    calls = ", ".join(['{"name": "add", "arguments": {"a": 1}}'] * MAX_PARALLEL_CALLS)
+    assert [e for e in map(guide.advance, [tok.tool_calls_id, *tok.encode("[" + calls)]) if e] == []
+    assert not any(b"," in tok.piece_bytes[i] for i in allowed_ids(guide, model.args.vocab_size))
