@@ -255,6 +255,25 @@ def test_thinking_blocks_out_and_left_out_of_the_history(reasoning):
         len(tok.chat_tokens(openai_form, reasoning=True))
 
 
+def test_thinking_switches_a_reasoning_models_reasoning(reasoning, live):
+    """`thinking` per request: disabled turns the served --reasoning off, enabled/adaptive keep it on;
+    on a model that does not reason it is accepted and changes nothing; a bad type is a 400."""
+    client, _, _, tok = reasoning
+
+    def count(c, thinking=None):
+        extra = {"thinking": thinking} if thinking else {}
+        return c.messages.count_tokens(model="tiny", messages=ASK, extra_body=extra).input_tokens
+
+    on, off = len(tok.chat_tokens(ASK, reasoning=True)), len(tok.chat_tokens(ASK))
+    assert on > off
+    assert [count(client, t) for t in (None, {"type": "adaptive"}, {"type": "enabled", "budget_tokens": 2048},
+                                       {"type": "disabled"})] == [on, on, on, off]
+    plain = live[0]
+    assert count(plain, {"type": "enabled", "budget_tokens": 1024}) == count(plain) == len(live[4].chat_tokens(ASK))
+    with pytest.raises(anthropic.BadRequestError, match="thinking.type: expected"):
+        count(plain, {"type": "always"})
+
+
 def test_api_key_as_x_api_key_or_bearer_on_every_route(live):
     client, url, _, script, tok = live
     script.ids = [*tok.encode("ok"), tok.eos_id]

@@ -26,8 +26,8 @@ from .http import APIError
 ALNUM = string.ascii_letters + string.digits
 MEDIA = ("image", "document")  # multimodal input blocks: refused by name
 # Top-level fields that would change the answer (server-side tools): refused unless off. Other
-# fields are ignored: metadata, service_tier, cache_control, output_config's effort, and thinking
-# (whether the model reasons is the server's --reasoning). context_management: see _context_edits.
+# fields are ignored: metadata, service_tier, cache_control, output_config's effort (Mistral's
+# reasoning has no effort levels). thinking: see _thinking; context_management: _context_edits.
 UNSUPPORTED = ("container", "mcp_servers")
 
 
@@ -92,9 +92,22 @@ def to_spec(body: Conversation, **sampling) -> Spec:
     tools = [_tool(tool, f"tools.{i}") for i, tool in enumerate(body.tools or [])]
     one = bool(body.tool_choice and body.tool_choice.disable_parallel_tool_use)
     return Spec(body.model, messages=messages, tools=tools, tool_choice=_tool_choice(body.tool_choice),
-                parallel_tool_calls=not one, clamp_max_tokens=True,
+                parallel_tool_calls=not one, clamp_max_tokens=True, reasoning=_thinking(body.model_extra.get("thinking")),
                 response_format=_format(body.model_extra.get("output_config")), format_param="output_config.format",
                 **sampling)
+
+
+def _thinking(thinking: object) -> bool | None:
+    """`thinking` {"type": "enabled" (with budget_tokens), "adaptive" or "disabled"}: the model's
+    reasoning switch (on only where the model reasons; Mistral's reasoning has no token budget);
+    absent: the server's --reasoning."""
+    if thinking is None:
+        return None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "adaptive", "disabled"):
+        raise APIError(400, f"thinking.type: expected 'enabled', 'adaptive' or 'disabled', got {kind!r}",
+                       param="thinking.type")
+    return kind != "disabled"
 
 
 def _context_edits(management: object) -> None:

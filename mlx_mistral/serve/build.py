@@ -39,6 +39,7 @@ class Spec:
     seed: int | None = None
     stop: Sequence[str] = ()
     logprobs: int | None = None  # None: none; n: each token's and the n most likely (Request.logprobs)
+    reasoning: bool | None = None  # the request's thinking switch (Service.reasoning_for); None: the server's
 
 
 def build(service: Service, spec: Spec) -> Request:
@@ -64,7 +65,7 @@ def prompt_tokens(service: Service, spec: Spec) -> list[int]:
             raise APIError(400, service.public(f"prompt: {e}"), param="prompt")
     tools = _offered(spec)
     try:
-        return tok.chat_tokens(spec.messages, tools=tools, reasoning=service.reasoning)
+        return tok.chat_tokens(spec.messages, tools=tools, reasoning=service.reasoning_for(spec.reasoning))
     except MistralError as e:
         raise APIError(400, service.public(str(e)), param="tools" if tools and tok.tool_calls_id is None else "messages")
 
@@ -73,7 +74,7 @@ def constrain(service: Service, spec: Spec) -> Constraint | None:
     """The one place that decides what a request may hold the model to: the grammar of its
     response_format and tool_choice (structured.Grammars), or None for free text; a 400 names the field."""
     try:
-        reasoning = service.reasoning and spec.messages is not None
+        reasoning = service.reasoning_for(spec.reasoning) and spec.messages is not None
         return service.ready().grammars.for_chat(spec.response_format, spec.tools, spec.tool_choice, reasoning,
                                                  spec.parallel_tool_calls)
     except MistralError as e:

@@ -44,12 +44,27 @@ class Service:
                  reasoning: bool = False):
         self.scheduler, self.api_key, self.names, self.reasoning = scheduler, api_key, tuple(names), reasoning
         self.model_id = self.names[0]
+        self._can_reason: bool | None = None  # known once a request asks for thinking
 
     def answering(self, requested: str) -> str:
         """The model name a response gives: the one asked for if it is a served name, else the
         first. One model is loaded, so it answers every name (Claude Code asks for its small/fast
         model by a Claude name): the response's `model` says which model answered."""
         return requested if requested in self.names else self.model_id
+
+    def reasoning_for(self, asked: bool | None) -> bool:
+        """Whether a request's chat starts with the reasoning system prompt: as asked (Anthropic's
+        `thinking`) where the model can reason (a reasoning model with its SYSTEM_PROMPT.txt;
+        elsewhere a request for thinking is accepted and ignored), else the server's --reasoning."""
+        if asked is None:
+            return self.reasoning
+        if asked and self._can_reason is None:
+            try:
+                self.ready().tokenizer.reasoning_prompt()
+                self._can_reason = True
+            except MistralError:
+                self._can_reason = False
+        return bool(asked and self._can_reason)
 
     def public(self, message: str) -> str:
         """An error message as a client may see it: the model's local files named by the model."""
