@@ -144,6 +144,20 @@ def test_any_model_name_is_served_by_the_one_model(live):
         len(tok.chat_tokens(ASK))
 
 
+def test_cache_creation_counts_the_prompt_blocks_written(live):
+    """A new long prompt writes its whole 128-token blocks to the prefix cache
+    (cache_creation_input_tokens); sent again, they are read (cache_read_input_tokens) and none is
+    written; the three counts always sum to the prompt."""
+    client, _, _, script, tok = live
+    script.ids = [*tok.encode("ok"), tok.eos_id]
+    long = [{"role": "user", "content": " ".join(f"word{i}" for i in range(150))}]
+    n = client.messages.count_tokens(model="tiny", messages=long).input_tokens
+    first, again = create(client, long).usage, create(client, long).usage
+    assert n > 300 and first.cache_creation_input_tokens == (n - 1) // 128 * 128 and first.cache_read_input_tokens == 0
+    assert again.cache_read_input_tokens >= first.cache_creation_input_tokens and again.cache_creation_input_tokens == 0
+    assert prompt(first) == prompt(again) == n
+
+
 def test_stop_sequences_and_max_tokens(live):
     client, _, _, script, tok = live
     script.ids = [*tok.encode("Hello world. Bye now."), tok.eos_id]

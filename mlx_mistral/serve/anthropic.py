@@ -79,10 +79,12 @@ def ending(event: Event) -> dict:
 
 
 def usage(event: Event) -> dict:
-    """Prompt tokens found in an idle cache (not prefilled again) are the cache reads, input_tokens
-    the rest: their sum is the prompt, what count_tokens says."""
-    return {"input_tokens": event.prompt_tokens - event.reused_tokens, "output_tokens": event.generated_tokens,
-            "cache_read_input_tokens": event.reused_tokens, "cache_creation_input_tokens": 0}
+    """Prompt tokens found in the prefix cache (not prefilled again) are the cache reads, those whose
+    blocks this request wrote to it the cache creation, input_tokens the rest: their sum is the
+    prompt, what count_tokens says."""
+    fresh = event.prompt_tokens - event.reused_tokens - event.written_tokens
+    return {"input_tokens": fresh, "output_tokens": event.generated_tokens,
+            "cache_read_input_tokens": event.reused_tokens, "cache_creation_input_tokens": event.written_tokens}
 
 
 def frame(obj: dict) -> str:

@@ -24,6 +24,7 @@ class Row:
         self.request, self.ids, self.text, self.marks = request, ids, text, marks  # marks: see Held
         self.feed = ids[held:]  # never empty: the last prompt token is fed by a decode step
         self.reused = held  # prompt tokens already in the cache
+        self.written = 0  # prompt tokens whose blocks its prefill put in the prefix cache
         self.answer: list[int] = []
         self.pieces: list[str] = []
         pick = make_picker(request.temperature, request.top_p, request.top_k, seed=request.seed)
@@ -37,7 +38,8 @@ class Row:
                      tool_calls=r.tool_calls, prefilled_tokens=len(self.ids) - self.reused, ttft=r.ttft,
                      generation_tps=r.generation_tps, peak_memory=r.peak_memory,
                      kv_tokens=min(len(self.ids) + n - 1, capacity),  # all but the newest token are fed
-                     reasoning=r.reasoning, stop_sequence=r.stop_sequence, logprob=logprob)
+                     reasoning=r.reasoning, stop_sequence=r.stop_sequence, logprob=logprob,
+                     written_tokens=self.written)
 
 
 @dataclass
@@ -68,7 +70,8 @@ class Group:
         mx.eval(self.cache.keys, self.cache.values)
         for b, row in enumerate(self.rows):
             row.feed = row.feed[n:]
-            blocks.capture(self.cache, b, row.ids[:len(row.ids) - len(row.feed)])
+            written = row.written + blocks.capture(self.cache, b, row.ids[:len(row.ids) - len(row.feed)])
+            row.written = min(written, len(row.ids) - row.reused)  # a block may begin among the reused
 
     def take_ready(self) -> tuple[list[Row], KVCache] | None:
         """Take out the rows with only their last prompt token left, and their cache rows."""

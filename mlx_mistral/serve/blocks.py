@@ -107,12 +107,13 @@ class BlockStore:
         boundary e is captured before its kept positions leave the buffer (o - e <= slack)."""
         return (offset // BLOCK_TOKENS + 1) * BLOCK_TOKENS + self.slack - offset
 
-    def capture(self, cache: KVCache, row: int, tokens: list[int]) -> None:
+    def capture(self, cache: KVCache, row: int, tokens: list[int]) -> int:
         """Keep the blocks of row `row` of `cache`, which was fed `tokens`, that are still in
         its buffer (copies: the cache may go), and touch those of `tokens` already kept: the
-        longest first, so that the shortest end up the most recently used."""
+        longest first, so that the shortest end up the most recently used. Returns the tokens
+        of the blocks it kept anew."""
         if not self.enabled:
-            return
+            return 0
         keys, new = chain(self.seed, tokens), []
         for i in reversed(range(len(keys))):
             end = (i + 1) * BLOCK_TOKENS
@@ -126,6 +127,7 @@ class BlockStore:
             for key, block in new:
                 self.disk.put(key, block)
         self._trim()
+        return len(new) * BLOCK_TOKENS
 
     def find(self, tokens: list[int]) -> Found | None:
         """The longest prefix of `tokens` but its last token (always fed) whose blocks are all

@@ -58,6 +58,7 @@ class Event:
     reasoning: str = ""  # a reasoning model's [THINK]...[/THINK] text (TextStream's split), not in `text`
     stop_sequence: str | None = None  # on the last event, when one of the request's stop strings ended it
     logprob: TokenLogprob | None = None  # the token's, when the request asked for logprobs
+    written_tokens: int = 0  # prompt tokens whose K/V blocks this request's prefill wrote to the prefix cache
 
 
 @dataclass(eq=False)
