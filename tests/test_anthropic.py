@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 import mlx_mistral.serve.batch as batch_module
 from mlx_mistral.serve import QueueFull, create_app
+from mlx_mistral.serve.anthropic import signature
 from mlx_mistral.tokenizer import Tokenizer
 from checkpoints import write_tekken
 from structured_cases import BOUNDED, Closing
@@ -255,12 +256,14 @@ def test_thinking_blocks_out_and_left_out_of_the_history(reasoning):
     client, url, script, tok = reasoning
     script.ids = answer_ids(tok)
     whole = create(client)
-    assert blocks(whole) == [{"type": "thinking", "thinking": "Two plus two: four.", "signature": ""},
+    assert blocks(whole) == [{"type": "thinking", "thinking": "Two plus two: four.",
+                              "signature": signature("Two plus two: four.")},
                              {"type": "text", "text": "The answer is 4.", "citations": None}]
     assert blocks(create(client, stream=True)[1]) == blocks(whole)
     events = wire(url, {"model": "tiny", "max_tokens": 100, "messages": ASK, **SCRIPTED})
     deltas = [(d["index"], d["delta"]["type"]) for name, d in events if name == "content_block_delta"]
-    assert sorted(set(deltas)) == [(0, "thinking_delta"), (1, "text_delta")]
+    assert sorted(set(deltas)) == [(0, "signature_delta"), (0, "thinking_delta"), (1, "text_delta")]
+    assert deltas.index((0, "signature_delta")) == deltas.index((1, "text_delta")) - 1  # it ends the thinking block
     # a thinking block sent back is left out of the prompt, as the OpenAI route leaves out reasoning_content
     history = [*ASK, {"role": "assistant", "content": [b.model_dump() for b in whole.content]},
                {"role": "user", "content": "And 3 + 3?"}]

@@ -7,6 +7,8 @@ route makes of the same conversation; the Events come back as Anthropic's conten
 """
 
 import asyncio
+import base64
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -58,7 +60,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
         received, last = await answer(request, events, http)
         reasoning = "".join(e.reasoning for e in received + [last])
         text = "".join(e.text for e in received + [last])
-        blocks = ([{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []) + \
+        blocks = ([{"type": "thinking", "thinking": reasoning, "signature": signature(reasoning)}] if reasoning else []) + \
             ([{"type": "text", "text": text}] if text else []) + \
             [tool_use(call) for call in last.tool_calls or []]
         return head | {"content": blocks} | ending(last)
@@ -92,13 +94,19 @@ def frame(obj: dict) -> str:
     return f"event: {obj['type']}\n" + sse(obj)
 
 
+def signature(thinking: str) -> str:
+    """A thinking block's signature: a digest of its text (clients send the block back whole in
+    later turns; its text never reaches the prompt again)."""
+    return base64.b64encode(hashlib.blake2b(thinking.encode("utf-8", "surrogatepass"), digest_size=24).digest()).decode()
+
+
 class Blocks:
     """The content blocks of a streamed answer: each opened with content_block_start, extended by
     deltas, closed with content_block_stop; a new kind of text (thinking, then the answer) opens
     the next one, and the calls come whole at the end."""
 
     def __init__(self):
-        self.index, self.open = -1, None
+        self.index, self.open, self.thinking = -1, None, ""
 
     def add(self, event: Event) -> Iterator[str]:
         """The server-sent events of one Event; the last one's end with message_stop."""
@@ -117,6 +125,7 @@ class Blocks:
         if self.open != kind:
             yield from self.start(kind, START[kind])
         delta_type, field = DELTA[kind]
+        self.thinking += piece if kind == "thinking" else ""
         yield frame({"type": "content_block_delta", "index": self.index, "delta": {"type": delta_type, field: piece}})
 
     def tool_use(self, call: ToolCall) -> Iterator[str]:
@@ -132,6 +141,9 @@ class Blocks:
         yield frame({"type": "content_block_start", "index": self.index, "content_block": block})
 
     def close(self) -> Iterator[str]:
+        if self.open == "thinking":  # as Anthropic: the signature comes last, in its own delta
+            yield frame({"type": "content_block_delta", "index": self.index,
+                         "delta": {"type": "signature_delta", "signature": signature(self.thinking)}})
         if self.open is not None:
             yield frame({"type": "content_block_stop", "index": self.index})
             self.open = None
