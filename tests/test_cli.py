@@ -328,8 +328,10 @@ def test_tool_choice_required_on_a_v3_model_calls_the_named_tool(capsys, tmp_pat
         "type": "object", "properties": {"q": {"type": "string", "maxLength": 6}}, "required": ["q"],
         "additionalProperties": False}}} for name in ("search", "lookup")]
     (tmp_path / "tools.json").write_text(json.dumps(tools))
+    # a random model may go on adding calls: the grammar closes the array after MAX_PARALLEL_CALLS
+    # (16) calls of at most ~40 tokens each, so 800 tokens always end in tool calls
     base = ["--model", str(tmp_path / "m"), "--prompt", "hi", "--tools", str(tmp_path / "tools.json"),
-            "--max-tokens", "80"]
+            "--max-tokens", "800"]
     for choice in ("required", "lookup"):
         answer = json_run(capsys, *base, "--tool-choice", choice)
         assert answer["finish_reason"] == "tool_calls", answer
