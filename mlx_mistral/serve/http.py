@@ -36,8 +36,9 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 class Service:
     """What the routes need: the scheduler, or the Future of one still loading (503 until it
-    is ready), the model's served names (the first is its id), and `authorize` (a FastAPI dependency: 401 without the key, given
-    as `Authorization: Bearer KEY` or as Anthropic's `x-api-key: KEY`).
+    is ready), the model's served names (the first is its id), and `authorize` (a FastAPI
+    dependency: 401 without the key, given as `Authorization: Bearer KEY` or as Anthropic's
+    `x-api-key: KEY`).
     With `reasoning`, every chat starts with the model's reasoning system prompt."""
 
     def __init__(self, scheduler: Scheduler | Future, api_key: str | None, names: Sequence[str],
