@@ -4,8 +4,8 @@ The messages become OpenAI-style chat messages for mistral-common: the system pr
 or text blocks) first; a `system`-role message inside `messages` (Claude Code sends one) a system
 message in its place, where mistral-common's V7+ templates keep it ([SYSTEM_PROMPT] in place) and
 its V1-V3 ones fold every system message into the one system prompt; a user turn's tool_result
-blocks become tool messages and its text one user message; an assistant turn's text and tool_use blocks one assistant message with
-tool_calls. Earlier thinking blocks are left out, as the OpenAI route leaves out
+blocks become tool messages and its text one user message; an assistant turn's text and tool_use
+blocks one assistant message with tool_calls. Earlier thinking blocks are left out, as the OpenAI route leaves out
 reasoning_content (and as Anthropic leaves out earlier turns' thinking): both routes make the
 same prompt of the same conversation. Tool-use ids are Mistral's 9 letters and digits; another
 model's (Claude's toolu_...) become 9 characters of its hash, the same for the tool_use and for
