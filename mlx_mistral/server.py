@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
                    "(required off loopback)")
     p.add_argument("--cors-origin", help="allow browser pages from this origin (default: no CORS)")
+    p.add_argument("--log-requests", action="store_true",
+                   help="print a line per request: its messages' roles and its prompt tokens (what the model was given)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
         import uvicorn
         names = args.served_model_name or [served_name(args.model)]
-        app = create_app(loading, args.api_key, args.cors_origin, name=names, reasoning=args.reasoning)
+        app = create_app(loading, args.api_key, args.cors_origin, name=names, reasoning=args.reasoning,
+                         log_requests=args.log_requests)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
         threading.Thread(target=load, name="load").start()
         print(f"serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr,

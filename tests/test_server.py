@@ -241,6 +241,7 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_its_row(server):
 
 
 GOOD = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+ASK = {"model": "demo", "input": "hi", "max_output_tokens": 2}
 BAD = [  # (method, path, body or raw bytes, headers, status, param in the message)
     ("POST", "/v1/chat/completions", b'{"model": "demo",', None, 400, "not valid JSON"),
     ("POST", "/v1/chat/completions", GOOD | {"max_tokens": "ten"}, None, 400, "max_tokens"),
@@ -265,6 +266,24 @@ BAD = [  # (method, path, body or raw bytes, headers, status, param in the messa
     ("POST", "/v1/completions", {"model": "demo", "prompt": "a\ud800b"}, None, 400, "prompt"),
     ("POST", "/v1/chat/completions", GOOD | {"messages": [{"role": "user", "content": "\udfff"}]}, None, 400,
      "not valid Unicode"),
+    # the Responses API
+    ("POST", "/v1/responses", {"model": "demo"}, None, 400, "input"),
+    ("POST", "/v1/responses", ASK | {"input": []}, None, 400, "input"),
+    ("POST", "/v1/responses", ASK | {"input": [{"type": "item_reference", "id": "x"}]}, None, 400, "input.0.type"),
+    ("POST", "/v1/responses", ASK | {"input": [{"role": "tool", "content": "x"}]}, None, 400, "input.0.role"),
+    ("POST", "/v1/responses", ASK | {"input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "data:image/png;base64,AA=="}]}]}, None, 400, "text-only model"),
+    ("POST", "/v1/responses", ASK | {"previous_response_id": "resp_nope"}, None, 400, "previous_response_id"),
+    ("POST", "/v1/responses", ASK | {"tool_choice": {"type": "web_search"}}, None, 400, "tool_choice.type"),
+    ("POST", "/v1/responses", ASK | {"tools": [{"type": "function", "name": "f"}], "tool_choice": {
+        "type": "function", "name": "g"}}, None, 400, "tool_choice.name"),
+    ("POST", "/v1/responses", ASK | {"tools": [{"type": "function", "parameters": {}}]}, None, 400, "tools.0.name"),
+    ("POST", "/v1/responses", ASK | {"text": {"format": {"type": "xml"}}}, None, 400, "text.format.type"),
+    ("POST", "/v1/responses", ASK | {"background": True}, None, 400, "background"),
+    ("POST", "/v1/responses", ASK | {"max_output_tokens": 0}, None, 400, "max_output_tokens"),
+    ("POST", "/v1/responses", ASK | {"input": "word " * 40000}, None, 400, "past the context"),
+    ("GET", "/v1/responses/resp_nope", None, None, 404, "not found"),
+    ("DELETE", "/v1/responses/resp_nope", None, None, 404, "not found"),
 ]
 
 

@@ -39,13 +39,13 @@ class Script:
 
 
 @contextmanager
-def serving(path, script: "Script | None", max_batch: int = 2, **app_kw):
+def serving(path, script: "Script | None", max_batch: int = 2, max_kv_size: int | None = None, **app_kw):
     """(client, scheduler) of the model at `path` served in this process (uvicorn in a thread, on
     127.0.0.1), every row's sampler playing `script` if given; `app_kw` go to create_app."""
     patch = pytest.MonkeyPatch()
     if script:
         patch.setattr(scheduler_module, "make_picker", script.picker)
-    sched = Scheduler(str(path), max_batch=max_batch)
+    sched = Scheduler(str(path), max_batch=max_batch, max_kv_size=max_kv_size)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(sched, name="tiny", **app_kw), host="127.0.0.1", port=port,
                                            log_level="warning"))

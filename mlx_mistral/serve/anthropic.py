@@ -19,8 +19,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..text import ToolCall
 from .anthropic_request import Conversation, MessagesRequest, to_spec
 from .build import build, prompt_tokens
-from .http import Service, answer, sse, submit
+from .http import Service, answer, frame, submit
 from .request import Event, Request
+from .stream import Part, parts
 
 PREFIX = "/v1/messages"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -28,6 +29,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 # the first content block of each kind, streamed, and the delta that extends it
 START = {"thinking": {"type": "thinking", "thinking": "", "signature": ""}, "text": {"type": "text", "text": ""}}
+KIND = {"reasoning": "thinking", "text": "text"}  # stream.Part's field -> the block's type
 DELTA = {"thinking": ("thinking_delta", "thinking"), "text": ("text_delta", "text")}
 
 
@@ -89,82 +91,50 @@ def usage(event: Event) -> dict:
             "cache_read_input_tokens": event.reused_tokens, "cache_creation_input_tokens": event.written_tokens}
 
 
-def frame(obj: dict) -> str:
-    """One server-sent event, named by its type as Anthropic names them."""
-    return f"event: {obj['type']}\n" + sse(obj)
-
-
 def signature(thinking: str) -> str:
     """A thinking block's signature: a digest of its text (clients send the block back whole in
     later turns; its text never reaches the prompt again)."""
     return base64.b64encode(hashlib.blake2b(thinking.encode("utf-8", "surrogatepass"), digest_size=24).digest()).decode()
 
 
-class Blocks:
-    """The content blocks of a streamed answer: each opened with content_block_start, extended by
-    deltas, closed with content_block_stop; a new kind of text (thinking, then the answer) opens
-    the next one, and the calls come whole at the end."""
-
-    def __init__(self):
-        self.index, self.open, self.thinking = -1, None, ""
-
-    def add(self, event: Event) -> Iterator[str]:
-        """The server-sent events of one Event; the last one's end with message_stop."""
-        for kind, piece in (("thinking", event.reasoning), ("text", event.text)):
-            if piece:  # the reasoning first: an event may end it and begin the answer
-                yield from self.delta(kind, piece)
-        if event.finish_reason:
-            yield from self.close()
-            for call in event.tool_calls or []:
-                yield from self.tool_use(call)
-            end = ending(event)
-            yield frame({"type": "message_delta", "usage": end.pop("usage"), "delta": end})
-            yield frame({"type": "message_stop"})
-
-    def delta(self, kind: str, piece: str) -> Iterator[str]:
-        if self.open != kind:
-            yield from self.start(kind, START[kind])
-        delta_type, field = DELTA[kind]
-        self.thinking += piece if kind == "thinking" else ""
-        yield frame({"type": "content_block_delta", "index": self.index, "delta": {"type": delta_type, field: piece}})
-
-    def tool_use(self, call: ToolCall) -> Iterator[str]:
-        """A whole call: its block, its input as one input_json_delta, its end."""
-        yield from self.start("tool_use", {"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
-        yield frame({"type": "content_block_delta", "index": self.index,
+def render(part: Part, index: int, head: dict) -> Iterator[str]:
+    """The server-sent events of one part of the stream (stream.parts); `index` is the content
+    block's, counted by the caller: a new kind of text (thinking, then the answer) is a new block,
+    each call its own, whole: its block, its input as one input_json_delta, its end."""
+    if part.kind == "begin":  # the first token says how much of the prompt was cached
+        yield frame({"type": "message_start", "message": head | {
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage(part.event)}})
+        yield frame({"type": "ping"})
+    elif part.kind == "start":
+        yield frame({"type": "content_block_start", "index": index, "content_block": START[KIND[part.field]]})
+    elif part.kind == "delta":
+        delta_type, field = DELTA[KIND[part.field]]
+        yield frame({"type": "content_block_delta", "index": index, "delta": {"type": delta_type, field: part.text}})
+    elif part.kind == "stop":
+        if part.field == "reasoning":  # as Anthropic: the signature comes last, in its own delta
+            yield frame({"type": "content_block_delta", "index": index,
+                         "delta": {"type": "signature_delta", "signature": signature(part.text)}})
+        yield frame({"type": "content_block_stop", "index": index})
+    elif part.kind == "call":
+        call = part.call
+        block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+        yield frame({"type": "content_block_start", "index": index, "content_block": block})
+        yield frame({"type": "content_block_delta", "index": index,
                      "delta": {"type": "input_json_delta", "partial_json": call.arguments}})
-        yield from self.close()
-
-    def start(self, kind: str, block: dict) -> Iterator[str]:
-        yield from self.close()
-        self.index, self.open = self.index + 1, kind
-        yield frame({"type": "content_block_start", "index": self.index, "content_block": block})
-
-    def close(self) -> Iterator[str]:
-        if self.open == "thinking":  # as Anthropic: the signature comes last, in its own delta
-            yield frame({"type": "content_block_delta", "index": self.index,
-                         "delta": {"type": "signature_delta", "signature": signature(self.thinking)}})
-        if self.open is not None:
-            yield frame({"type": "content_block_stop", "index": self.index})
-            self.open = None
+        yield frame({"type": "content_block_stop", "index": index})
+    elif part.kind == "end":
+        end = ending(part.event)
+        yield frame({"type": "message_delta", "usage": end.pop("usage"), "delta": end})
+        yield frame({"type": "message_stop"})
+    elif part.kind == "error":
+        yield frame(error_body(500, part.text))
 
 
 async def stream(request: Request, events: asyncio.Queue, head: dict) -> AsyncIterator[str]:
-    """The server-sent events of a streamed answer: message_start (once the first token says how much
-    of the prompt was cached), ping, the content blocks, message_delta, message_stop; an error as
-    Anthropic's error event."""
-    try:
-        event, blocks = await events.get(), Blocks()
-        if event.finish_reason != "error":
-            yield frame({"type": "message_start", "message": head | {
-                "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage(event)}})
-            yield frame({"type": "ping"})
-        while event.finish_reason != "error":
-            for chunk in blocks.add(event):
-                yield chunk
-            if event.finish_reason:
-                return
-            event = await events.get()
-        yield frame(error_body(500, f"generation failed: {event.error}"))
-    finally:
-        request.cancel()  # the client left mid-stream: its row leaves the batch
+    """The server-sent events of a streamed answer: message_start, ping, the content blocks,
+    message_delta, message_stop; an error as Anthropic's error event."""
+    index = -1
+    async for part in parts(request, events):
+        index += part.kind in ("start", "call")
+        for chunk in render(part, index, head):
+            yield chunk

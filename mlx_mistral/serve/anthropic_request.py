@@ -12,18 +12,14 @@ model's (Claude's toolu_...) become 9 characters of its hash, the same for the t
 its tool_result, so a conversation begun elsewhere goes on here.
 """
 
-import hashlib
 import json
-import re
-import string
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from .build import Spec
+from .build import Spec, call_id
 from .http import APIError
 
-ALNUM = string.ascii_letters + string.digits
 MEDIA = ("image", "document")  # multimodal input blocks: refused by name
 # Top-level fields that would change the answer (server-side tools): refused unless off. Other
 # fields are ignored: metadata, service_tier, cache_control, output_config's effort (Mistral's
@@ -159,19 +155,19 @@ def _tool_use(block: dict, where: str) -> dict:
         if not isinstance(block.get(field), kind):
             raise APIError(400, f"{where}.{field}: expected {expected}", param=f"{where}.{field}")
     function = {"name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False)}
-    return {"id": _call_id(block["id"]), "type": "function", "function": function}
+    return {"id": call_id(block["id"]), "type": "function", "function": function}
 
 
 def _tool_result(block: dict, where: str, called: set[str]) -> dict:
     given = block.get("tool_use_id")
-    if not isinstance(given, str) or _call_id(given) not in called:
+    if not isinstance(given, str) or call_id(given) not in called:
         raise APIError(400, f"{where}.tool_use_id: {given!r} is not the id of a tool_use in the assistant message "
                        "before it", param=f"{where}.tool_use_id")
     content = _text(block.get("content", ""), f"{where}.content")
     if block.get("is_error"):  # Mistral's tool messages have no error flag: the text says it
         content = [{"type": "text", "text": "Error:"}, *([{"type": "text", "text": content}]
                                                         if isinstance(content, str) else content)]
-    return {"role": "tool", "tool_call_id": _call_id(given), "content": content}
+    return {"role": "tool", "tool_call_id": call_id(given), "content": content}
 
 
 def _text(content: str | list, where: str) -> str | list[dict]:
@@ -226,11 +222,3 @@ def _format(output_config: object) -> dict | None:
         raise APIError(400, 'output_config.format: expected {"type": "json_schema", "schema": {...}}',
                        param="output_config.format")
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.get("schema")}}
-
-
-def _call_id(given: str) -> str:
-    """Mistral's form of a tool-use id: 9 letters and digits (this server's ids pass as they are)."""
-    if re.fullmatch(r"[A-Za-z0-9]{9}", given):
-        return given
-    n = int.from_bytes(hashlib.sha256(given.encode("utf-8", "surrogatepass")).digest(), "big")
-    return "".join(ALNUM[n // 62 ** k % 62] for k in range(9))

@@ -1,5 +1,5 @@
 """The FastAPI app: the shared middleware, error handlers, /health and /metrics, then each
-API's routes (openai.py, anthropic.py). An error is answered in the dialect of its route:
+API's routes (openai.py, anthropic.py, responses.py). An error is answered in the dialect of its route:
 Anthropic's error object under /v1/messages, OpenAI's everywhere else."""
 
 from collections import Counter
@@ -12,22 +12,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
-from . import anthropic, openai
+from . import anthropic, openai, responses
 from .http import MAX_BODY_BYTES, APIError, BodyLimitAndCount, Service, error_response, prometheus
 from .scheduler import Scheduler
 
 
 def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_origin: str | None = None,
                max_body: int = MAX_BODY_BYTES, name: str | Sequence[str] | None = None,
-               reasoning: bool = False) -> FastAPI:
+               reasoning: bool = False, log_requests: bool = False) -> FastAPI:
     """The API over `scheduler` (the chat app mounts its page on the same app), or over the Future
     of one still loading (503 until it is ready). `name`: the model's served name or names (the
     first is its id; default served_name of the scheduler's model). With `reasoning`, chats start
-    with the model's reasoning system prompt (Tokenizer.reasoning_prompt)."""
+    with the model's reasoning system prompt (Tokenizer.reasoning_prompt). With `log_requests`, each
+    request's summary is printed to stderr (build.log_request)."""
     app = FastAPI(title="mlx-mistral", docs_url=None, redoc_url=None, openapi_url=None)
     statuses: Counter = Counter()
     names = [name] if isinstance(name, str) else list(name or [served_name(scheduler.name)])
-    service = Service(scheduler, api_key, names, reasoning)
+    service = Service(scheduler, api_key, names, reasoning, log_requests)
     if cors_origin:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["*"],
@@ -64,6 +65,7 @@ def create_app(scheduler: Scheduler | Future, api_key: str | None = None, cors_o
 
     openai.add_routes(app, service)
     anthropic.add_routes(app, service)
+    responses.add_routes(app, service)
     return app
 
 

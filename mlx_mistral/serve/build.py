@@ -3,7 +3,11 @@ Spec; build() turns a Spec into the scheduler's Request: the conversation throug
 (Tokenizer.chat_tokens) or a raw prompt, then the sampling fields. What a request may hold the
 model to (tool_choice, response_format) is decided in one place: constrain()."""
 
+import hashlib
+import itertools
 import re
+import string
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +16,7 @@ from ..structured import Constraint
 from .http import APIError, Service
 from .request import Request
 
+ALNUM = string.ascii_letters + string.digits
 DEFAULT_MAX_TOKENS = 512  # when a request names none (and the context allows)
 
 
@@ -50,9 +55,20 @@ def build(service: Service, spec: Spec) -> Request:
     if max_tokens is None or spec.clamp_max_tokens:
         max_tokens = max(1, min(DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens, left))
     chat = spec.messages is not None
+    if service.log_requests:
+        log_request(spec, len(tokens), max_tokens)
     return Request(tokens, max_tokens, spec.temperature, spec.top_p, spec.seed, list(spec.stop),
                    service.ready().tokenizer.encode if chat else None, tool_calls=bool(_offered(spec)),
                    top_k=spec.top_k, constraint=constraint, logprobs=spec.logprobs)
+
+
+def log_request(spec: Spec, prompt: int, max_tokens: int) -> None:
+    """One line on stderr: the roles of the request's messages (runs of one role counted), its tools,
+    its prompt tokens and the most it may generate."""
+    roles = [m["role"] for m in spec.messages] if spec.messages is not None else ["prompt"]
+    runs = [f"{role} x{sum(1 for _ in group)}" for role, group in itertools.groupby(roles)]
+    print(f"request for {spec.model!r}: {', '.join(r.removesuffix(' x1') for r in runs)}; {len(spec.tools)} tools; "
+          f"{prompt} prompt tokens, up to {max_tokens} new", file=sys.stderr, flush=True)
 
 
 def prompt_tokens(service: Service, spec: Spec) -> list[int]:
@@ -88,3 +104,13 @@ def constrain(service: Service, spec: Spec) -> Constraint | None:
 def _offered(spec: Spec) -> list[dict]:
     """The tools the prompt offers the model: none under tool_choice "none"."""
     return list(spec.tools) if spec.tool_choice != "none" else []
+
+
+def call_id(given: str) -> str:
+    """Mistral's form of a tool-call id: 9 letters and digits. This server's ids pass as they are;
+    another model's (Claude's toolu_..., OpenAI's call_...) become 9 characters of its hash, the same
+    for the call and for its result, so a conversation begun elsewhere goes on here."""
+    if re.fullmatch(r"[A-Za-z0-9]{9}", given):
+        return given
+    n = int.from_bytes(hashlib.sha256(given.encode("utf-8", "surrogatepass")).digest(), "big")
+    return "".join(ALNUM[n // 62 ** k % 62] for k in range(9))

@@ -39,11 +39,13 @@ class Service:
     is ready), the model's served names (the first is its id), and `authorize` (a FastAPI
     dependency: 401 without the key, given as `Authorization: Bearer KEY` or as Anthropic's
     `x-api-key: KEY`).
-    With `reasoning`, every chat starts with the model's reasoning system prompt."""
+    With `reasoning`, every chat starts with the model's reasoning system prompt; with
+    `log_requests` each request's summary is printed (build.log_request)."""
 
     def __init__(self, scheduler: Scheduler | Future, api_key: str | None, names: Sequence[str],
-                 reasoning: bool = False):
+                 reasoning: bool = False, log_requests: bool = False):
         self.scheduler, self.api_key, self.names, self.reasoning = scheduler, api_key, tuple(names), reasoning
+        self.log_requests = log_requests
         self.model_id = self.names[0]
         self._can_reason: bool | None = None  # known once a request asks for thinking
 
@@ -187,6 +189,11 @@ async def collect(events: asyncio.Queue, http: HTTPRequest) -> tuple[list[Event]
 
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def frame(obj: dict) -> str:
+    """One server-sent event named by its type (Anthropic's and the Responses API's framing)."""
+    return f"event: {obj['type']}\n" + sse(obj)
 
 
 def prometheus(stats: dict, statuses: Counter) -> str:

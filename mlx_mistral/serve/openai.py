@@ -17,6 +17,7 @@ from .build import Spec, build
 from .http import APIError, Service, answer, sse, submit
 from .logprobs import Logprobs, requested
 from .request import MAX_LOGPROBS, Event, Request
+from .stream import parts
 
 # Fields of OpenAI's API that would change the answer: refused unless off (None, False, 0, empty).
 UNSUPPORTED = ("logit_bias", "presence_penalty", "frequency_penalty", "functions",
@@ -192,31 +193,26 @@ async def stream(request: Request, events: asyncio.Queue, body: Sampling, kind: 
             choice |= {"text": text or ""} | ({"reasoning_content": reasoning} if reasoning else {})
         return sse(head | {"choices": [choice]})
 
-    try:
-        if kind == "chat":
-            yield chunk("", None, first=True)
-        while True:
-            event = await events.get()
-            if event.finish_reason == "error":
-                error = {"message": f"generation failed: {event.error}", "type": "server_error"}
-                yield sse({"error": error | {"param": None, "code": None}})
-                break
-            if logprobs:
-                logprobs.add(event)
-            if event.reasoning:  # before the text: an event may end the reasoning and begin the answer
-                yield chunk(None, None, reasoning=event.reasoning)
-            if event.text:
-                yield chunk(event.text, None)
-            if event.tool_calls:  # held back until the end: whole calls in one chunk
-                yield chunk(None, None, calls=event.tool_calls)
-            if event.finish_reason:
-                yield chunk(None, event.finish_reason)
-                if body.stream_options and body.stream_options.include_usage:
-                    yield sse(head | {"choices": [], "usage": usage(event)})
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        request.cancel()  # the client left mid-stream: its row leaves the batch
+    if kind == "chat":
+        yield chunk("", None, first=True)
+    calls = []
+    async for part in parts(request, events):
+        if part.kind == "error":
+            yield sse({"error": {"message": part.text, "type": "server_error", "param": None, "code": None}})
+            break
+        if part.kind == "token" and logprobs:
+            logprobs.add(part.event)
+        elif part.kind == "delta":
+            yield chunk(part.text, None) if part.field == "text" else chunk(None, None, reasoning=part.text)
+        elif part.kind == "call":
+            calls.append(part.call)
+        elif part.kind == "end":
+            if calls:  # the whole calls in one chunk
+                yield chunk(None, None, calls=calls)
+            yield chunk(None, part.event.finish_reason)
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse(head | {"choices": [], "usage": usage(part.event)})
+    yield "data: [DONE]\n\n"
 
 
 def usage(event: Event) -> dict:
