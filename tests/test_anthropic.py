@@ -134,6 +134,35 @@ def test_claude_codes_request_shape_is_served(live, tmp_path):
     assert pieces[-2:] == ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]  # after the user turn, in place
 
 
+def test_clear_tool_uses_clears_all_but_the_latest_results(live):
+    """context_management's clear_tool_uses: past its trigger, every tool result but the `keep` latest
+    (and those of exclude_tools) becomes a placeholder; the prompt is the cleared conversation's, and
+    applied_edits says what was cleared. Below clear_at_least nothing is cleared."""
+    client, _, _, script, tok = live
+    messages = [{"role": "user", "content": "Weather?"}]
+    for i, tool in enumerate(["get_weather", "get_weather", "get_time", "get_weather"]):
+        use = {"type": "tool_use", "id": f"toolu_{i}", "name": tool, "input": {"city": f"city {i}"}}
+        result = f"result {i}: " + "sunny and warm " * 6
+        messages += [{"role": "assistant", "content": [use]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{i}", "content": result}]}]
+    tools = [TOOL, TOOL | {"name": "get_time"}]
+    edit = {"type": "clear_tool_uses_20250919", "trigger": {"type": "input_tokens", "value": 100},
+            "keep": {"type": "tool_uses", "value": 1}, "exclude_tools": ["get_time"]}
+    script.ids = [*tok.encode("Done."), tok.eos_id]
+    answer = create(client, messages, tools=tools, extra_body=SCRIPTED | {"context_management": {"edits": [edit]}})
+    [applied] = answer.model_dump()["context_management"]["applied_edits"]
+    assert (applied["type"], applied["cleared_tool_uses"]) == ("clear_tool_uses_20250919", 2)  # results 0 and 1
+    plain = create(client, messages, tools=tools).usage
+    assert prompt(plain) - prompt(answer.usage) == applied["cleared_input_tokens"] > 0
+    cleared = [m | {"content": [{"type": "tool_result", "tool_use_id": m["content"][0]["tool_use_id"],
+                                 "content": "[tool result cleared]"}]} if i in (2, 4) else m
+               for i, m in enumerate(messages)]
+    assert prompt(create(client, cleared, tools=tools).usage) == prompt(answer.usage)
+    below = edit | {"clear_at_least": {"type": "input_tokens", "value": 10**6}}
+    untouched = create(client, messages, tools=tools, extra_body=SCRIPTED | {"context_management": {"edits": [below]}})
+    assert (untouched.model_dump()["context_management"]["applied_edits"], prompt(untouched.usage)) == ([], prompt(plain))
+
+
 def test_any_model_name_is_served_by_the_one_model(live):
     """Claude Code's side calls name its small/fast model by a Claude name: the loaded model answers
     them, and the response's `model` says which model answered."""
@@ -318,7 +347,10 @@ BAD = [  # (path, body or raw bytes, headers, status, error type, the message or
     ("", GOOD | {"messages": [{"role": "tool", "content": "x"}]}, None, 400, "invalid_request_error",
      "messages.0.role: Input should be 'user', 'assistant' or 'system'"),
     ("", GOOD | {"context_management": {"edits": [{"type": "compact_20260101"}]}}, None, 400, "invalid_request_error",
-     "context_management.edits.0.type: 'compact_20260101' is not supported (only clear_thinking_*)"),
+     "context_management.edits.0.type: 'compact_20260101' is not supported (only clear_thinking_* and "
+     "clear_tool_uses_*)"),
+    ("", GOOD | {"context_management": {"edits": [{"type": "clear_tool_uses_20250919", "keep": 3}]}}, None, 400,
+     "invalid_request_error", 'context_management.edits.0.keep: expected {"type": ..., "value": N} with N >= 0'),
     ("", GOOD | {"messages": []}, None, 400, "invalid_request_error", "messages: List should have at least 1 item"),
     ("", GOOD | {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE]}]}, None,
      400, "invalid_request_error", "messages.0.content.1: image input is not supported (text-only model)"),

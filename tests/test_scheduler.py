@@ -115,6 +115,25 @@ def test_cancel_leaves_within_two_steps(sched):
     assert stats["kv_bytes"] == stats["idle_caches"] * sched.row_bytes
 
 
+def test_a_request_failing_before_it_is_a_row_gets_its_error_at_once(sched, monkeypatch):
+    """A failure while a request is admitted (here the prefix cache's lookup) ends that request with
+    its error; the requests beside it are answered as ever."""
+    ps = prompts(sched, 3)
+    take = sched.prefixes.take
+
+    def failing(request):
+        if request.tokens == ps[1]:
+            raise OSError("disk tier unreadable")
+        return take(request)
+
+    monkeypatch.setattr(sched.prefixes, "take", failing)
+    requests = [sched.submit(Request(p, max_tokens=5)) for p in ps]
+    ends = [tokens_of(r) for r in requests]
+    assert (ends[1][1].finish_reason, ends[1][1].error) == ("error", "OSError: disk tier unreadable")
+    assert [len(ends[i][0]) for i in (0, 2)] == [5, 5]
+    assert sched.stats()["waiting"] == 0
+
+
 def test_queue_full_then_all_complete():
     s = Scheduler("demo", max_batch=1, max_queue=2)
     try:

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import uuid
+from dataclasses import replace
 from collections.abc import AsyncIterator, Iterator
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
@@ -18,7 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..text import ToolCall
 from .anthropic_request import Conversation, MessagesRequest, to_spec
-from .build import build, prompt_tokens
+from . import context_edits
+from .build import Spec, build, prompt_tokens
 from .http import Service, answer, frame, submit
 from .request import Event, Request
 from .stream import Part, parts
@@ -52,11 +54,12 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.post(PREFIX, dependencies=auth)
     async def messages(body: MessagesRequest, http: HTTPRequest):
-        spec = to_spec(body, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                       top_k=body.top_k, stop=body.stop_sequences)
+        spec, applied = edited(service, body, max_tokens=body.max_tokens, temperature=body.temperature,
+                               top_p=body.top_p, top_k=body.top_k, stop=body.stop_sequences)
         request = build(service, spec)
         events = submit(service, request, "messages")
         head = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": service.answering(body.model)}
+        head |= {"context_management": {"applied_edits": applied}} if applied is not None else {}
         if body.stream:
             return StreamingResponse(stream(request, events, head), media_type="text/event-stream")
         received, last = await answer(request, events, http)
@@ -69,7 +72,17 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.post(PREFIX + "/count_tokens", dependencies=auth)
     async def count_tokens(body: Conversation):
-        return {"input_tokens": len(prompt_tokens(service, to_spec(body)))}
+        return {"input_tokens": len(prompt_tokens(service, edited(service, body)[0]))}
+
+
+def edited(service: Service, body: Conversation, **sampling) -> tuple[Spec, list[dict] | None]:
+    """The builder's Spec of `body` with its context_management edits applied (context_edits.py),
+    and the applied_edits to report (None when the request asked for none)."""
+    edits = context_edits.check(body.model_extra.get("context_management"))
+    spec = to_spec(body, **sampling)
+    messages, applied = context_edits.apply(
+        edits, list(spec.messages), lambda m: len(prompt_tokens(service, replace(spec, messages=m))))
+    return replace(spec, messages=messages), applied if edits else None
 
 
 def tool_use(call: ToolCall) -> dict:

@@ -23,7 +23,7 @@ from .http import APIError
 MEDIA = ("image", "document")  # multimodal input blocks: refused by name
 # Top-level fields that would change the answer (server-side tools): refused unless off. Other
 # fields are ignored: metadata, service_tier, cache_control, output_config's effort (Mistral's
-# reasoning has no effort levels). thinking: see _thinking; context_management: _context_edits.
+# reasoning has no effort levels). thinking: see _thinking; context_management: context_edits.py.
 UNSUPPORTED = ("container", "mcp_servers")
 
 
@@ -72,7 +72,6 @@ def to_spec(body: Conversation, **sampling) -> Spec:
     for name in UNSUPPORTED:
         if body.model_extra.get(name) not in (None, [], {}):
             raise APIError(400, f"{name}: not supported by this server", param=name)
-    _context_edits(body.model_extra.get("context_management"))
     messages = [{"role": "system", "content": _text(body.system, "system")}] if body.system else []
     called: set[str] = set()  # the tool-use ids of the assistant turn before
     for i, turn in enumerate(body.messages):
@@ -104,22 +103,6 @@ def _thinking(thinking: object) -> bool | None:
         raise APIError(400, f"thinking.type: expected 'enabled', 'adaptive' or 'disabled', got {kind!r}",
                        param="thinking.type")
     return kind != "disabled"
-
-
-def _context_edits(management: object) -> None:
-    """context_management.edits: `clear_thinking_*` (what Claude Code sends, any `keep`) changes
-    nothing here, since earlier turns' thinking never reaches the prompt; any other edit type is
-    refused by name."""
-    if management in (None, {}):
-        return
-    edits = management.get("edits") if isinstance(management, dict) else None
-    if not isinstance(edits, list):
-        raise APIError(400, "context_management.edits: expected a list of edits", param="context_management.edits")
-    for i, edit in enumerate(edits):
-        kind = edit.get("type") if isinstance(edit, dict) else None
-        if not isinstance(kind, str) or not kind.startswith("clear_thinking_"):
-            raise APIError(400, f"context_management.edits.{i}.type: {kind!r} is not supported (only clear_thinking_*)",
-                           param=f"context_management.edits.{i}.type")
 
 
 def _user(content: str | list[dict], where: str, called: set[str]) -> list[dict]:

@@ -232,9 +232,13 @@ class Scheduler:
             if request.cancelled:
                 self._end(request, "cancelled")
                 continue
-            ids, cache, held, marks = self.prefixes.take(request)
-            text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
-                              request.submitted, request.tool_calls)
+            try:  # a request that fails before it is a row gets its error at once, the others go on
+                ids, cache, held, marks = self.prefixes.take(request)
+                text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
+                                  request.submitted, request.tool_calls)
+            except Exception as e:
+                self._end(request, "error", f"{type(e).__name__}: {e}")
+                continue
             row = Row(request, ids, held, text, marks)
             for name, n in dict(admitted=1, reused_requests=held > 0, prompt_tokens=len(ids), reused_tokens=held).items():
                 self.counters[name] += n
