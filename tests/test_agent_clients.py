@@ -27,6 +27,9 @@ import pytest
 
 from agent_clients import BINARIES, REQUIRED, claude_env, codex_env, install
 from checkpoints import write_tekken
+from mlx_mistral.serve.anthropic_request import Tool, _tool as to_anthropic_tool
+from mlx_mistral.serve.responses_request import Offer
+from mlx_mistral.structured import Grammars
 from mlx_mistral.tokenizer import Tokenizer
 from scripted_model import chain, merge, write_scripted
 
@@ -167,6 +170,23 @@ def test_recorded_first_requests_replayed(hi_server):
     final = events[-1]
     assert final["type"] == "response.completed" and final["response"]["output"][-1]["content"][0]["text"] == "Hi there."
     assert final["response"]["usage"]["input_tokens"] > 5000  # its developer prompts, tools and context
+
+
+@pytest.mark.parametrize("version", ["v7", "v13"])
+def test_every_recorded_tool_schema_compiles(tmp_path, version):
+    """Claude Code's 24 tools and Codex's (its namespace's functions offered by their own names; its
+    web_search, a hosted tool, not offered): each tool-call grammar compiles for tool_choice auto and
+    required, though their schemas hold keywords the grammar engine lacks (propertyNames): none of
+    them is `strict`, so each tool's schema is compiled leniently."""
+    tok = Tokenizer(write_tekken(tmp_path / "tekken.json", version))
+    claude = json.loads((RECORDED / "claude_code.json").read_text(encoding="utf-8"))
+    codex = json.loads((RECORDED / "codex.json").read_text(encoding="utf-8"))
+    offers = [[to_anthropic_tool(Tool(**tool), "tools") for tool in claude["tools"]], Offer(codex["tools"]).functions]
+    assert [len(tools) for tools in offers] == [24, 12]
+    grammars = Grammars(tok, tok.vocab_size)
+    for tools in offers:
+        for choice in ("auto", "required"):
+            assert grammars.for_chat(None, tools, choice) is not None
 
 
 def frames(text: str) -> list[dict]:

@@ -108,3 +108,18 @@ def test_readme_command_runs(scratch, command):
     assert result.stdout.strip(), command
     if command == QUICK_START:  # the trained model answers
         assert "Paris" in result.stdout, result.stdout
+
+
+def test_the_agent_setup_is_the_tested_one():
+    """The README's Codex config.toml and Claude Code variables are the ones tests/test_agent_clients.py
+    runs the real clients with (agent_clients.py), with the README's port and model name."""
+    from agent_clients import claude_env, codex_config
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    [toml] = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert toml == codex_config("http://127.0.0.1:8080/v1", "local")
+    [claude] = [c for c in commands(readme) if c.endswith(" claude")]
+    given = dict(word.split("=", 1) for word in shlex.split(claude)[:-1])
+    expected = {k: v for k, v in claude_env(Path("/h"), "http://127.0.0.1:8080", "local").items()
+                if k.startswith(("ANTHROPIC_", "CLAUDE_", "DISABLE_"))}
+    assert given == expected | {"ANTHROPIC_AUTH_TOKEN": "unused"}
