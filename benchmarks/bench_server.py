@@ -4,6 +4,8 @@
                                       [--answer-tokens 64] [--servers ours mlx_lm] [--pause] [--json]
     python benchmarks/bench_server.py --agent [--preset tiny] [--clients 8] [--turns 10]
                                       [--system-tokens 4096] [--answer-tokens 32]
+    python benchmarks/bench_server.py --agent-replay [--preset tiny] [--turns 5] [--answer-tokens 8]
+                                      [--reminder] [--servers ours mlx_lm] [--json]
 
 Both servers are started by the script on 127.0.0.1 with the same float32 checkpoint (random
 weights), greedy, /v1/completions streamed (no chat template: mlx-lm's needs one). For each
@@ -23,17 +25,32 @@ aggregate tok/s and the share of prompt tokens the server reported cached, for o
 its prefix cache off (--max-idle 0 --prompt-cache-mib 0), in memory (the defaults), and after a
 restart from disk (--prompt-cache-dir: a first run sends the system prompt once and stops), and
 for mlx_lm.server (its prompt cache, default settings).
+
+--agent-replay: a Claude Code session replayed, one request after the other. Turn 1 is Claude Code
+2.1.197's recorded first request (tests/data/agent_requests/claude_code.json: system blocks, a user
+and a system-role message, 24 tools, thinking, context_management; ~19k tokens); each later turn
+appends a fixed assistant turn (a line of text and a Read tool_use of a fixed file) and a user turn
+of its tool_result (a fixed ~200-token listing, different each turn), as Claude Code sends them
+(cache_control moved to the last block), and sends the whole conversation again; --reminder also
+puts a <system-reminder> text block beside each tool_result (user text: V3-V11 templates then move
+[AVAILABLE_TOOLS] before it, each turn). The assistant turns are written here, not generated, so
+every server gets the same prompts; generation is capped at --answer-tokens (default 8: the
+prefill is measured). Servers: ours (POST /v1/messages, streamed) on the --preset's weights
+(full attention, Tekken's 131072-token vocabulary, --max-kv-size 32768) with a Tekken v7 and
+with a v13 tokenizer, and mlx_lm.server (POST /v1/chat/completions, streamed: the same
+conversation as OpenAI chat messages and tools, text blocks joined as mistral-common joins them)
+on the v7 one. Per turn: TTFT (the request's start to the first streamed event that carries a
+token: our message_start, mlx_lm's first chunk), the prompt tokens and the cached ones each
+server reports (ours: message_start's cache_read_input_tokens; mlx_lm:
+usage.prompt_tokens_details.cached_tokens), then the target: from turn 2, v13's TTFT under 10% of
+turn 1's.
 """
 
 import argparse
 import itertools
 import json
-import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,68 +58,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 
 from mlx_mistral.demo import TOKENIZER_V1  # noqa: E402
 from mlx_mistral.tokenizer import Tokenizer  # noqa: E402
+from agent_replay import agent_replay, print_replay  # noqa: E402
 from presets import PRESETS, make_checkpoint  # noqa: E402
+from servers import CLIENT, Server  # noqa: E402
 
 TOKENIZER = Tokenizer(TOKENIZER_V1)  # the presets' tokenizer
-# mlx_lm.server with the OpenBLAS that our server preloads on Linux (mlx_mistral._blas), as in the other
-# benchmarks: without it MLX's Linux CPU wheel multiplies ~40x slower, and the comparison would say nothing.
-MLX_LM_SERVER = "import mlx_mistral, sys; from mlx_lm.server import main; sys.argv[0] = 'mlx_lm.server'; main()"
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
-# One connection pool for every stream, as one app or agent talking to a server has: a new client per
-# request would spend tens of ms of the benchmark's own CPU on each (SSL context, connection).
-CLIENT = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, kind: str, model: str, extra: list[str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = {"ours": [sys.executable, "-m", "mlx_mistral.server", "--max-batch", "16"],
-               "mlx_lm": [sys.executable, "-c", MLX_LM_SERVER]}[kind]
-        self.proc = subprocess.Popen(cmd + ["--model", model, "--port", str(self.port), *extra], cwd=ROOT,
-                                     env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{kind} server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"{kind} server did not start")
-
-    def peak_rss(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
-
-    def stop(self) -> None:
-        """Ctrl-C (both servers stop on it), then kill if it lingers."""
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            print(f"the server on port {self.port} lingered after Ctrl-C: killed", file=sys.stderr)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-
-
 def prompt(i: int, tokens: int) -> str:
     """About `tokens` tokens of text (BOS included), different for each i."""
     text = " ".join(WORDS[(i * 7 + j) % len(WORDS)] + str(i) for j in range(tokens))
@@ -254,20 +220,30 @@ def plot(results: dict, args: argparse.Namespace, png: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agent", action="store_true", help="the agent workload (see above) instead")
-    p.add_argument("--preset", choices=PRESETS, help="default: small (--agent: tiny)")
+    p.add_argument("--agent-replay", action="store_true", help="the Claude Code session replay (see above) instead")
+    p.add_argument("--preset", choices=PRESETS, help="default: small (--agent, --agent-replay: tiny)")
     p.add_argument("--clients", type=int, nargs="+", help="default: 1 4 8 16 (--agent: 8)")
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--answer-tokens", type=int, help="default: 64 (--agent: 32)")
-    p.add_argument("--turns", type=int, default=10, help="--agent: turns per agent")
+    p.add_argument("--answer-tokens", type=int, help="default: 64 (--agent: 32, --agent-replay: 8)")
+    p.add_argument("--turns", type=int, help="--agent: turns per agent (default 10); --agent-replay: turns (5)")
+    p.add_argument("--reminder", action="store_true", help="--agent-replay: a system-reminder beside each tool_result")
     p.add_argument("--system-tokens", type=int, default=4096, help="--agent: the shared system prompt")
     p.add_argument("--servers", nargs="+", choices=["ours", "mlx_lm"], default=["ours", "mlx_lm"])
     p.add_argument("--pause", action="store_true", help="also measure the pause of running streams (ours)")
     p.add_argument("--png", help="also plot tok/s and TTFT p95 vs clients to this file (e.g. docs/server.png)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    args.preset = args.preset or ("tiny" if args.agent else "small")
+    args.preset = args.preset or ("tiny" if args.agent or args.agent_replay else "small")
     args.clients = args.clients or ([8] if args.agent else [1, 4, 8, 16])
-    args.answer_tokens = args.answer_tokens or (32 if args.agent else 64)
+    args.answer_tokens = args.answer_tokens or (32 if args.agent else 8 if args.agent_replay else 64)
+    args.turns = args.turns or (5 if args.agent_replay else 10)
+    if args.agent_replay:
+        results = agent_replay(args)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print_replay(results, args)
+        return 0
     checkpoint = make_checkpoint(args.preset)
     model, results = str(checkpoint), {}
     if args.agent:
