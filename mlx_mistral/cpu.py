@@ -99,38 +99,58 @@ class ParallelQuantizedLinear(nn.QuantizedLinear):
         return mx.concatenate(outs, axis=-1)
 
 
+STREAMED_BYTES = 64 << 20  # matrices timed at once by transposed_pays: past any CPU's last-level cache
+
+
 def transposed_pays(weights: list[mx.array], reps: int = 5) -> bool:
-    """True when this machine multiplies by `weights` (one layer's matrices) stored [in, out]
-    clearly faster than as they are, [out, in]: one token (decode) 10% faster in all, and a
-    64-token chunk no slower. Best of `reps` timings of each product (~50 ms for `small`)."""
+    """True when this machine multiplies by `weights` (the first layers' matrices) stored [in, out]
+    clearly faster than as they are, [out, in]: one token (decode) 10% faster, and a 64-token chunk
+    no slower. Each timing is one pass over all of `weights`, best of `reps`: decode streams every
+    matrix from memory once per token, so the pass must outgrow the caches (STREAMED_BYTES; one
+    matrix timed alone stays in cache, and there [in, out] won 1.3x on this AMD EPYC for the
+    SmolLM2 shape, while streamed it lost 1.2x and made decode 0.66x mlx-lm)."""
     total = {}
-    for w in weights:
-        w_t = mx.contiguous(w.T)
-        for rows in (1, 64):
-            x = mx.ones((rows, w.shape[1]), w.dtype)
-            for name, f in (("plain", lambda: x @ w.T), ("transposed", lambda: x @ w_t)):
-                times = []
-                for _ in range(reps + 1):  # the first run warms up
-                    start = time.perf_counter()
-                    mx.eval(f())
-                    times.append(time.perf_counter() - start)
-                total[rows, name] = total.get((rows, name), 0.0) + min(times[1:])
+    transposed = [mx.contiguous(w.T) for w in weights]
+    for rows in (1, 64):
+        xs = {w.shape[1]: mx.ones((rows, w.shape[1]), w.dtype) for w in weights}
+        for name, f in (("plain", lambda: [xs[w.shape[1]] @ w.T for w in weights]),
+                        ("transposed", lambda: [xs[w.shape[0]] @ w for w in transposed])):
+            times = []
+            for _ in range(reps + 1):  # the first run warms up
+                start = time.perf_counter()
+                mx.eval(f())
+                times.append(time.perf_counter() - start)
+            total[rows, name] = min(times[1:])
     return total[1, "transposed"] < 0.9 * total[1, "plain"] and total[64, "transposed"] <= 1.1 * total[64, "plain"]
+
+
+def first_layers(model: nn.Module) -> list[mx.array]:
+    """The float matrices of the first layers, as many layers as make STREAMED_BYTES, or an eighth
+    of the model's (their transposed copies exist while they are timed), at least one layer."""
+    layers = [[m.weight for _, m in layer.named_modules() if type(m) is nn.Linear and "bias" not in m]
+              for layer in model.model.layers]
+    enough = min(STREAMED_BYTES, sum(w.nbytes for ws in layers for w in ws) / 8)
+    weights: list[mx.array] = []
+    for matrices in layers:
+        weights += matrices
+        if sum(w.nbytes for w in weights) >= enough:
+            break
+    return weights
 
 
 def prepare_for_cpu(model: nn.Module) -> None:
     """Switch `model` to the CPU backend's faster paths, in place: float nn.Linear (no bias)
     -> TransposedLinear where this CPU measures it faster (transposed_pays, on the first
-    layer's matrices), affine nn.QuantizedLinear -> ParallelQuantizedLinear
+    layers' matrices), affine nn.QuantizedLinear -> ParallelQuantizedLinear
     (one CPU stream per core, prompt chunks through BLAS), folded decode attention (model.Attention.fold_gqa), the
     K/V heads of a quantized cache attended to on one CPU stream per core (head_streams), and
     float Mixtral experts run all at once on prefill chunks (moe.SwitchGLU.every_expert_for_chunks;
     the stacked experts are otherwise left as they are: they are gathers, not Linears)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parts = min(cores, 8)
+    first = first_layers(model)
+    transpose = bool(first) and transposed_pays(first)
     modules = model.named_modules()
-    first_layer = [m.weight for p, m in modules if type(m) is nn.Linear and "bias" not in m and ".layers.0." in p]
-    transpose = bool(first_layer) and transposed_pays(first_layer)
     while modules:  # popped and swapped one at a time: a replaced matrix is freed at once
         path, module = modules.pop()
         if type(module) is nn.Linear and "bias" not in module and transpose:
