@@ -68,7 +68,9 @@ class Server:
                                      stdout=log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while True:
-            assert self.proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()  # never left running
+                raise AssertionError(f"the server did not start: {log.read_text()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).json()["status"] == "ok":
                     return
@@ -78,7 +80,10 @@ class Server:
 
     def close(self) -> None:
         self.proc.terminate()
-        self.proc.wait(30)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
