@@ -13,7 +13,6 @@ model, which the server's log shows too.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from mlx_mistral.serve.responses_request import Offer
 from mlx_mistral.structured import Grammars
 from mlx_mistral.tokenizer import Tokenizer
 from scripted_model import chain, merge, write_scripted
+from test_server import free_port
 
 RECORDED = Path(__file__).parent / "data" / "agent_requests"
 # a user turn's prompt ends with [/INST]; Claude Code's with [/SYSTEM_PROMPT]: its last message is a system one
@@ -59,9 +59,7 @@ class Server:
     """`python -m mlx_mistral.server` on a free port, its log in `log`."""
 
     def __init__(self, model: Path, log: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url, self.log = f"http://127.0.0.1:{self.port}", log
         self.proc = subprocess.Popen([sys.executable, "-m", "mlx_mistral.server", "--model", str(model), "--port",
                                       str(self.port), "--max-kv-size", str(CONTEXT), "--served-model-name", "tiny", "--log-requests"],

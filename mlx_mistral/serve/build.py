@@ -66,8 +66,9 @@ def log_request(spec: Spec, prompt: int, max_tokens: int) -> None:
     """One line on stderr: the roles of the request's messages (runs of one role counted), its tools,
     its prompt tokens and the most it may generate."""
     roles = [m["role"] for m in spec.messages] if spec.messages is not None else ["prompt"]
-    runs = [f"{role} x{sum(1 for _ in group)}" for role, group in itertools.groupby(roles)]
-    print(f"request for {spec.model!r}: {', '.join(r.removesuffix(' x1') for r in runs)}; {len(spec.tools)} tools; "
+    counted = [(role, len(list(group))) for role, group in itertools.groupby(roles)]
+    runs = [role if n == 1 else f"{role} x{n}" for role, n in counted]
+    print(f"request for {spec.model!r}: {', '.join(runs)}; {len(spec.tools)} tools; "
           f"{prompt} prompt tokens, up to {max_tokens} new", file=sys.stderr, flush=True)
 
 
