@@ -27,9 +27,10 @@ def install() -> str | None:
         return None
     if shutil.which("npm") is None:
         return "npm is not installed (the agent-client tests need it to install Claude Code and Codex)"
-    HOME.mkdir(parents=True, exist_ok=True)
+    HOME.mkdir(parents=True, exist_ok=True)  # npm keeps the caller's HOME: its ~/.npmrc may name a CA file
+    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
     subprocess.run(["npm", "install", "--prefix", str(HOME), "--no-audit", "--no-fund", "--loglevel=error",
-                    CLAUDE_CODE, CODEX], check=True, env=clean_env())
+                    CLAUDE_CODE, CODEX], check=True, env=env)
     return None
 
 
