@@ -6,7 +6,9 @@ MLX_MISTRAL_CPU_PATHS=0 turns them off, so that Linux runs the code path a Mac r
 """
 
 import functools
+import math
 import os
+import statistics
 import threading
 import time
 
@@ -17,6 +19,7 @@ from mlx.utils import tree_unflatten
 from .errors import MistralError
 from .model import Attention
 from .moe import SwitchGLU, SwitchLinear
+from .rope import RoPE
 
 
 def cpu_paths_on() -> bool:
@@ -99,29 +102,83 @@ class ParallelQuantizedLinear(nn.QuantizedLinear):
         return mx.concatenate(outs, axis=-1)
 
 
+class StepTables:
+    """The RoPE tables of the step being built, shared by the layers of one model: for each
+    shape rotated (queries, keys), cos and sin laid out as TabledRoPE multiplies them."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.tables: dict[tuple[int, ...], tuple[mx.array, mx.array]] = {}
+
+
+class TabledRoPE(nn.Module):
+    """mx.fast.rope's CPU fallback, its tables computed once per step instead of at every call.
+
+    On the CPU backend mx.fast.rope has no kernel: its fallback graph computes the angles, cos and
+    sin at every call, then x1 cos - x2 sin, x1 sin + x2 cos (28 ops; q and k in 30 layers: 1680 of a
+    SmolLM2-shaped token's ~3740 ops, and every op costs ~3.5 us here). The layers share the step's
+    tables (`step`): the angles as the fallback computes them (float32; cos and sin in x's dtype),
+    laid out as [cos, cos] and [-sin, sin] over x's shape, so that a call is 6 ops:
+    x [cos, cos] + [x2, x1] [-sin, sin]. Bit for bit the fallback (tested): x2 (-sin) = -(x2 sin).
+    """
+
+    def __init__(self, rope: RoPE, step: StepTables):
+        super().__init__()
+        self.half, self.step = rope.head_dim // 2, step
+        periods = rope._periods
+        if periods is None:  # the fallback's base ** (-i / half), as it computes it
+            self._inv = mx.exp(mx.arange(0, -self.half, -1, dtype=mx.float32) * (math.log(rope.theta) / self.half))
+        else:
+            self._inv = mx.reciprocal(periods)
+        self._config = (rope.head_dim, rope.theta, None if periods is None else tuple(periods.tolist()))
+
+    def tables(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
+        length = x.shape[2]
+        key = (self._config, offset if isinstance(offset, int) else tuple(offset.tolist()), length, x.dtype)
+        if self.step.key != key:
+            self.step.key, self.step.tables = key, {}
+        if x.shape not in self.step.tables:
+            at = offset if isinstance(offset, int) else offset[:, None, None]  # [B, 1, 1]: one per row
+            theta = (mx.arange(length, dtype=mx.float32) + at)[..., None] * self._inv
+            cos, sin = mx.cos(theta).astype(x.dtype), mx.sin(theta).astype(x.dtype)
+            self.step.tables[x.shape] = tuple(mx.broadcast_to(t, x.shape) for t in (
+                mx.concatenate([cos, cos], axis=-1), mx.concatenate([-sin, sin], axis=-1)))
+        return self.step.tables[x.shape]
+
+    def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        cos, sin = self.tables(x, offset)
+        return x * cos + mx.concatenate([x[..., self.half:], x[..., :self.half]], axis=-1) * sin
+
+
 STREAMED_BYTES = 64 << 20  # matrices timed at once by transposed_pays: past any CPU's last-level cache
 
 
 def transposed_pays(weights: list[mx.array], reps: int = 5) -> bool:
     """True when this machine multiplies by `weights` (the first layers' matrices) stored [in, out]
     clearly faster than as they are, [out, in]: one token (decode) 10% faster, and a 64-token chunk
-    no slower. Each timing is one pass over all of `weights`, best of `reps`: decode streams every
-    matrix from memory once per token, so the pass must outgrow the caches (STREAMED_BYTES; one
-    matrix timed alone stays in cache, and there [in, out] won 1.3x on this AMD EPYC for the
-    SmolLM2 shape, while streamed it lost 1.2x and made decode 0.66x mlx-lm)."""
-    total = {}
+    no slower. Each timing is one pass over all of `weights`: decode streams every matrix from
+    memory once per token, so the pass must outgrow the caches (STREAMED_BYTES; one matrix timed
+    alone stays in cache, and there [in, out] won 1.3x on this AMD EPYC for the SmolLM2 shape,
+    while streamed it lost 1.2x and made decode 0.66x mlx-lm). The two layouts are timed in
+    alternation and compared by the median of `reps` ratios: with the best time of each, taken
+    at different moments, two loads in twelve chose [in, out] on that shape (decode 58 ms a token, not 51)."""
     transposed = [mx.contiguous(w.T) for w in weights]
+    mx.eval(transposed)
+
+    def seconds(products: list[mx.array]) -> float:
+        start = time.perf_counter()
+        mx.eval(products)
+        return time.perf_counter() - start
+
+    ratio = {}
     for rows in (1, 64):
         xs = {w.shape[1]: mx.ones((rows, w.shape[1]), w.dtype) for w in weights}
-        for name, f in (("plain", lambda: [xs[w.shape[1]] @ w.T for w in weights]),
-                        ("transposed", lambda: [xs[w.shape[0]] @ w for w in transposed])):
-            times = []
-            for _ in range(reps + 1):  # the first run warms up
-                start = time.perf_counter()
-                mx.eval(f())
-                times.append(time.perf_counter() - start)
-            total[rows, name] = min(times[1:])
-    return total[1, "transposed"] < 0.9 * total[1, "plain"] and total[64, "transposed"] <= 1.1 * total[64, "plain"]
+        ratios = []
+        for _ in range(reps + 1):  # the first pair warms up
+            plain = seconds([xs[w.shape[1]] @ w.T for w in weights])
+            ratios.append(seconds([xs[w.shape[0]] @ w for w in transposed]) / plain)
+        ratio[rows] = statistics.median(ratios[1:])
+    return ratio[1] < 0.9 and ratio[64] <= 1.1
 
 
 def first_layers(model: nn.Module) -> list[mx.array]:
@@ -150,6 +207,7 @@ def prepare_for_cpu(model: nn.Module) -> None:
     parts = min(cores, 8)
     first = first_layers(model)
     transpose = bool(first) and transposed_pays(first)
+    step = StepTables()
     modules = model.named_modules()
     while modules:  # popped and swapped one at a time: a replaced matrix is freed at once
         path, module = modules.pop()
@@ -161,6 +219,7 @@ def prepare_for_cpu(model: nn.Module) -> None:
         else:
             if isinstance(module, Attention):
                 module.fold_gqa = True
+                module.rope = TabledRoPE(module.rope, step)
                 if parts > 1:
                     module.head_streams = functools.partial(cpu_streams, parts)
             if isinstance(module, SwitchGLU) and type(module.gate_proj) is SwitchLinear:

@@ -34,9 +34,11 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache: KVCache, layer: int) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, hd)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, KV, L, hd)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        # One product where fused.fuse_projections stacked the three matrices.
+        q, k, v = self.qkv(x) if "qkv" in self else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, hd)
+        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, KV, L, hd)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         q = self.rope(q, offset=cache.rope_offset)
         k = self.rope(k, offset=cache.rope_offset)
         if self.query_scaling:  # after RoPE, queries only: the cached keys are plain
@@ -99,7 +101,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up(x) if "gate_up" in self else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(nn.silu(gate) * up)  # SwiGLU
 
 
 class TransformerBlock(nn.Module):

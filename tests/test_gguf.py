@@ -244,7 +244,10 @@ def test_a_k_quant_gguf_is_requantized_as_asked(tmp_path, bits):
         f"{path}: 11 Q4_K tensors dequantized (gguf) and requantized to MLX {q4}-bit, group 32",
         f"{path}: 4 Q6_K tensors dequantized (gguf) and requantized to MLX {q6}-bit, group 32"]
     layer = build_model(args, dict(weights), mx.float32).model.layers[0]
-    assert (layer.self_attn.q_proj.bits, layer.self_attn.v_proj.bits, layer.mlp.down_proj.bits) == (q4, q6, q6)
+    attn = layer.self_attn  # q/k/v of one width are fused into one matrix (fused.py)
+    assert ("qkv" in attn) == (q4 == q6)
+    q_v = (attn.qkv.linear.bits,) * 2 if "qkv" in attn else (attn.q_proj.bits, attn.v_proj.bits)
+    assert (*q_v, layer.mlp.down_proj.bits) == (q4, q6, q6)
     reference = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(str(path)).tensors}
     for gguf_name, ours in (("blk.0.attn_v", "model.layers.0.self_attn.v_proj"), ("blk.1.ffn_up", "model.layers.1.mlp.up_proj"),
                             ("blk.1.ffn_down", "model.layers.1.mlp.down_proj"), ("token_embd", "model.embed_tokens")):
@@ -358,7 +361,7 @@ def test_the_server_and_the_app_take_gguf_bits(tmp_path):
     with pytest.warns(UserWarning, match="requantized to MLX 8-bit"):
         s = Scheduler(str(path), max_kv_size=64, gguf_bits=8)
     try:
-        assert s.model.model.layers[0].self_attn.q_proj.bits == 8
+        assert s.model.model.layers[0].self_attn.qkv.linear.bits == 8  # one width: fused (fused.py)
         args, dtype = s.model.args, s.model.dtype
         assert model_identity(str(path), args, dtype, 8) != model_identity(str(path), args, dtype, 4)
     finally:

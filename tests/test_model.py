@@ -172,6 +172,28 @@ def test_parallel_quantized_linear_chunks_use_the_dequantized_matrix(bits, group
     assert mx.allclose(out, q(x), rtol=1e-5, atol=1e-5).item()
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("yarn", [False, True])
+def test_tabled_rope_is_fast_rope(dtype, yarn):
+    """The CPU path's RoPE (tables built once per step, shared by the layers) is bit for bit
+    mx.fast.rope: one offset or one per row, a token or a chunk, plain or YaRN periods."""
+    from mlx_mistral.cpu import StepTables, TabledRoPE
+    from mlx_mistral.rope import RoPE, Yarn
+
+    mx.random.seed(4)
+    step = StepTables()
+    ropes = [RoPE(64, 1e6, Yarn(factor=4.0, original_max_position_embeddings=4096) if yarn else None)
+             for _ in range(2)]  # two layers
+    tabled = [TabledRoPE(r, step) for r in ropes]
+    for offset in (0, 5000, mx.array([3, 4100, 70000])):
+        for length in (1, 7):
+            for heads in (9, 3):  # queries, keys
+                x = mx.random.normal((3, heads, length, 64)).astype(dtype)
+                for rope, mine in zip(ropes, tabled):
+                    assert mx.array_equal(mine(x, offset), rope(x, offset)).item()
+            assert len(step.tables) == 2  # one per shape, shared by both layers
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 15, 16, 40])
 def test_transposed_linear_matches_linear(rows):
     """The [in, out] layout (padding 3-15 rows to 16 included) is the same product."""
@@ -203,6 +225,43 @@ def test_prepare_for_cpu_transposes_only_where_it_pays(hf_checkpoint, monkeypatc
     assert (cpu.TransposedLinear in kinds, nn.Linear in kinds) == (pays, not pays)
     ids = prompt_ids(tokenizer, 5 * W)
     assert np.abs(run_chunks(model, ids, [5, 7, 2, 6]) - oracle_logits(hf, ids)).max() <= 1e-4
+
+
+def test_load_fuses_qkv_and_gate_up(hf_checkpoint, monkeypatch):
+    """After load every layer's q/k/v and gate/up are one matrix each (fused.py), and the function
+    is the same: logits within 1e-4 of the oracle and within 1e-5 of the unfused model's."""
+    from mlx_mistral.fused import FusedLinear
+    from mlx_mistral.loading import build
+
+    path, hf = hf_checkpoint
+    model, tokenizer = load(str(path))
+    for block in model.model.layers:
+        assert isinstance(block.self_attn.qkv, FusedLinear) and isinstance(block.mlp.gate_up, FusedLinear)
+        assert not {"q_proj", "k_proj", "v_proj"} & set(block.self_attn) and "gate_proj" not in block.mlp
+    ids = prompt_ids(tokenizer, 5 * W)
+    fused = run_chunks(model, ids, [5, 1, 7])
+    monkeypatch.setattr(build, "fuse_projections", lambda model: None)
+    plain, _ = load(str(path))
+    assert "q_proj" in plain.model.layers[0].self_attn
+    assert np.abs(fused - run_chunks(plain, ids, [5, 1, 7])).max() <= 1e-5
+    assert np.abs(fused - oracle_logits(hf, ids)).max() <= 1e-4
+
+
+def test_stacked_projections():
+    """Quantized layers of one width stack into one whose outputs are the parts' own, bit for bit;
+    biases or mixed widths are left unfused."""
+    import mlx.nn as nn
+
+    from mlx_mistral.fused import FusedLinear, stacked
+
+    mx.random.seed(3)
+    parts = [nn.QuantizedLinear(64, rows, bias=False, group_size=32, bits=4) for rows in (48, 16, 16)]
+    x = mx.random.normal((2, 3, 64))
+    outs = FusedLinear(stacked(parts), [48, 64])(x)
+    assert [o.shape for o in outs] == [(2, 3, 48), (2, 3, 16), (2, 3, 16)]
+    assert all(mx.array_equal(o, p(x)).item() for o, p in zip(outs, parts))
+    assert stacked([parts[0], nn.QuantizedLinear(64, 16, bias=False, group_size=32, bits=8)]) is None
+    assert stacked([nn.Linear(64, 16), nn.Linear(64, 16)]) is None
 
 
 def test_folded_decode_attention_matches(hf_checkpoint):

@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 from ..config import ModelArgs, packed_bits
 from ..cpu import cpu_paths_on, prepare_for_cpu
 from ..errors import MistralError
+from ..fused import fuse_projections
 from ..model import Mistral
 from ..shard import shard
 
@@ -76,6 +77,7 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype |
         mx.eval(model.parameters())
     except (RuntimeError, ValueError) as e:
         raise MistralError(f"checkpoint: weights could not be read ({e})") from None
+    fuse_projections(model)
     if cpu_paths_on():
         prepare_for_cpu(model)
     model.eval()
