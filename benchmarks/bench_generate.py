@@ -56,7 +56,7 @@ def step_cost(prefill, forward, prompt: list[int], steps: int = 64) -> dict:
     the unevaluated logits), the Python ms building it (the forward call) and the ms computing it
     (the eval of the greedy token); medians over `steps` steps. `prefill(ids)` fills a fresh cache
     and returns the last logits; `forward(token)` runs one token [1, 1] on it."""
-    import io
+    from graph_ops import ops as graph_ops
 
     y = mx.argmax(prefill(prompt)[:, -1], axis=-1)
     mx.eval(y)
@@ -66,9 +66,7 @@ def step_cost(prefill, forward, prompt: list[int], steps: int = 64) -> dict:
         logits = forward(y.reshape(1, 1))
         built = time.perf_counter()
         if i == 0:
-            dot = io.StringIO()
-            mx.export_to_dot(dot, logits)
-            ops = dot.getvalue().count("shape=rectangle")
+            ops = graph_ops(logits)
         y = mx.argmax(logits[:, -1], axis=-1)
         mx.eval(y)
         python.append(built - start)

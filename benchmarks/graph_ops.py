@@ -23,6 +23,7 @@ from presets import PRESETS, preset_args
 
 
 def ops(*arrays: mx.array) -> int:
+    """Primitives in the unevaluated graphs of `arrays` (each counted once)."""
     dot = io.StringIO()
     mx.export_to_dot(dot, *arrays)
     return dot.getvalue().count("shape=rectangle")

@@ -127,7 +127,8 @@ class TabledRoPE(nn.Module):
         self.half, self.step = rope.head_dim // 2, step
         periods = rope._periods
         if periods is None:  # the fallback's base ** (-i / half), as it computes it
-            self._inv = mx.exp(mx.arange(0, -self.half, -1, dtype=mx.float32) * (math.log(rope.theta) / self.half))
+            exponents = mx.arange(0, -self.half, -1, dtype=mx.float32)
+            self._inv = mx.exp(exponents * (math.log(rope.theta) / self.half))
         else:
             self._inv = mx.reciprocal(periods)
         self._config = (rope.head_dim, rope.theta, None if periods is None else tuple(periods.tolist()))
@@ -161,7 +162,8 @@ def transposed_pays(weights: list[mx.array], reps: int = 5) -> bool:
     alone stays in cache, and there [in, out] won 1.3x on this AMD EPYC for the SmolLM2 shape,
     while streamed it lost 1.2x and made decode 0.66x mlx-lm). The two layouts are timed in
     alternation and compared by the median of `reps` ratios: with the best time of each, taken
-    at different moments, two loads in twelve chose [in, out] on that shape (decode 58 ms a token, not 51)."""
+    at different moments, two loads in twelve chose [in, out] on that shape (decode 58 ms a token,
+    not 51)."""
     transposed = [mx.contiguous(w.T) for w in weights]
     mx.eval(transposed)
 
@@ -198,11 +200,12 @@ def first_layers(model: nn.Module) -> list[mx.array]:
 def prepare_for_cpu(model: nn.Module) -> None:
     """Switch `model` to the CPU backend's faster paths, in place: float nn.Linear (no bias)
     -> TransposedLinear where this CPU measures it faster (transposed_pays, on the first
-    layers' matrices), affine nn.QuantizedLinear -> ParallelQuantizedLinear
-    (one CPU stream per core, prompt chunks through BLAS), folded decode attention (model.Attention.fold_gqa), the
-    K/V heads of a quantized cache attended to on one CPU stream per core (head_streams), and
-    float Mixtral experts run all at once on prefill chunks (moe.SwitchGLU.every_expert_for_chunks;
-    the stacked experts are otherwise left as they are: they are gathers, not Linears)."""
+    layers' matrices), affine nn.QuantizedLinear -> ParallelQuantizedLinear (one CPU stream per
+    core, prompt chunks through BLAS), folded decode attention (model.Attention.fold_gqa), RoPE
+    tables shared by the layers (TabledRoPE), the K/V heads of a quantized cache attended to on
+    one CPU stream per core (head_streams), and float Mixtral experts run all at once on prefill
+    chunks (moe.SwitchGLU.every_expert_for_chunks; the stacked experts are otherwise left as they
+    are: they are gathers, not Linears)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parts = min(cores, 8)
     first = first_layers(model)

@@ -34,8 +34,7 @@ def stacked(parts: list[nn.Module]) -> nn.Module | None:
         layer.weight = mx.concatenate([p.weight for p in parts])
         return layer
     first = parts[0]
-    if any((p.group_size, p.bits, p.mode, p.biases is None) != (first.group_size, first.bits, first.mode,
-                                                                first.biases is None) for p in parts):
+    if len({(p.group_size, p.bits, p.mode) for p in parts}) > 1:  # the mode decides whether there are biases
         return None
     layer = nn.QuantizedLinear(first.scales.shape[1] * first.group_size, rows, bias=False,
                                group_size=first.group_size, bits=first.bits, mode=first.mode)
