@@ -82,7 +82,7 @@ def worker(runtime: str, model_dir: str, prompt_lens: list[int], n_decode: int, 
     if runtime == "mlx_mistral":
         from mlx_mistral import load, make_sampler
         from mlx_mistral.generate import generate_step
-        from mlx_mistral.cache import make_cache
+        from mlx_mistral import make_cache
 
         model, _ = load(model_dir, dtype=getattr(mx, dtype) if dtype else None)
         greedy = make_sampler()

@@ -1,12 +1,13 @@
 """mlx-mistral: Mistral 7B on MLX with grouped-query attention and a rolling KV cache."""
 
 from . import _blas  # noqa: F401  (must run before the first `import mlx`)
-from .cache import RollingKVCache, make_cache
+from .cache import RollingKVCache
 from .config import ModelArgs
 from .errors import MistralError
 from .generate import (
     GenerationResponse, batch_generate, batch_stream_generate, generate, generate_step, stream_generate,
 )
+from .layered_cache import make_cache
 from .loading import load
 from .model import Mistral
 from .sample import make_sampler

@@ -7,7 +7,6 @@ from mlx.utils import tree_flatten, tree_map
 
 from .config import ModelArgs
 from .errors import MistralError
-from .layered_cache import LayeredKVCache
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)  # those mx.quantize supports
@@ -45,7 +44,8 @@ def _leaves(buffer: Buffer) -> tuple[mx.array, ...]:
 
 
 class RollingKVCache:
-    """K/V buffers of shape [B, n_kv_heads, C, head_dim] for every layer, C = capacity.
+    """K/V buffers of shape [B, n_kv_heads, C, head_dim] for every layer: C = capacity slots
+    for a sliding window of W = `window` positions, C = W + `headroom` (speculation's drafts).
 
     With `bits` (8 or 4) each buffer is quantized instead, as mx.quantize lays it out:
     codes [B, n_kv_heads, C, head_dim * bits / 32] (uint32) plus scales and biases
@@ -58,24 +58,36 @@ class RollingKVCache:
     Worked example, C = 4 after 6 tokens (positions 0..5):
         slot      0  1  2  3
         position  4  5  2  3
-    A query at position i sees keys at j with i - C < j <= i (the sliding window of
-    DESIGN.md section 3, with C = W). Masks come from slot positions, so the order of
-    the slots never matters: softmax does not care about key order.
+    A query at position i sees keys at j with i - W < j <= i (the sliding window of
+    DESIGN.md section 3). Masks come from slot positions, so the order of the slots never
+    matters: softmax does not care about key order.
+
+    Headroom makes rollback free: a verify step writes its 1 + k tokens at positions
+    P..P+k (k <= headroom), overwriting positions P+t-C <= P-W that no query from P on
+    sees; moving a row's offset back (`rewind`) leaves the rejected tokens in slots whose
+    position, as the formula above reads it, is C earlier: at most offset - 1 - W, out of
+    every later query's window, so masked. Nothing is copied.
     """
 
-    def __init__(self, args: ModelArgs, capacity: int, batch_size: int = 1,
+    def __init__(self, args: ModelArgs, window: int, batch_size: int = 1,
                  dtype: mx.Dtype = mx.float32, warn_on_roll: bool = False,
-                 bits: int | None = None, group_size: int = 64, n_layers: int | None = None):
+                 bits: int | None = None, group_size: int = 64, n_layers: int | None = None,
+                 headroom: int = 0):
         check_kv_quantization(args, bits, group_size, dtype)
         self.bits, self.group_size, self.dtype = bits, group_size, dtype
-        shape = (batch_size, args.n_kv_heads, capacity)
+        self.window, self.capacity = window, window + headroom
+        shape = (batch_size, args.n_kv_heads, self.capacity)
         n_layers = n_layers or args.n_layers  # fewer: a group of a LayeredKVCache
         self.keys = [self._zeros(shape, args.head_dim) for _ in range(n_layers)]
         self.values = [self._zeros(shape, args.head_dim) for _ in range(n_layers)]
         mx.eval(self.keys, self.values)
-        self.capacity = capacity
         self.offsets = [0] * batch_size  # absolute position of each row's next token
         self._warn_on_roll = warn_on_roll
+
+    @property
+    def headroom(self) -> int:
+        """Tokens past the window a step may write and take back (a step writes 1 + headroom at most)."""
+        return self.capacity - self.window
 
     def _zeros(self, shape: tuple[int, ...], head_dim: int) -> Buffer:
         if self.bits is None:
@@ -100,8 +112,8 @@ class RollingKVCache:
 
     def extend(self, *others: "RollingKVCache") -> None:
         """Append the rows of `others` (their buffers are copied: they can go)."""
-        if len({(c.capacity, c.dtype, c.bits, c.group_size) for c in (self, *others)}) != 1:
-            raise ValueError("caches to stack must have the same capacity, dtype and quantization")
+        if len({(c.window, c.capacity, c.dtype, c.bits, c.group_size) for c in (self, *others)}) != 1:
+            raise ValueError("caches to stack must have the same window, capacity, dtype and quantization")
         self._replace(lambda *xs: mx.concatenate(xs, axis=0), *others)
         self.offsets = self.offsets + [o for c in others for o in c.offsets]
         self._warn_on_roll = any(c._warn_on_roll for c in (self, *others))
@@ -129,9 +141,10 @@ class RollingKVCache:
         return out
 
     def _like(self, keys: list[Buffer], values: list[Buffer], offsets: list[int]) -> "RollingKVCache":
-        """A cache with this one's capacity, dtype and quantization over other buffers."""
+        """A cache with this one's window, capacity, dtype and quantization over other buffers."""
         out = self.__class__.__new__(self.__class__)
-        out.bits, out.group_size, out.dtype, out.capacity = self.bits, self.group_size, self.dtype, self.capacity
+        out.bits, out.group_size, out.dtype = self.bits, self.group_size, self.dtype
+        out.window, out.capacity = self.window, self.capacity
         out._warn_on_roll, out.keys, out.values, out.offsets = self._warn_on_roll, keys, values, offsets
         return out
 
@@ -159,8 +172,8 @@ class RollingKVCache:
 
     @property
     def size(self) -> int:
-        """Tokens currently held (by the fullest row)."""
-        return self._in_use(0)
+        """Tokens currently attended to (by the fullest row): at most the window."""
+        return min(max(self.offsets), self.window)
 
     def slot_positions(self) -> mx.array:
         """Absolute position held by each slot, negative where the slot is empty. Shape [C]."""
@@ -170,41 +183,44 @@ class RollingKVCache:
     def mask(self, length: int) -> mx.array | str | None:
         """Attention mask for the next `length` tokens, shared by every layer.
 
-        Only slots in use are attended to: until the buffer wraps, slots [0, n) hold
-        positions [0, n), so those are a prefix of the buffer. Decode (length 1) writes
-        its token first, then attends to the slots in use. A chunk attends to
-        [slots in use, chunk] (see update_and_fetch: the same keys in the same order
-        whether the chunk is written first, when it does not wrap, or after); its rows
-        are queries q = offset + i.
+        A step of at most 1 + headroom tokens a row (decode, a verify, a short chunk) writes
+        them first, then attends to the slots in use: see _step_mask. A longer chunk (one
+        position for every row) attends to [slots in use, chunk] (see update_and_fetch: the
+        same keys in the same order whether the chunk is written first, when it does not wrap,
+        or after); its rows are queries q = offset + i. Until the buffer wraps, slots [0, n)
+        hold positions [0, n), so those are a prefix of the buffer.
         """
-        C = self.capacity
-        if length == 1:
-            return self._decode_mask()
-        start = self.offset
-        if start == 0 and length <= C:
+        if length - 1 <= self.headroom:
+            return self._step_mask(length)
+        W, start = self.window, self.offset
+        if start == 0 and length <= W:
             return "causal"
         i = mx.arange(length)[:, None]
         j = mx.arange(length)[None]
-        chunk = (j <= i) & (j > i - C)  # causal, within the window
+        chunk = (j <= i) & (j > i - W)  # causal, within the window
         if start == 0:
             return chunk
-        k = self.slot_positions()[None, : min(start, C)]  # all >= 0, all < q
-        return mx.concatenate([k > start + i - C, chunk], axis=1)
+        k = self.slot_positions()[None, : min(start, self.capacity)]  # all < q
+        return mx.concatenate([k > start + i - W, chunk], axis=1)
 
     def layer_masks(self, length: int) -> list:
-        """mask(length) for each layer: one mask, built once, since all share the capacity."""
+        """mask(length) for each layer: one mask, built once, since all share the window."""
         return [self.mask(length)] * len(self.keys)
 
-    def _decode_mask(self) -> mx.array | None:
-        """Slots in use after this step's write all hold one of the last C positions of a
-        row, except in a ragged batch, where a shorter row may not fill them yet."""
-        if not self.ragged:
+    def _step_mask(self, length: int) -> mx.array | None:
+        """[B, 1, length, n] over the n slots in use once each row's tokens are written: slot s
+        holds held = p - (p - s) mod C, p the row's last new position, seen by query q when
+        q - W < held <= q. None where every query sees every slot in use (one token, not a
+        ragged batch, every slot in the window). Each query sees at least its own token (slot
+        q % C holds q): a row of all False would make the GPU's fused attention return NaN."""
+        if length == 1 and not self.ragged and (self.headroom == 0 or self.offset < self.window):
             return None
-        C, p = self.capacity, mx.array(self.offsets)[:, None]
-        held = p - (p - mx.arange(self._in_use(1))[None]) % C  # position in slot s (after the write)
-        # Each row sees at least its own token (slot p % C holds p): a row of all False would
-        # make the GPU's fused attention return NaN.
-        return (held >= 0)[:, None, None, :]  # [B, 1, 1, n]: one row of keys per sequence
+        C, n = self.capacity, self._in_use(length)
+        first = mx.array(self.offsets)[:, None, None]  # [B, 1, 1]
+        q = first + mx.arange(length)[None, :, None]  # [B, L, 1]
+        last = first + length - 1
+        held = last - (last - mx.arange(n)[None, None]) % C  # [B, 1, n]
+        return ((held <= q) & (held > q - self.window) & (held >= 0))[:, None]
 
     def _in_use(self, length: int) -> int:
         """Slots that hold a token once the next `length` tokens are written (fullest row)."""
@@ -215,14 +231,15 @@ class RollingKVCache:
         float arrays, or quantized triples (the new tokens too, as they are stored)."""
         length = k.shape[2]
         k, v = self.quantize(k), self.quantize(v)
-        if length == 1:
-            if self.ragged:  # each row writes its own slot
-                rows, slots = mx.arange(len(self.offsets)), mx.array(self.offsets) % self.capacity
+        if length - 1 <= self.headroom:  # write first (see the class docstring), attend to the slots in use
+            if self.ragged:  # each row writes its own slots
+                rows = mx.arange(len(self.offsets))[:, None]
+                slots = (mx.array(self.offsets)[:, None] + mx.arange(length)[None]) % self.capacity
                 for buf, x in self._pairs(layer, k, v):
-                    buf[rows, :, slots] = x[:, :, 0]
+                    buf[rows, :, slots] = x.transpose(0, 2, 1, 3)  # [B, L, heads, .] at [rows, slots]
             else:
                 self._write(layer, k, v, self.offset)
-            n = self._in_use(1)
+            n = self._in_use(length)
             return tree_map(lambda x: x[:, :, :n], (self.keys[layer], self.values[layer]))
         start = self.offset
         if 0 < start and start + length <= self.capacity:
@@ -259,8 +276,8 @@ class RollingKVCache:
         return [x for buf in self.keys + self.values for x in _leaves(buf)]
 
     def span(self, row: int, start: int, end: int) -> list[mx.array]:
-        """Row `row`'s K/V at positions [start, end), which must still be in the buffer (the
-        last C of the row's): each of _arrays()'s, as [1, n_kv_heads, end - start, ...] copies."""
+        """Row `row`'s K/V at positions [start, end), which must be in the row's window (its
+        last W): each of _arrays()'s, as [1, n_kv_heads, end - start, ...] copies."""
         slots = (mx.arange(start, end) % self.capacity).astype(mx.int32)
         return [x[row:row + 1][:, :, slots] for x in self._arrays()]
 
@@ -277,49 +294,18 @@ class RollingKVCache:
 
     def advance(self, length: int) -> None:
         """Called by the model once all layers have stored `length` new tokens."""
-        if self._warn_on_roll and max(self.offsets) + length > self.capacity:
+        if self._warn_on_roll and max(self.offsets) + length > self.window:
             warnings.warn(
-                f"context passed the KV cache capacity ({self.capacity} tokens); continuing as a "
-                f"sliding window of the last {self.capacity} tokens (raise --max-kv-size to keep more)",
+                f"context passed the KV cache capacity ({self.window} tokens); continuing as a "
+                f"sliding window of the last {self.window} tokens (raise --max-kv-size to keep more)",
                 stacklevel=3,
             )
             self._warn_on_roll = False
         self.offsets = [o + length for o in self.offsets]
 
-
-KVCache = RollingKVCache | LayeredKVCache  # what make_cache returns, and the model takes
-
-
-def kv_slots(args: ModelArgs, max_kv_size: int | None = None) -> list[int]:
-    """Each layer's KV cache slots: its sliding window, or max_position_embeddings for a
-    full-attention layer, capped at max_kv_size."""
-    if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size <= 0):
-        raise MistralError(f"max_kv_size must be a positive integer, got {max_kv_size!r}")
-    full = args.max_position_embeddings
-    return [min(window or full, max_kv_size or window or full) for window in args.windows]
-
-
-def make_cache(args: ModelArgs, max_kv_size: int | None = None, batch_size: int = 1,
-               dtype: mx.Dtype = mx.float32, kv_bits: int | None = None,
-               kv_group_size: int = 64, warn_on_roll: bool = True) -> KVCache:
-    """A cache for `args`: the sliding window, or fewer slots when max_kv_size is smaller.
-
-    kv_bits (8 or 4) stores keys and values quantized in groups of kv_group_size along
-    head_dim (None: `dtype` floats).
-
-    A windowless model gets max_kv_size slots (default: max_position_embeddings) and rolls
-    past them with a one-time warning (unless warn_on_roll is False), since that changes its
-    output. With per-layer windows (args.layer_windows), each layer gets the slots of its
-    own window (kv_slots) and the layers of each capacity share one RollingKVCache: a
-    LayeredKVCache of them (one RollingKVCache when every layer has the same capacity).
-    """
-    groups: dict[int, list[int]] = {}  # capacity -> its layers
-    for layer, capacity in enumerate(kv_slots(args, max_kv_size)):
-        groups.setdefault(capacity, []).append(layer)
-    caches = []
-    for capacity, layers in groups.items():
-        # it rolls, changing the output, where it holds less than one of its layers' windows
-        rolls = any(args.windows[i] is None or capacity < args.windows[i] for i in layers)
-        caches.append(RollingKVCache(args, capacity, batch_size, dtype, warn_on_roll=warn_on_roll and rolls,
-                                     bits=kv_bits, group_size=kv_group_size, n_layers=len(layers)))
-    return caches[0] if len(caches) == 1 else LayeredKVCache(caches, list(groups.values()))
+    def rewind(self, counts: list[int]) -> None:
+        """Take back the last counts[b] tokens of row b (its rejected drafts, at most the
+        headroom): only the offsets move (see the class docstring)."""
+        if any(not 0 <= n <= self.headroom for n in counts):
+            raise ValueError(f"a row can take back 0 to {self.headroom} tokens, got {counts}")
+        self.offsets = [o - n for o, n in zip(self.offsets, counts)]

@@ -1,11 +1,10 @@
-"""Per-layer sliding windows: one rolling-buffer cache per layer capacity, seen as one cache."""
-
-from typing import TYPE_CHECKING
+"""A model's KV cache: one rolling buffer, or one per layer window seen as one cache (make_cache)."""
 
 import mlx.core as mx
 
-if TYPE_CHECKING:
-    from .cache import Buffer, RollingKVCache
+from .cache import Buffer, RollingKVCache
+from .config import ModelArgs
+from .errors import MistralError
 
 
 class LayeredKVCache:
@@ -21,7 +20,7 @@ class LayeredKVCache:
     that the model, generation and the server use.
     """
 
-    def __init__(self, groups: "list[RollingKVCache]", layers: list[list[int]]):
+    def __init__(self, groups: list[RollingKVCache], layers: list[list[int]]):
         self.groups, self.layers = groups, layers
         # model layer -> (its group, its index in the group)
         self._where = sorted((layer, g, i) for g, ls in enumerate(layers) for i, layer in enumerate(ls))
@@ -60,6 +59,15 @@ class LayeredKVCache:
         return max(group.capacity for group in self.groups)
 
     @property
+    def window(self) -> int:
+        """The window of the widest layers."""
+        return max(group.window for group in self.groups)
+
+    @property
+    def headroom(self) -> int:
+        return self.groups[0].headroom
+
+    @property
     def size(self) -> int:
         """Tokens currently held by the widest layers (fullest row)."""
         return max(group.size for group in self.groups)
@@ -69,12 +77,12 @@ class LayeredKVCache:
         return sum(group.nbytes for group in self.groups)
 
     @property
-    def keys(self) -> "list[Buffer]":
+    def keys(self) -> list[Buffer]:
         """Each model layer's key buffer (to evaluate them all)."""
         return [self.groups[g].keys[i] for _, g, i in self._where]
 
     @property
-    def values(self) -> "list[Buffer]":
+    def values(self) -> list[Buffer]:
         return [self.groups[g].values[i] for _, g, i in self._where]
 
     def layer_masks(self, length: int) -> list:
@@ -82,13 +90,17 @@ class LayeredKVCache:
         masks = [group.mask(length) for group in self.groups]
         return [masks[g] for _, g, _ in self._where]
 
-    def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "tuple[Buffer, Buffer]":
+    def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> tuple[Buffer, Buffer]:
         _, g, i = self._where[layer]
         return self.groups[g].update_and_fetch(i, k, v)
 
     def advance(self, length: int) -> None:
         for group in self.groups:
             group.advance(length)
+
+    def rewind(self, counts: list[int]) -> None:
+        for group in self.groups:
+            group.rewind(counts)
 
     def rows(self, rows: list[int]) -> "LayeredKVCache":
         """A copy of batch rows `rows` (its own buffers)."""
@@ -113,3 +125,45 @@ class LayeredKVCache:
         out = cls([type(group).stack([group]) for group in first.groups], first.layers)
         out.extend(*caches[1:])
         return out
+
+
+KVCache = RollingKVCache | LayeredKVCache  # what make_cache returns, and the model takes
+
+
+def kv_slots(args: ModelArgs, max_kv_size: int | None = None) -> list[int]:
+    """Each layer's KV cache slots: its sliding window, or max_position_embeddings for a
+    full-attention layer, capped at max_kv_size."""
+    if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size <= 0):
+        raise MistralError(f"max_kv_size must be a positive integer, got {max_kv_size!r}")
+    full = args.max_position_embeddings
+    return [min(window or full, max_kv_size or window or full) for window in args.windows]
+
+
+def make_cache(args: ModelArgs, max_kv_size: int | None = None, batch_size: int = 1,
+               dtype: mx.Dtype = mx.float32, kv_bits: int | None = None,
+               kv_group_size: int = 64, warn_on_roll: bool = True, headroom: int = 0) -> KVCache:
+    """A cache for `args`: the sliding window, or a smaller one when max_kv_size is smaller.
+
+    kv_bits (8 or 4) stores keys and values quantized in groups of kv_group_size along
+    head_dim (None: `dtype` floats). `headroom`: slots past each window for the drafts a
+    speculative step verifies and may take back (RollingKVCache.rewind).
+
+    A windowless model gets max_kv_size slots (default: max_position_embeddings) and rolls
+    past them with a one-time warning (unless warn_on_roll is False), since that changes its
+    output. With per-layer windows (args.layer_windows), each layer gets the slots of its
+    own window (kv_slots) and the layers of each window share one RollingKVCache: a
+    LayeredKVCache of them (one RollingKVCache when every layer has the same window).
+    """
+    if not isinstance(headroom, int) or headroom < 0:
+        raise MistralError(f"headroom must be an integer >= 0, got {headroom!r}")
+    groups: dict[int, list[int]] = {}  # window -> its layers
+    for layer, window in enumerate(kv_slots(args, max_kv_size)):
+        groups.setdefault(window, []).append(layer)
+    caches = []
+    for window, layers in groups.items():
+        # it rolls, changing the output, where it holds less than one of its layers' windows
+        rolls = any(args.windows[i] is None or window < args.windows[i] for i in layers)
+        caches.append(RollingKVCache(args, window, batch_size, dtype, warn_on_roll=warn_on_roll and rolls,
+                                     bits=kv_bits, group_size=kv_group_size, n_layers=len(layers),
+                                     headroom=headroom))
+    return caches[0] if len(caches) == 1 else LayeredKVCache(caches, list(groups.values()))

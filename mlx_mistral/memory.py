@@ -14,7 +14,8 @@ from dataclasses import replace
 
 import mlx.core as mx
 
-from .cache import check_kv_quantization, kv_slots, make_cache
+from .cache import check_kv_quantization
+from .layered_cache import kv_slots, make_cache
 from .config import ModelArgs
 from .errors import MistralError, run_command
 

@@ -7,7 +7,7 @@ load without renaming. The model holds no state: the caller passes the cache in.
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache
+from .layered_cache import KVCache
 from .config import ModelArgs
 from .moe import SparseMoE
 from .rope import RoPE

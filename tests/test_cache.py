@@ -7,7 +7,7 @@ from mlx.utils import tree_flatten, tree_map
 import numpy as np
 import pytest
 
-from mlx_mistral import MistralError, ModelArgs, load, make_cache
+from mlx_mistral import Mistral, MistralError, ModelArgs, load, make_cache
 from mlx_mistral.cache import RollingKVCache
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, hidden_dim=128,
@@ -15,7 +15,7 @@ ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, hidden
 
 
 def test_slot_positions_worked_example():
-    cache = RollingKVCache(ARGS, capacity=4)
+    cache = RollingKVCache(ARGS, window=4)
     assert cache.slot_positions().tolist() == [-4, -3, -2, -1]  # all empty
     cache.offsets = [6]
     assert cache.slot_positions().tolist() == [4, 5, 2, 3]
@@ -131,3 +131,58 @@ def test_extend_and_keep_copy_one_layer_at_a_time(bits):
     after = tree_flatten((batch.keys, batch.values))
     for old, (_, new_leaf) in zip(before, after):
         assert np.array_equal(np.array(new_leaf)[1:], old[[0, 2]])
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_verify_and_rewind_past_the_wrap_equal_token_by_token_decode(bits):
+    """Speculation's steps in a ring of W + 3 slots: each round feeds every row its last token
+    plus 3 drafts (ragged rows, masked), keeps a few of them and rewinds the rest. Every logit
+    of every kept position equals that of a W-slot cache fed the kept tokens one at a time,
+    round after round past several wraps of the window (W = 8)."""
+    mx.random.seed(3)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=128,
+                     vocab_size=100, sliding_window=8)
+    model = Mistral(args)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 100, 5).tolist(), rng.integers(0, 100, 11).tolist()]
+    kw = dict(kv_bits=bits, kv_group_size=32)
+    caches, solo = [], []
+    for p in prompts:
+        caches.append(make_cache(args, headroom=3, **kw))
+        solo.append(make_cache(args, **kw))
+        model(mx.array([p[:-1]]), caches[-1])
+        model(mx.array([p[:-1]]), solo[-1])
+    cache = RollingKVCache.stack(caches)
+    assert cache.capacity == 11 and cache.window == 8 and cache.offsets == [4, 10]
+    last = [p[-1] for p in prompts]
+    for _ in range(12):
+        drafts = rng.integers(0, 100, (2, 3)).tolist()
+        logits = model(mx.array([[y] + d for y, d in zip(last, drafts)]), cache)
+        keep = rng.integers(0, 4, 2).tolist()  # drafts kept per row
+        cache.rewind([3 - k for k in keep])
+        for b in range(2):
+            fed = [last[b]] + drafts[b][:keep[b]]
+            for t, token in enumerate(fed):
+                expected = model(mx.array([[token]]), solo[b])[0, 0]
+                assert mx.allclose(logits[b, t], expected, atol=1e-5).item(), (b, t)
+            last[b] = int(rng.integers(0, 100))
+        assert cache.offsets == [s.offset for s in solo]
+
+
+def test_step_mask_sees_the_window_by_position():
+    """A 3-token step of rows at positions 2 and 13 in 8 + 3 slots: query q sees the slots whose
+    position (after the write) is in (q - 8, q] and not empty."""
+    cache = RollingKVCache(ARGS, 8, batch_size=2, headroom=3)
+    cache.offsets = [2, 13]
+    mask = np.array(cache.mask(3))[:, 0]  # [B, L, n]
+    for b, first in enumerate(cache.offsets):
+        last = first + 2
+        held = [last - (last - s) % 11 for s in range(mask.shape[-1])]
+        for t in range(3):
+            q = first + t
+            assert mask[b, t].tolist() == [h >= 0 and q - 8 < h <= q for h in held]
+    one = RollingKVCache(ARGS, 8, headroom=3)
+    one.offsets = [20]
+    assert np.array(one.mask(1)).sum() == 8  # past the wrap a decode step needs a mask: 11 slots, 8 seen
+    one.offsets = [5]
+    assert one.mask(1) is None

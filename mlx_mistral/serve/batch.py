@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from ..cache import KVCache
+from ..layered_cache import KVCache
 from ..generate import TextStream
 from ..model import Mistral
 from ..sample import make_picker, penalized, top_logprobs

@@ -2,7 +2,7 @@
 
 The K/V of a token depend on every token before it, so a block (BLOCK_TOKENS tokens) is keyed
 by the chain key(i) = blake2b(key(i - 1), tokens of block i), key(-1) a seed naming the model and
-the cache layout (chain()): two models, dtypes, KV quantizations or capacities never share one.
+the cache layout (chain()): two models, dtypes, KV quantizations or windows never share one.
 A request computes its chain and looks up one key per block boundary, longest first (find).
 
 Rolling buffers. K/V are cached after RoPE, so position p's are only valid at p: a prefix
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ..cache import KVCache, RollingKVCache
-from ..layered_cache import LayeredKVCache
+from ..cache import RollingKVCache
+from ..layered_cache import KVCache, LayeredKVCache
 from .disk_cache import DiskCache
 
 # Tokens per block. A shared prefix is reused up to its last multiple of 128: at most 127 of its
@@ -77,12 +77,12 @@ class BlockStore:
                  directory: str | None = None, disk_bytes: int = 0):
         self.new_cache, self.max_bytes = new_cache, max_bytes
         template = groups(new_cache(False))
-        self.capacities = [g.capacity for g in template]
-        self.kept = [min(BLOCK_TOKENS, c) for c in self.capacities]
-        self.slack = min(c - k for c, k in zip(self.capacities, self.kept))
+        self.windows = [g.window for g in template]
+        self.kept = [min(BLOCK_TOKENS, w) for w in self.windows]
+        self.slack = min(w - k for w, k in zip(self.windows, self.kept))
         g = template[0]
         metadata = dict(model=identity, dtype=str(g.dtype), kv_bits=str(g.bits), kv_group_size=str(g.group_size),
-                        block_tokens=str(BLOCK_TOKENS), slots=str(self.capacities))
+                        block_tokens=str(BLOCK_TOKENS), windows=str(self.windows))
         self.seed = hashlib.blake2b(repr(sorted(metadata.items())).encode(), digest_size=16).digest()
         self.disk = DiskCache(directory, disk_bytes, metadata, [g.span(0, 0, k) for g, k in zip(template, self.kept)]
                               ) if directory else None
@@ -141,7 +141,7 @@ class BlockStore:
                 continue
             end, found = (i + 1) * BLOCK_TOKENS, {}
             for j in reversed(range(i + 1)):
-                if (j + 1) * BLOCK_TOKENS <= end - max(self.capacities):
+                if (j + 1) * BLOCK_TOKENS <= end - max(self.windows):
                     return Found(end, found)  # older blocks are out of every group's window
                 block = self._get(keys[j])
                 if block is None:
@@ -169,7 +169,7 @@ class BlockStore:
         """A new one-row cache holding the K/V of the first found.tokens tokens."""
         cache, m = self.new_cache(roll), found.tokens
         for g, (group, kept) in enumerate(zip(groups(cache), self.kept)):
-            lo = max(0, m - group.capacity)  # the group's first position needed
+            lo = max(0, m - group.window)  # the group's first position needed
             # block `end` keeps positions [end - kept, end): each from lo on, in order
             parts = [[x[:, :, max(0, lo - (end - kept)):] for x in block[g]]
                      for end, block in sorted(found.blocks.items()) if end > lo]

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from ..cache import KVCache
+from ..layered_cache import KVCache
 from .blocks import BlockStore
 from .request import Request
 

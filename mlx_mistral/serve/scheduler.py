@@ -26,7 +26,8 @@ from collections.abc import Callable, Hashable
 
 import mlx.core as mx
 
-from ..cache import KVCache, check_kv_quantization, make_cache
+from ..cache import check_kv_quantization
+from ..layered_cache import KVCache, make_cache
 from ..errors import MistralError
 from ..generate import DEFAULT_PREFILL_CHUNK, TextStream
 from ..loading import load
