@@ -67,14 +67,15 @@ def rolling_kv_bytes(args: ModelArgs, tokens: int, dtype_bytes: int = 2, bits: i
 
 
 def row_cache(args: ModelArgs, max_kv_size: int | None, dtype_bytes: int, bits: int | None,
-              group: int) -> tuple[int, int, int]:
-    """One served row's KV cache: (capacity: its largest layer's slots; context: the prompt and
-    answer tokens it serves, where a model with a full-attention layer stops at its cache and a
-    windowed one slides on; its bytes, K and V of every layer's slots)."""
-    slots = kv_slots(args, max_kv_size)
+              group: int, headroom: int = 0) -> tuple[int, int, int]:
+    """One served row's KV cache: (window: its largest layer's; context: the prompt and answer
+    tokens it serves, where a model with a full-attention layer stops at its cache and a
+    windowed one slides on; its bytes, K and V of every layer's slots: its window and
+    `headroom` more, speculation's)."""
+    windows = kv_slots(args, max_kv_size)
     per_slot = kv_bytes_per_token(args, dtype_bytes, bits=bits, group=group) // args.n_layers
-    context = max(slots) if args.sliding_window is None else args.max_position_embeddings
-    return max(slots), context, sum(slots) * per_slot
+    context = max(windows) if args.sliding_window is None else args.max_position_embeddings
+    return max(windows), context, sum(w + headroom for w in windows) * per_slot
 
 
 def kv_bytes(args: ModelArgs, tokens: int, batch: int = 1, dtype_bytes: int = 2, bits: int | None = None,

@@ -1,5 +1,7 @@
 """Sampling: make_sampler(...) builds one function from logits to next token ids."""
 
+import hashlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -7,11 +9,12 @@ import mlx.core as mx
 
 from .errors import MistralError
 
-Sampler = Callable[[mx.array], mx.array]
+# logits [B, V] (and, for a seeded sampler, each row's absolute position) -> token ids [B]
+Sampler = Callable[..., mx.array]
 
 
-# logits [B, V] -> (token ids [B], the log-weights [B, V] they were drawn from: see make_picker)
-Picker = Callable[[mx.array], tuple[mx.array, mx.array]]
+# logits [B, V], positions -> (token ids [B], the log-weights [B, V] they were drawn from: see make_picker)
+Picker = Callable[..., tuple[mx.array, mx.array]]
 
 
 def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
@@ -19,14 +22,24 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
     """A function logits [B, V] -> token ids [B].
 
     temp 0 is greedy. top_k 0, top_p 1 and min_p 0 switch those filters off.
-    The same seed gives the same tokens.
+    The same seed gives the same tokens: see make_picker.
     """
     pick = make_picker(temp, top_p, top_k, min_p, seed)
 
-    def sample(logits: mx.array) -> mx.array:
-        return pick(logits)[0]
+    def sample(logits: mx.array, positions: Sequence[int] | None = None) -> mx.array:
+        return pick(logits, positions)[0]
 
     return sample
+
+
+def positional(sampler: Callable) -> Sampler:
+    """`sampler` taking (logits, positions): make_sampler's as they are, a function of the
+    logits alone (mlx-lm's kind) with the positions ignored."""
+    try:
+        inspect.signature(sampler).bind(None, None)
+        return sampler
+    except TypeError:
+        return lambda logits, positions=None: sampler(logits)
 
 
 def make_picker(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
@@ -34,11 +47,17 @@ def make_picker(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: fl
     """make_sampler's draw, which also hands back what it drew from: the log-weights [B, V]
     (float32) whose log_softmax is the distribution of the token. At temp 0 (argmax) they
     are the logits; otherwise log_softmax(logits / temp) with the tokens top_k, top_p and
-    min_p remove (in that order) at -inf, the rest not renormalized."""
-    check_sampler(temp, top_p, top_k, min_p)
-    key = [mx.random.key(seed)] if seed is not None else None
+    min_p remove (in that order) at -inf, the rest not renormalized.
 
-    def pick(logits: mx.array) -> tuple[mx.array, mx.array]:
+    With a seed, the noise of row b is keyed by (seed, positions[b]), the absolute position of
+    the token drawn (without positions: the number of rows drawn before), so a token depends
+    on its own logits and position only: speculation, which draws several positions at once
+    and some twice, draws each exactly as plain decoding does.
+    """
+    check_sampler(temp, top_p, top_k, min_p)
+    drawn = [0]
+
+    def pick(logits: mx.array, positions: Sequence[int] | None = None) -> tuple[mx.array, mx.array]:
         logits = logits.astype(mx.float32)
         if temp == 0:
             return mx.argmax(logits, axis=-1), logits
@@ -50,12 +69,21 @@ def make_picker(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: fl
             logprobs = keep_top_p(logprobs, top_p)
         if min_p > 0.0:
             logprobs = keep_min_p(logprobs, min_p)
-        if key is None:
+        if seed is None:
             return mx.random.categorical(logprobs), logprobs
-        key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logprobs, key=sub), logprobs
+        if positions is None:
+            positions = range(drawn[0], drawn[0] + logprobs.shape[0])
+            drawn[0] += logprobs.shape[0]
+        tokens = [mx.random.categorical(logprobs[b], key=position_key(seed, p)) for b, p in enumerate(positions)]
+        return mx.stack(tokens), logprobs
 
     return pick
+
+
+def position_key(seed: int, position: int) -> mx.array:
+    """The random key of the token at `position` of a request seeded `seed`."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return mx.random.key(int.from_bytes(digest, "little"))
 
 
 def check_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> None:
@@ -109,30 +137,31 @@ def penalize_repetition(logits: mx.array, recent: mx.array, penalty: float) -> m
 def with_repetition_penalty(sampler: Sampler, tokens: Sequence[int], penalty: float,
                             context: int = 64) -> Sampler:
     """`sampler` for one sequence (logits [1, V]) after penalize_repetition over the last
-    `context` tokens it has seen: the end of `tokens` (its prompt), then each token it picked."""
+    `context` tokens it has seen: the end of `tokens` (its prompt), then each token it picked
+    (kept on the device: the next step is scheduled before this one's token is read)."""
     if penalty == 1.0:
         return sampler
-    pick = penalized(lambda logits: (sampler(logits), logits), tokens, penalty, context)
+    recent = mx.array(list(tokens[-context:]), dtype=mx.uint32)[None]
 
-    def sample(logits: mx.array) -> mx.array:
-        return pick(logits)[0]
+    def sample(logits: mx.array, positions: Sequence[int] | None = None) -> mx.array:
+        nonlocal recent
+        y = sampler(penalize_repetition(logits, recent, penalty), positions)
+        recent = mx.concatenate([recent, y[:, None].astype(mx.uint32)], axis=1)[:, -context:]
+        return y
 
     return sample
 
 
-def penalized(pick: Picker, tokens: Sequence[int], penalty: float, context: int = 64) -> Picker:
-    """with_repetition_penalty for a picker: its log-weights include the penalty."""
+def penalize_histories(logits: mx.array, histories: Sequence[Sequence[int]], penalty: float,
+                       context: int = 64) -> mx.array:
+    """penalize_repetition of row b of `logits` [N, V] over the last `context` tokens of
+    histories[b] (every token before the one row b draws)."""
     if penalty == 1.0:
-        return pick
-    recent = mx.array(list(tokens[-context:]), dtype=mx.uint32)[None]
-
-    def pick_penalized(logits: mx.array) -> tuple[mx.array, mx.array]:
-        nonlocal recent
-        y, weights = pick(penalize_repetition(logits, recent, penalty))
-        recent = mx.concatenate([recent, y[:, None].astype(mx.uint32)], axis=1)[:, -context:]
-        return y, weights
-
-    return pick_penalized
+        return logits
+    recent = [list(h[-context:]) for h in histories]
+    width = max(len(r) for r in recent)
+    recent = [r + r[:1] * (width - len(r)) for r in recent]  # a token twice is penalized once
+    return penalize_repetition(logits, mx.array(recent, dtype=mx.uint32), penalty)
 
 
 def top_logprobs(weights: mx.array, tokens: mx.array, n: int) -> tuple[mx.array, mx.array, mx.array]:

@@ -35,7 +35,7 @@ class Script:
 
     def picker(self, *args, **kwargs):
         script = iter(self.ids)
-        return lambda logits: (mx.array([next(script, self.eos)], dtype=mx.uint32), logits)
+        return lambda logits, positions=None: (mx.array([next(script, self.eos)], dtype=mx.uint32), logits)
 
 
 @contextmanager

@@ -9,7 +9,8 @@ import mlx.core as mx
 from ..layered_cache import KVCache, make_cache
 from ..errors import MistralError
 from ..model import Mistral
-from ..sample import Sampler, check_repetition_penalty, make_sampler, with_repetition_penalty
+from ..sample import Sampler, check_repetition_penalty, make_sampler, positional, with_repetition_penalty
+from ..speculative import Draw, Lookup, PromptLookup, verify
 from ..structured import Constraint, Guide, masked
 from ..text import StreamingDetokenizer, TextTokenizer, ToolCall
 
@@ -37,6 +38,10 @@ class GenerationResponse:
     tool_calls: list[ToolCall] | None = None  # on the last response, when the answer is function calls
     reasoning: str = ""  # new reasoning text since the previous response ([THINK]...[/THINK], not in `text`)
     stop_sequence: str | None = None  # on the last response, when a stop string ended it: which one
+    # with prompt lookup: drafts proposed and accepted so far, and target forwards (steps) so far
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    forwards: int = 0
 
 
 def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int) -> mx.array:
@@ -67,18 +72,19 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler
     (structured output) token n must reach the grammar before step n+1's mask: the
     mask is filled while step n+1's forward runs instead.
     """
-    sampler = with_repetition_penalty(sampler, prompt, repetition_penalty, repetition_context)
+    sampler = with_repetition_penalty(positional(sampler), prompt, repetition_penalty, repetition_context)
     logits = prefill(model, prompt, cache, prefill_chunk)
     if guide is None:
-        y = sampler(logits)
+        y = sampler(logits, [cache.offset])
         mx.async_eval(y)
         while True:
-            next_y = sampler(model(y[:, None], cache)[:, -1])
+            logits = model(y[:, None], cache)[:, -1]
+            next_y = sampler(logits, [cache.offset])  # the noise of a seeded sampler is keyed by position
             mx.async_eval(next_y)
             yield y.item()
             y = next_y
     while True:
-        y = pick(sampler, logits, {0: guide} if guide.active else {})
+        y = pick(sampler, logits, {0: guide} if guide.active else {}, [cache.offset])
         token = y.item()
         error = guide.advance(token)
         if error:
@@ -87,17 +93,50 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler
         logits = model(y[:, None], cache)[:, -1]
 
 
-def pick(sampler: Sampler, logits: mx.array, guides: dict[int, Guide]) -> mx.array:
-    """`sampler`'s tokens for `logits` [B, V], rows `guides` among the tokens their grammar
-    allows (the sampler runs once: its random stream and recent tokens advance once a step)."""
+def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler, lookup: Lookup,
+                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, repetition_penalty: float = 1.0,
+                     repetition_context: int = 64, guide: Guide | None = None) -> Iterator[tuple[list[int], int]]:
+    """generate_step with prompt lookup: yield (each step's tokens, its drafts) without end.
+
+    A step is one forward of the last token and the drafts (speculative.verify): it gives the
+    accepted drafts and the token after them, each what `sampler` draws from its logits (a
+    seeded sampler's noise is keyed by position: the same tokens as generate_step). The
+    cache then holds every token yielded but the last (the caller rewinds what it drops).
+    """
+    logits = prefill(model, prompt, cache, prefill_chunk)
+    first = pick(sampler, logits, {0: guide} if guide and guide.active else {}, [cache.offset]).item()
+    history, proposer = list(prompt) + [first], PromptLookup(lookup, list(prompt) + [first])
+    run, drafts = [first], 0
+
+    def draw(logits: mx.array, positions: Sequence[int]) -> tuple[mx.array, mx.array]:
+        return sampler(logits, positions), logits
+
+    while True:
+        for token in run:
+            error = guide.advance(token) if guide else None
+            if error:
+                raise MistralError(error)
+        yield run, drafts
+        drafts = proposer.propose(cache.headroom)
+        v = verify(model, cache, [run[-1]], [drafts],
+                   [Draw(draw, history[-repetition_context:], False, repetition_penalty, guide)])[0]
+        proposer.update(v.drafted, v.accepted)
+        run, drafts = v.tokens, v.drafted
+        history += run
+        proposer.extend(run)
+
+
+def pick(sampler: Sampler, logits: mx.array, guides: dict[int, Guide], positions: Sequence[int]) -> mx.array:
+    """`sampler`'s tokens for `logits` [B, V] at `positions` (each row's next token's), rows
+    `guides` among the tokens their grammar allows (the sampler runs once a step)."""
     if not guides:
-        return sampler(logits)
+        return sampler(logits, positions)
     _, allowed = masked(logits, guides)
     if len(guides) < logits.shape[0]:
         at = {b: i for i, b in enumerate(guides)}
         allowed = mx.concatenate([allowed[at[b]:at[b] + 1] if b in at else logits[b:b + 1].astype(mx.float32)
                                   for b in range(logits.shape[0])])
-    return sampler(allowed)
+    return sampler(allowed, positions)
 
 
 class TextStream:
@@ -214,7 +253,8 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
                     cache: KVCache | None = None, max_kv_size: int | None = None,
                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
                     kv_group_size: int = 64, tool_calls: bool = False,
-                    constraint: Constraint | None = None) -> Iterator[GenerationResponse]:
+                    constraint: Constraint | None = None, lookup: Lookup | None = None
+                    ) -> Iterator[GenerationResponse]:
     """Stream the answer to `prompt` (raw text, or token ids such as chat_tokens(...)).
 
     One response per generated token (see TextStream for the stop rules; `tool_calls`:
@@ -223,23 +263,41 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
     grammar allows (MistralError if a sampler picks another). Pass a `cache`
     to continue a conversation: the prompt is then the tokens that follow what it holds.
     Otherwise a new cache is made, with keys and values quantized to kv_bits (8 or 4) in
-    groups of kv_group_size when kv_bits is given (see make_cache).
+    groups of kv_group_size when kv_bits is given (see make_cache). With `lookup` (prompt
+    lookup's settings) it speculates (speculative_step): the same tokens, fewer forwards; a
+    cache passed in then needs lookup.draft_tokens of headroom (make_cache(headroom=...)).
     """
     start = time.perf_counter()
     ids = _prompt_ids(tokenizer, prompt)
     _check_request(model, cache.offset if cache else 0, ids, max_tokens, stop)
     check_repetition_penalty(repetition_penalty)
+    headroom = lookup.draft_tokens if lookup else 0
     if cache is None:
         cache = make_cache(model.args, max_kv_size or len(ids) + max_tokens, dtype=model.dtype,
-                           kv_bits=kv_bits, kv_group_size=kv_group_size)
+                           kv_bits=kv_bits, kv_group_size=kv_group_size, headroom=headroom)
+    elif cache.headroom < headroom:
+        raise MistralError(f"prompt lookup of {headroom} draft tokens needs a cache with that much headroom "
+                           f"(make_cache(..., headroom={headroom})), this one has {cache.headroom}")
     mx.reset_peak_memory()
     text = TextStream(tokenizer, len(ids), max_tokens, stop, start, tool_calls)
     guide = constraint.guide() if constraint else None
-    for token in generate_step(model, ids, cache, sampler or make_sampler(), prefill_chunk, repetition_penalty,
-                               guide=guide):
-        yield text.add(token, cache)
-        if text.finish:
-            return
+    sampler = positional(sampler or make_sampler())
+    if lookup is None:
+        for token in generate_step(model, ids, cache, sampler, prefill_chunk, repetition_penalty, guide=guide):
+            yield text.add(token, cache)
+            if text.finish:
+                return
+    drafted = accepted = forwards = 0
+    for run, drafts in speculative_step(model, ids, cache, sampler, lookup, prefill_chunk, repetition_penalty,
+                                        guide=guide):
+        drafted, accepted, forwards = drafted + drafts, accepted + len(run) - 1, forwards + 1
+        for i, token in enumerate(run):
+            r = text.add(token, cache)
+            r.drafted_tokens, r.accepted_tokens, r.forwards = drafted, accepted, forwards
+            yield r
+            if text.finish:
+                cache.rewind([len(run) - 1 - i])  # it holds the run but its last token: as if it ended here
+                return
 
 
 def generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequence[int], **kwargs) -> str:
@@ -275,7 +333,7 @@ def batch_stream_generate(model: Mistral, tokenizer: TextTokenizer, prompts: Seq
     if len(constraints) != len(prompts):
         raise MistralError(f"constraint has {len(constraints)} entries for {len(prompts)} prompts")
     guides = [c.guide() if c else None for c in constraints]
-    sampler = sampler or make_sampler()
+    sampler = positional(sampler or make_sampler())
     capacity = max_kv_size or max(len(row) + limit for row, limit in zip(ids, limits))
     mx.reset_peak_memory()
     caches, first = [], []
@@ -284,7 +342,8 @@ def batch_stream_generate(model: Mistral, tokenizer: TextTokenizer, prompts: Seq
         caches.append(make_cache(model.args, capacity, dtype=model.dtype, kv_bits=kv_bits,
                                  kv_group_size=kv_group_size))
         guide = guides[len(first)]
-        first.append(pick(sampler, prefill(model, row, caches[-1], prefill_chunk), _active({0: guide})))
+        logits = prefill(model, row, caches[-1], prefill_chunk)
+        first.append(pick(sampler, logits, _active({0: guide}), caches[-1].offsets))
         mx.async_eval(first[-1])
     cache, y = type(caches[0]).stack(caches), mx.concatenate(first)  # a RollingKVCache or LayeredKVCache
     del caches, first
@@ -292,7 +351,7 @@ def batch_stream_generate(model: Mistral, tokenizer: TextTokenizer, prompts: Seq
     guided = any(guides)  # then the masks wait for each step's tokens: no step ahead
     while rows:
         logits = model(y[:, None], cache)[:, -1]
-        next_y = None if guided else sampler(logits)
+        next_y = None if guided else sampler(logits, cache.offsets)
         mx.async_eval(logits if guided else next_y)
         keep = []
         for b, token in enumerate(y.tolist()):  # one sync per step for the whole batch
@@ -303,7 +362,7 @@ def batch_stream_generate(model: Mistral, tokenizer: TextTokenizer, prompts: Seq
             if not streams[rows[b]].finish:
                 keep.append(b)
         if guided:
-            next_y = pick(sampler, logits, _active({b: guides[i] for b, i in enumerate(rows)}))
+            next_y = pick(sampler, logits, _active({b: guides[i] for b, i in enumerate(rows)}), cache.offsets)
         if 0 < len(keep) < len(rows):  # finished rows leave the batch
             cache.keep(keep)
             next_y = next_y[mx.array(keep, dtype=mx.int32)]

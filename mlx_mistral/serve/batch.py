@@ -9,7 +9,8 @@ import mlx.core as mx
 from ..layered_cache import KVCache
 from ..generate import TextStream
 from ..model import Mistral
-from ..sample import make_picker, penalized, top_logprobs
+from ..sample import make_picker, penalize_histories, top_logprobs
+from ..speculative import Draw, Lookup, PromptLookup, verify
 from ..structured import masked
 from .blocks import BlockStore
 from .prefix_cache import Marks
@@ -20,16 +21,32 @@ class Row:
     """A request being served: its prompt (`ids`, of which `feed` is not in the cache yet)
     and its stream."""
 
-    def __init__(self, request: Request, ids: list[int], held: int, text: TextStream, marks: Marks):
+    def __init__(self, request: Request, ids: list[int], held: int, text: TextStream, marks: Marks,
+                 lookup: Lookup | None = None):
         self.request, self.ids, self.text, self.marks = request, ids, text, marks  # marks: see Held
         self.feed = ids[held:]  # never empty: the last prompt token is fed by a decode step
         self.reused = held  # prompt tokens already in the cache
         self.written = 0  # prompt tokens whose blocks its prefill put in the prefix cache
         self.answer: list[int] = []
         self.pieces: list[str] = []
-        pick = make_picker(request.temperature, request.top_p, request.top_k, seed=request.seed)
-        self.pick = penalized(pick, ids, request.repetition_penalty)
+        self.pick = make_picker(request.temperature, request.top_p, request.top_k, seed=request.seed)
         self.guide = request.constraint.guide() if request.constraint else None
+        # prompt lookup's drafts (None: this row does not speculate), and its counts
+        self.lookup = PromptLookup(lookup, ids) if lookup and request.speculate else None
+        self.drafted = self.accepted = self.forwards = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.request.temperature == 0 and self.request.repetition_penalty == 1.0
+
+    def draw(self) -> Draw:
+        r = self.request
+        return Draw(self.pick, self.ids + self.answer, self.greedy, r.repetition_penalty, self.guide, r.logprobs)
+
+    def drafts(self, headroom: int) -> list[int]:
+        """Prompt lookup's drafts for the next step: never past max_tokens (nor the headroom)."""
+        left = self.request.max_tokens - len(self.answer) - 1
+        return self.lookup.propose(min(left, headroom)) if self.lookup else []
 
     def event(self, r, token: int, capacity: int, logprob: TokenLogprob | None = None) -> Event:
         """The Event of generated `token` (r: TextStream.add's result), with the row's stats."""
@@ -39,7 +56,8 @@ class Row:
                      generation_tps=r.generation_tps, peak_memory=r.peak_memory,
                      kv_tokens=min(len(self.ids) + n - 1, capacity),  # all but the newest token are fed
                      reasoning=r.reasoning, stop_sequence=r.stop_sequence, logprob=logprob,
-                     written_tokens=self.written)
+                     written_tokens=self.written, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
+                     forwards=self.forwards)
 
 
 @dataclass
@@ -92,6 +110,7 @@ class Batch:
     rows: list[Row] = field(default_factory=list)
     cache: KVCache | None = None
     y: mx.array | None = None
+    speculated: dict = field(default_factory=dict)  # the last step's drafted_tokens, accepted_tokens, verify_steps
 
     def join(self, rows: list[Row], cache: KVCache) -> None:
         """Rows whose prompts are in but their last token, which they feed next."""
@@ -103,24 +122,54 @@ class Batch:
         self.y = y if self.y is None else mx.concatenate([self.y, y.astype(self.y.dtype)])
         self.rows.extend(rows)
 
-    def step(self, model: Mistral) -> tuple[list[int], dict[int, TokenLogprob]]:
-        """One decode step for every row: each row's next token, and the TokenLogprob of each
-        row b that asks for logprobs (the one sync of the step). A row with an active grammar
-        picks among the tokens it allows; with none, and no row asking for logprobs, this is
-        the step of an unconstrained batch as it is."""
+    def step(self, model: Mistral) -> tuple[list[list[int]], dict[int, list[TokenLogprob]]]:
+        """One step for every row: the tokens each row emits (one, or with speculation its
+        accepted drafts and one more), and the TokenLogprobs of each row b that asks for them
+        (one sync for the step). Rows with drafts make it a verify step (speculative/verify.py)."""
+        for row in self.rows:
+            row.forwards += 1
+        drafts = [row.drafts(self.cache.headroom) for row in self.rows]
+        self.speculated = dict(drafted_tokens=sum(map(len, drafts)), accepted_tokens=0, verify_steps=int(any(drafts)))
+        if not any(drafts):
+            tokens, logprobs = self._decode(model)
+            runs, logprobs = [[t] for t in tokens], {b: [lp] for b, lp in logprobs.items()}
+        else:
+            verdicts = verify(model, self.cache, self.y.tolist(), drafts, [row.draw() for row in self.rows])
+            runs = [v.tokens for v in verdicts]
+            self.speculated["drafted_tokens"] = sum(v.drafted for v in verdicts)  # what the grammars let through
+            logprobs = {b: [TokenLogprob(t, lp, top) for t, (lp, top) in zip(v.tokens, v.logprobs)]
+                        for b, v in enumerate(verdicts) if v.logprobs is not None}
+            for row, v in zip(self.rows, verdicts):
+                row.drafted, row.accepted = row.drafted + v.drafted, row.accepted + v.accepted
+                self.speculated["accepted_tokens"] += v.accepted
+                if row.lookup:
+                    row.lookup.update(v.drafted, v.accepted)
+            self.y = mx.array([run[-1] for run in runs], dtype=mx.uint32)
+        for row, run in zip(self.rows, runs):
+            if row.lookup:
+                row.lookup.extend(run)
+        return runs, logprobs
+
+    def _decode(self, model: Mistral) -> tuple[list[int], dict[int, TokenLogprob]]:
+        """One plain decode step: each row's next token, and the TokenLogprob of each row b
+        that asks for logprobs. A row with an active grammar picks among the tokens it allows;
+        with none, and no row asking for logprobs, this is the step of an unconstrained batch
+        as it is."""
         logits = model(self.y[:, None], self.cache)[:, -1]
         guides = {b: row.guide for b, row in enumerate(self.rows) if row.guide and row.guide.active}
         if guides:  # the forward runs while the CPU fills their masks
             idx, allowed = masked(logits, guides)
         asking = [b for b, row in enumerate(self.rows) if row.request.logprobs is not None]
         rows = {b: allowed[i:i + 1] for i, b in enumerate(guides)} if guides else {}
-        if all(row.request.temperature == 0 and row.request.repetition_penalty == 1.0 for row in self.rows):
+        if all(row.greedy for row in self.rows):
             y = mx.argmax(logits, axis=-1)
             if guides:  # the guided rows again, masked
                 y[idx] = mx.argmax(allowed, axis=-1).astype(y.dtype)
             weights = [rows.get(b, logits[b:b + 1]).astype(mx.float32) for b in asking]
-        else:  # each row its own sampler (its own seeded random stream, its own recent tokens)
-            picks = [row.pick(rows.get(b, logits[b:b + 1])) for b, row in enumerate(self.rows)]
+        else:  # each row its own sampler (its own seeded noise, its own recent tokens)
+            picks = [row.pick(penalize_histories(rows.get(b, logits[b:b + 1]), [row.ids + row.answer],
+                                                 row.request.repetition_penalty), [self.cache.offsets[b]])
+                     for b, row in enumerate(self.rows)]
             y = mx.concatenate([p[0] for p in picks])
             weights = [picks[b][1] for b in asking]
         self.y = y

@@ -59,6 +59,11 @@ class Event:
     stop_sequence: str | None = None  # on the last event, when one of the request's stop strings ended it
     logprob: TokenLogprob | None = None  # the token's, when the request asked for logprobs
     written_tokens: int = 0  # prompt tokens whose K/V blocks this request's prefill wrote to the prefix cache
+    # speculation (the server's --prompt-lookup): drafts proposed and accepted so far, and the steps
+    # (target forwards) this row took part in: forwards / generated_tokens below 1 is what it saved
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    forwards: int = 0
 
 
 @dataclass(eq=False)
@@ -96,6 +101,7 @@ class Request:
     constraint: Constraint | None = None  # the answer must match its grammar (structured.py)
     top_k: int = 0  # sample among the k likeliest tokens only (0 = off)
     logprobs: int | None = None  # None: none; n: each token's and the n most likely (see above)
+    speculate: bool = True  # False: this request never drafts, where the server speculates
 
     def __post_init__(self):
         self.cancelled = False

@@ -32,6 +32,7 @@ from ..errors import MistralError
 from ..generate import DEFAULT_PREFILL_CHUNK, TextStream
 from ..loading import load
 from ..memory import row_cache
+from ..speculative import Lookup
 from ..structured import Grammars
 from .batch import Batch, Group, Row
 from .blocks import BlockStore
@@ -61,7 +62,9 @@ class Scheduler:
     `max_idle` finished caches (and `max_idle_bytes`) are kept, least recently used out
     first, for requests that continue them, and up to `prompt_cache_bytes` of K/V blocks for
     any request that starts the same (0: none), and `prompt_cache_disk_bytes` of them in
-    `prompt_cache_dir` if given (see prefix_cache.py). `gguf_bits`: see loading.load.
+    `prompt_cache_dir` if given (see prefix_cache.py). `gguf_bits`: see loading.load. With
+    `lookup`, rows speculate with prompt lookup (speculative/), unless their request opts out;
+    every row's cache then has lookup.draft_tokens slots past its window (counted in kv_budget).
     """
 
     def __init__(self, model: str = "demo", max_kv_size: int | None = None, max_batch: int = 8,
@@ -70,7 +73,8 @@ class Scheduler:
                  max_idle: int = 4, max_idle_bytes: int | None = None, kv_bits: int | None = None,
                  kv_group_size: int = 64, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
                  prompt_cache_dir: str | None = None,
-                 prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES, gguf_bits: int | None = None):
+                 prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES, gguf_bits: int | None = None,
+                 lookup: Lookup | None = None):
         optional = [(name, value) for name, value in (("max_kv_size", max_kv_size), ("kv_budget", kv_budget))
                     if value is not None]
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
@@ -80,7 +84,7 @@ class Scheduler:
         if not isinstance(prompt_cache_bytes, int) or prompt_cache_bytes < 0:
             raise MistralError(f"prompt_cache_bytes must be an integer >= 0, got {prompt_cache_bytes!r}")
         self.max_batch, self.kv_budget = max_batch, kv_budget
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.lookup = prefill_chunk, lookup
         self.prefixes = PrefixCache(max_idle, max_idle_bytes)  # its blocks come once the model is loaded
         self._waiting = Waiting(max_queue)
         self._prefilling: list[Group] = []  # oldest first
@@ -88,7 +92,8 @@ class Scheduler:
         self._outbox: list[tuple[Request, Event]] = []  # sent once the step's bookkeeping is done
         self.counters = dict(steps=0, rows=0, max_rows=0, max_prefill_rows=0, generated_tokens=0,
                              prefilled_tokens=0, reused_tokens=0, stop=0, length=0, tool_calls=0,
-                             cancelled=0, error=0, admitted=0, reused_requests=0, prompt_tokens=0)
+                             cancelled=0, error=0, admitted=0, reused_requests=0, prompt_tokens=0,
+                             drafted_tokens=0, accepted_tokens=0, verify_steps=0)
         self.tokens_per_second = 0.0  # the last decode step's rows / its time
         self.model = self.tokenizer = None
         self._thread = ModelThread(self._tick, lambda: bool(self._batch.rows or self._prefilling or self._waiting))
@@ -112,8 +117,9 @@ class Scheduler:
         check_kv_quantization(args, kv_bits, kv_group_size, self.model.dtype)
         self.kv_bits, self.kv_group_size, self.window = kv_bits, kv_group_size, args.sliding_window
         self.max_kv_size = DEFAULT_MAX_KV_SIZE if max_kv_size is None and self.window is None else max_kv_size
+        self.headroom = self.lookup.draft_tokens if self.lookup else 0
         self.capacity, self.context, self.row_bytes = row_cache(args, self.max_kv_size, self.model.dtype.size,
-                                                                kv_bits, kv_group_size)
+                                                                kv_bits, kv_group_size, self.headroom)
         if kv_budget is not None and kv_budget < self.row_bytes:
             raise MistralError(f"kv_budget of {kv_budget} bytes is less than one row's KV cache "
                                f"({self.row_bytes} bytes: {self.capacity} slots)")
@@ -174,7 +180,7 @@ class Scheduler:
     def _new_cache(self, roll: bool, rows: int = 1) -> KVCache:
         """An empty cache of `rows` rows (warning once if it rolls, when `roll`)."""
         return make_cache(self.model.args, self.max_kv_size, rows, self.model.dtype, self.kv_bits,
-                          self.kv_group_size, warn_on_roll=roll)
+                          self.kv_group_size, warn_on_roll=roll, headroom=self.headroom)
 
     # --- the model thread ---------------------------------------------------------------
 
@@ -240,7 +246,7 @@ class Scheduler:
             except Exception as e:
                 self._end(request, "error", f"{type(e).__name__}: {e}")
                 continue
-            row = Row(request, ids, held, text, marks)
+            row = Row(request, ids, held, text, marks, self.lookup)
             for name, n in dict(admitted=1, reused_requests=held > 0, prompt_tokens=len(ids), reused_tokens=held).items():
                 self.counters[name] += n
             if cache is None:
@@ -278,14 +284,22 @@ class Scheduler:
 
     def _decode(self) -> None:
         start = time.perf_counter()
-        tokens, logprobs = self._batch.step(self.model)
-        n = len(tokens)
+        runs, logprobs = self._batch.step(self.model)
+        n = len(runs)
         self.counters["steps"] += 1
+        for name, value in self._batch.speculated.items():  # drafted_tokens, accepted_tokens, verify_steps
+            self.counters[name] += value
         self.counters["rows"] += n
         self.counters["max_rows"] = max(self.counters["max_rows"], n)
-        self.tokens_per_second = n / (time.perf_counter() - start)
-        done = [b for b, (row, token) in enumerate(zip(self._batch.rows, tokens))
-                if self._emit(row, token, self._batch.cache, logprobs.get(b))]
+        self.tokens_per_second = sum(map(len, runs)) / (time.perf_counter() - start)
+        done = []
+        for b, (row, run) in enumerate(zip(self._batch.rows, runs)):
+            for i, token in enumerate(run):
+                if self._emit(row, token, self._batch.cache, logprobs[b][i] if b in logprobs else None):
+                    done.append(b)
+                    # the cache holds the run but its last token: take back what follows the end
+                    self._batch.cache.rewind([len(run) - 1 - i if r == b else 0 for r in range(n)])
+                    break
         if done:
             self._leave(done)
 
