@@ -107,8 +107,8 @@ def shared_sampler(sampler: Sampler, group: mx.distributed.Group) -> Sampler:
     """`sampler` whose tokens are rank 0's on every rank (its token goes to all with one small
     all_sum; the others add zeros), so the ranks stay in step even when their logits differ in
     the last bit (different chips) or their random state differs."""
-    def sample(logits: mx.array) -> mx.array:
-        y = sampler(logits)
+    def sample(logits: mx.array, positions=None) -> mx.array:
+        y = sampler(logits, positions)
         # y * 0, not zeros: the all_sum must come after this step's layers on every rank, since
         # collectives pair up in the order each rank runs them (a free-standing one deadlocks).
         return mx.distributed.all_sum(y if group.rank() == 0 else y * 0, group=group)

@@ -21,6 +21,7 @@ from .serve import Scheduler, create_app
 from .serve.app import served_name
 from .serve.disk_cache import check_directory
 from .serve.scheduler import DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_PROMPT_CACHE_DISK_BYTES
+from .speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_NGRAM, Lookup, parse_ngram
 
 __all__ = ["check_host", "check_port", "create_app", "is_loopback", "main", "serve"]
 
@@ -59,6 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-cache-dir", help="also keep the blocks in this directory, across restarts")
     p.add_argument("--prompt-cache-gb", type=float, default=DEFAULT_PROMPT_CACHE_DISK_BYTES / 10**9,
                    help="at most this many GB of blocks in --prompt-cache-dir (default %(default)s)")
+    p.add_argument("--prompt-lookup", action="store_true", help="speculate with prompt lookup in the batch "
+                   "(the same answers, fewer forwards where they copy their prompt; a request's "
+                   "\"speculative\": false opts out)")
+    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
+                   help=f"with --prompt-lookup: drafts a row and step at most (default {DEFAULT_DRAFT_TOKENS}; "
+                   "each row's cache gets as many slots past its window)")
+    p.add_argument("--lookup-ngram", default=":".join(map(str, DEFAULT_NGRAM)), metavar="MIN:MAX",
+                   help="with --prompt-lookup: n-gram sizes matched, longest first (default %(default)s)")
     p.add_argument("--reasoning", action="store_true",
                    help="start every chat with the model's reasoning system prompt (reasoning models: Magistral)")
     p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt_cache_dir is not None:
             check_directory(args.prompt_cache_dir)
         check_kv_bits(args.kv_bits, args.kv_group_size)  # before the model loads
+        lookup = Lookup(args.draft_tokens, parse_ngram(args.lookup_ngram)) if args.prompt_lookup else None
         loading: Future = Future()  # the API answers 503 until the model is loaded
 
         def load() -> None:
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                                       prompt_cache_bytes=args.prompt_cache_mib << 20,
                                       prompt_cache_dir=args.prompt_cache_dir,
                                       prompt_cache_disk_bytes=int(args.prompt_cache_gb * 10**9),
-                                      gguf_bits=args.gguf_bits)
+                                      gguf_bits=args.gguf_bits, lookup=lookup)
                 if args.reasoning:
                     try:
                         scheduler.tokenizer.reasoning_prompt()  # MistralError unless the model has one

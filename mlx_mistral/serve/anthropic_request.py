@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from .build import Spec, call_id
+from .build import Spec, call_id, speculative
 from .http import APIError
 
 MEDIA = ("image", "document")  # multimodal input blocks: refused by name
@@ -89,7 +89,7 @@ def to_spec(body: Conversation, **sampling) -> Spec:
     return Spec(body.model, messages=messages, tools=tools, tool_choice=_tool_choice(body.tool_choice),
                 parallel_tool_calls=not one, clamp_max_tokens=True, reasoning=_thinking(body.model_extra.get("thinking")),
                 response_format=_format(body.model_extra.get("output_config")), format_param="output_config.format",
-                **sampling)
+                speculate=speculative(body.model_extra), **sampling)
 
 
 def _thinking(thinking: object) -> bool | None:

@@ -45,6 +45,7 @@ class Spec:
     stop: Sequence[str] = ()
     logprobs: int | None = None  # None: none; n: each token's and the n most likely (Request.logprobs)
     reasoning: bool | None = None  # the request's thinking switch (Service.reasoning_for); None: the server's
+    speculate: bool = True  # False: no drafts for this request (the body's "speculative": false)
 
 
 def build(service: Service, spec: Spec) -> Request:
@@ -59,7 +60,16 @@ def build(service: Service, spec: Spec) -> Request:
         log_request(spec, len(tokens), max_tokens)
     return Request(tokens, max_tokens, spec.temperature, spec.top_p, spec.seed, list(spec.stop),
                    service.ready().tokenizer.encode if chat else None, tool_calls=bool(_offered(spec)),
-                   top_k=spec.top_k, constraint=constraint, logprobs=spec.logprobs)
+                   top_k=spec.top_k, constraint=constraint, logprobs=spec.logprobs, speculate=spec.speculate)
+
+
+def speculative(extra: dict) -> bool:
+    """A body's "speculative" field (any of the three APIs): false turns the server's
+    speculation off for that request; absent or true leaves it as the server has it."""
+    value = extra.get("speculative", True)
+    if not isinstance(value, bool):
+        raise APIError(400, f"speculative must be true or false, got {value!r}", param="speculative")
+    return value
 
 
 def log_request(spec: Spec, prompt: int, max_tokens: int) -> None:

@@ -214,8 +214,17 @@ def prometheus(stats: dict, statuses: Counter) -> str:
         ("reused_tokens_total", "reused_tokens", "counter"),
         ("tokens_per_second", "tokens_per_second", "gauge"), ("kv_bytes", "kv_bytes", "gauge"),
         ("idle_caches", "idle_caches", "gauge"),
+        ("drafted_tokens_total", "drafted_tokens", "counter"),
+        ("accepted_tokens_total", "accepted_tokens", "counter"),
+        ("verify_steps_total", "verify_steps", "counter"),
     ):
         lines += [f"# TYPE mlx_mistral_{name} {kind}", f"mlx_mistral_{name} {stats[key]}"]
+    # speculation: the share of drafts kept, and the rows' forwards of the target per token they got
+    # (1 without speculation, since every step gives each row one token)
+    lines += ["# TYPE mlx_mistral_draft_acceptance_rate gauge",
+              f"mlx_mistral_draft_acceptance_rate {stats['accepted_tokens'] / max(stats['drafted_tokens'], 1)}",
+              "# TYPE mlx_mistral_forwards_per_token gauge",
+              f"mlx_mistral_forwards_per_token {stats['rows'] / max(stats['generated_tokens'], 1)}"]
     # the prefix cache: the share of requests (and of prompt tokens) it answered, and its blocks per tier
     requests, tokens = stats["reused_requests"] / max(stats["admitted"], 1), \
         stats["reused_tokens"] / max(stats["prompt_tokens"], 1)

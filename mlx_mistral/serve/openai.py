@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from .build import Spec, build
+from .build import Spec, build, speculative
 from .http import APIError, Service, answer, sse, submit
 from .logprobs import Logprobs, requested
 from .request import MAX_LOGPROBS, Event, Request
@@ -147,7 +147,8 @@ def spec_fields(body: Sampling, kind: str) -> dict:
             raise APIError(400, f"{name}: not supported by this server", param=name)
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     return {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": stop,
-            "response_format": body.model_extra.get("response_format"), "logprobs": requested(body, kind)}
+            "response_format": body.model_extra.get("response_format"), "logprobs": requested(body, kind),
+            "speculate": speculative(body.model_extra)}
 
 
 async def run(service: Service, request: Request, body: Sampling, kind: str, http: HTTPRequest):

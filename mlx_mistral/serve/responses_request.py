@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from .build import Spec, call_id
+from .build import Spec, call_id, speculative
 from .http import APIError
 
 TEXT_PARTS = ("input_text", "output_text", "refusal")  # a refusal's text is in "refusal"
@@ -93,7 +93,8 @@ def to_spec(body: ResponsesRequest, history: list[dict], offer: Offer, context: 
     return Spec(body.model, messages=messages, tools=offer.functions, tool_choice=_tool_choice(body.tool_choice, offer),
                 parallel_tool_calls=body.parallel_tool_calls, response_format=_format(body.text), format_param="text.format",
                 max_tokens=body.max_output_tokens or context, clamp_max_tokens=True, temperature=body.temperature,
-                top_p=body.top_p, seed=body.seed, reasoning=_reasoning(body.reasoning))
+                top_p=body.top_p, seed=body.seed, reasoning=_reasoning(body.reasoning),
+                speculate=speculative(body.model_extra))
 
 
 def input_messages(items: str | list[dict]) -> list[dict]:

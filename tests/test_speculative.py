@@ -1,0 +1,207 @@
+"""Speculative decoding (prompt lookup): the same tokens as plain decoding, fewer forwards.
+
+Exactness is tested two ways: with prompt lookup's own drafts, and with "oracle" drafts (the
+plain run's own continuation, some tokens corrupted), which are accepted far more often, so
+that runs of accepted drafts cross the window's wrap, end on a stop string, and meet a grammar.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from checkpoints import tiny_config, write_hf
+from mlx_mistral import load, make_cache, make_sampler, stream_generate
+from mlx_mistral.errors import MistralError
+from mlx_mistral.loading import build_model, dequantized, read_gguf, resolve
+from mlx_mistral.serve import Request, Scheduler
+from mlx_mistral.serve.batch import Row
+from mlx_mistral.speculative import Lookup, PromptLookup, parse_ngram
+from test_moe import mixtral_config, write_mixtral
+
+TEXT = "Grouped-query attention shares key and value heads between query heads, so the cache is smaller. "
+LOOKUP = Lookup(draft_tokens=4, ngram=(1, 3))
+
+
+@pytest.fixture(scope="module", params=["demo", "window 8", "kv 8-bit", "mixtral"])
+def sched(request, tmp_path_factory):
+    """A scheduler that speculates: the demo shape, a GQA model whose window of 8 wraps many times
+    in an answer, the demo with an 8-bit KV cache, a Mixtral with a window of 8."""
+    model, kw = "demo", {}
+    if request.param == "window 8":
+        model = tmp_path_factory.mktemp("window8")
+        write_hf(model, tiny_config(sliding_window=8))
+    elif request.param == "kv 8-bit":
+        kw = dict(kv_bits=8, kv_group_size=32)
+    elif request.param == "mixtral":
+        model = tmp_path_factory.mktemp("mixtral")
+        write_mixtral(model, mixtral_config(8))
+    s = Scheduler(str(model), max_batch=8, prefill_chunk=32, lookup=LOOKUP, prompt_cache_bytes=0, **kw)
+    yield s
+    s.close()
+
+
+def solo(s, tokens, max_tokens, constraint=None, **kw):
+    """The request alone and plain (no speculation, a cache of W slots): stream_generate."""
+    sampler = make_sampler(kw.get("temperature", 0.0), kw.get("top_p", 1.0), seed=kw.get("seed"))
+    args = dict(max_tokens=max_tokens, sampler=sampler, stop=kw.get("stop", ()), constraint=constraint,
+                repetition_penalty=kw.get("repetition_penalty", 1.0), kv_bits=s.kv_bits, kv_group_size=s.kv_group_size)
+    return s.call(lambda: [r.token for r in stream_generate(s.model, s.tokenizer, tokens, **args)])
+
+
+def prompts(s, n):
+    ids = s.tokenizer.encode(TEXT * 6, bos=True)
+    return [ids[: 2 + (i * 37) % (len(ids) - 2)] for i in range(n)]
+
+
+def served(s, requests):
+    out = []
+    for r in [s.submit(r) for r in requests]:
+        events = list(r.events())
+        out.append(([e.token for e in events if e.token is not None], events[-1]))
+    return out
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    """Rows draft what the plain run emitted next (request.oracle), up to the headroom, a random
+    number of tokens, one in four drafts with a wrong token somewhere."""
+    rng = np.random.default_rng(0)
+
+    def drafts(row, headroom):
+        if row.lookup is None:  # the request opted out
+            return []
+        n, left = len(row.answer), row.request.max_tokens - len(row.answer) - 1
+        d = list(row.request.oracle[n:n + min(int(rng.integers(0, headroom + 1)), left)])
+        if d and rng.random() < 0.25:
+            d[int(rng.integers(len(d)))] = int(rng.integers(3, 1000))
+        return d
+
+    monkeypatch.setattr(Row, "drafts", drafts)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_greedy_with_oracle_drafts_equals_plain(sched, oracle, batch):
+    """Ragged rows, accepted runs across the wrap of the window (of 8 in two models), a row ended
+    by a stop string inside an accepted run, a row under a JSON grammar: each equals its plain run."""
+    ps = prompts(sched, batch)
+    kws = [{} for _ in ps]
+    plain = [solo(sched, p, 40) for p in ps]
+    if batch > 1:  # a stop string: the text of a token in the middle of row 1's answer
+        piece = sched.tokenizer.decode(plain[1][:20])[-3:]
+        kws[1] = dict(stop=[piece]) if piece.strip() else {}
+        plain[1] = solo(sched, ps[1], 40, **kws[1])
+    json = sched.grammars.json() if batch == 3 else None
+    if json:
+        plain[2] = solo(sched, ps[2], 40, constraint=json)
+    requests = []
+    for i, (p, kw) in enumerate(zip(ps, kws)):
+        requests.append(Request(p, max_tokens=40, constraint=json if i == 2 else None, **kw))
+        requests[-1].oracle = plain[i]
+    before = sched.stats()
+    got = served(sched, requests)
+    assert [g[0] for g in got] == plain
+    stats = sched.stats()
+    drafted, accepted = (stats[k] - before[k] for k in ("drafted_tokens", "accepted_tokens"))
+    assert drafted > 20 and accepted > drafted / 2
+    assert sum(e.forwards for _, e in got) < sum(e.generated_tokens for _, e in got)
+
+
+def test_prompt_lookup_greedy_equals_plain(sched):
+    """Prompt lookup's own drafts (random models repeat themselves: it finds runs to draft)."""
+    ps = prompts(sched, 5)
+    got = served(sched, [Request(p, max_tokens=48) for p in ps])
+    assert [g[0] for g in got] == [solo(sched, p, 48) for p in ps]
+    assert sum(e.drafted_tokens for _, e in got) > 0
+
+
+def test_seeded_sampling_with_drafts_equals_seeded_plain(sched, oracle):
+    """T = 0.8 with top-p and a repetition penalty, seeded: sample and compare with noise keyed by
+    position gives the plain seeded run token for token."""
+    ps = prompts(sched, 3)
+    kw = dict(temperature=0.8, top_p=0.95, repetition_penalty=1.3)
+    plain = [solo(sched, p, 32, seed=7 + i, **kw) for i, p in enumerate(ps)]
+    requests = [Request(p, max_tokens=32, seed=7 + i, **kw) for i, p in enumerate(ps)]
+    for r, tokens in zip(requests, plain):
+        r.oracle = tokens
+    got = served(sched, requests)
+    assert [g[0] for g in got] == plain
+    assert sum(e.accepted_tokens for _, e in got) > 10
+
+
+def test_logprobs_and_opt_out(sched, oracle):
+    """Logprobs stay per emitted token, as without speculation (a request that opts out is the
+    plain reference, in the same batch); an opted-out request drafts nothing."""
+    p = prompts(sched, 2)[1]
+    plain_request = Request(p, max_tokens=24, logprobs=3, speculate=False)
+    plain_request.oracle = solo(sched, p, 24)
+    spec_request = Request(p, max_tokens=24, logprobs=3)
+    spec_request.oracle = plain_request.oracle
+    (plain_tokens, plain_end), (spec_tokens, spec_end) = served(sched, [plain_request, spec_request])
+    assert spec_tokens == plain_tokens and plain_end.drafted_tokens == 0 < spec_end.drafted_tokens
+    events = [list(r.events()) for r in [sched.submit(Request(p, max_tokens=24, logprobs=3, speculate=s))
+                                          for s in (False, True)]]
+    for a, b in zip(*events):
+        if a.logprob:
+            assert a.logprob.token == b.logprob.token
+            assert abs(a.logprob.logprob - b.logprob.logprob) < 1e-4
+            assert [t for t, _ in a.logprob.top] == [t for t, _ in b.logprob.top]
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_stream_generate_with_lookup_equals_plain_past_the_wrap(tmp_path_factory, seed):
+    """The Python API: greedy and seeded T = 0.8, a window of 8 wrapped many times."""
+    path = tmp_path_factory.mktemp("w8")
+    write_hf(path, tiny_config(sliding_window=8))
+    model, tok = load(str(path))
+    ids = tok.encode(TEXT * 3, bos=True)
+    temp = 0.0 if seed is None else 0.8
+    runs = [list(stream_generate(model, tok, ids, max_tokens=60, sampler=make_sampler(temp, seed=seed), lookup=lk))
+            for lk in (None, LOOKUP)]
+    assert [r.token for r in runs[0]] == [r.token for r in runs[1]]
+    assert runs[1][-1].forwards <= 60 and runs[0][-1].forwards == 0
+    with pytest.raises(MistralError, match="headroom"):
+        next(stream_generate(model, tok, ids, cache=make_cache(model.args), lookup=LOOKUP))
+
+
+def test_prompt_lookup_proposes_the_latest_continuation():
+    lookup = PromptLookup(Lookup(draft_tokens=3, ngram=(1, 2)), [5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6])
+    assert lookup.propose(8) == [1, 2, 5]  # "5 6" last seen before "1 2 5"
+    assert lookup.propose(2) == [1, 2]
+    lookup.update(3, 0)  # nothing accepted: fewer drafts and a pause
+    assert lookup.propose(8) == [] and lookup.propose(8) == [1]
+    assert PromptLookup(LOOKUP, [1, 2, 3]).propose(4) == []
+    assert parse_ngram("2:5") == (2, 5) and parse_ngram("3") == (3, 3)
+    for bad in ("2-5", "a:b", "1:2:3"):
+        with pytest.raises(MistralError, match="MIN:MAX"):
+            parse_ngram(bad)
+    with pytest.raises(MistralError, match="1 <= MIN <= MAX"):
+        Lookup(4, (3, 2))
+    with pytest.raises(MistralError, match="draft_tokens"):
+        Lookup(0)
+
+
+EDIT = '''def send_message(client, user, text):
+    """Send a message to a user and log it."""
+    if not text:
+        raise ValueError("empty message")
+    payload = {"to": user.email, "body": text, "priority": "normal"}
+    client.post("/messages", json=payload)
+    print("message sent to", user.email)
+    return payload
+'''
+
+
+def test_smollm2_copy_heavy_edit_needs_few_forwards():
+    """The real model asked to rewrite a function with one change: under 0.6 forwards a token
+    (0.2 measured), the same greedy text as without speculation (float32, from the GGUF)."""
+    _, tok = load("smollm2")
+    model = build_model(*dequantized(*read_gguf(resolve("smollm2"))[:2]), mx.float32)
+    message = f"Change the priority from \"normal\" to \"high\" in this function and show the whole function:\n\n" \
+              f"```python\n{EDIT}```"
+    ids = tok.chat_tokens([{"role": "user", "content": message}])
+    plain = list(stream_generate(model, tok, ids, max_tokens=120))
+    spec = list(stream_generate(model, tok, ids, max_tokens=120, lookup=Lookup()))
+    assert "".join(r.text for r in spec) == "".join(r.text for r in plain)
+    assert EDIT.splitlines()[0] in "".join(r.text for r in plain)  # (the 135M model copies; it may not edit)
+    last = spec[-1]
+    assert last.forwards / last.generation_tokens < 0.6, (last.forwards, last.generation_tokens)
