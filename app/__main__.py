@@ -5,6 +5,7 @@ import sys
 
 from mlx_mistral.cache import check_kv_bits
 from mlx_mistral.demo import NOTICE
+from mlx_mistral import speculative
 from mlx_mistral.errors import run_command
 from mlx_mistral.loading.gguf_blocks import GGUF_BITS_HELP
 from mlx_mistral.serve import create_app
@@ -22,6 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV cache slots per session (default: the sliding window, or 8192 without one)")
     p.add_argument("--kv-bits", type=int, help="store the KV cache quantized to 8 or 4 bits (default: float)")
     p.add_argument("--kv-group-size", type=int, default=64, help="KV quantization group along head_dim")
+    speculative.add_arguments(p)
     p.add_argument("--api", action="store_true",
                    help="also serve the OpenAI-compatible API at /v1 on the same port, with the same model")
     p.add_argument("--api-key", help="with --api: required as 'Authorization: Bearer KEY' on /v1")
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     check_kv_bits(args.kv_bits, args.kv_group_size)  # before the model loads
+    lookup = speculative.from_arguments(args)
     check_port(args.host, args.port)
     if args.api:
         check_host(args.host, args.api_key)
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"loading {args.model}...", file=sys.stderr, flush=True)
     engine = Engine(args.model, args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-                    gguf_bits=args.gguf_bits)
+                    gguf_bits=args.gguf_bits, lookup=lookup)
     try:
         from .ui import build, serve
 

@@ -74,8 +74,8 @@ def make_picker(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: fl
         if positions is None:
             positions = range(drawn[0], drawn[0] + logprobs.shape[0])
             drawn[0] += logprobs.shape[0]
-        tokens = [mx.random.categorical(logprobs[b], key=position_key(seed, p)) for b, p in enumerate(positions)]
-        return mx.stack(tokens), logprobs
+        keys = [position_key(seed, p) for p in positions]
+        return mx.stack([mx.random.categorical(logprobs[b], key=k) for b, k in enumerate(keys)]), logprobs
 
     return pick
 

@@ -13,6 +13,7 @@ from concurrent.futures import Future
 
 from fastapi import FastAPI
 
+from . import speculative
 from .cache import check_kv_bits
 from .errors import MistralError, run_command
 from .generate import DEFAULT_PREFILL_CHUNK
@@ -21,7 +22,6 @@ from .serve import Scheduler, create_app
 from .serve.app import served_name
 from .serve.disk_cache import check_directory
 from .serve.scheduler import DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_PROMPT_CACHE_DISK_BYTES
-from .speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_NGRAM, Lookup, parse_ngram
 
 __all__ = ["check_host", "check_port", "create_app", "is_loopback", "main", "serve"]
 
@@ -60,14 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-cache-dir", help="also keep the blocks in this directory, across restarts")
     p.add_argument("--prompt-cache-gb", type=float, default=DEFAULT_PROMPT_CACHE_DISK_BYTES / 10**9,
                    help="at most this many GB of blocks in --prompt-cache-dir (default %(default)s)")
-    p.add_argument("--prompt-lookup", action="store_true", help="speculate with prompt lookup in the batch "
-                   "(the same answers, fewer forwards where they copy their prompt; a request's "
-                   "\"speculative\": false opts out)")
-    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
-                   help=f"with --prompt-lookup: drafts a row and step at most (default {DEFAULT_DRAFT_TOKENS}; "
-                   "each row's cache gets as many slots past its window)")
-    p.add_argument("--lookup-ngram", default=":".join(map(str, DEFAULT_NGRAM)), metavar="MIN:MAX",
-                   help="with --prompt-lookup: n-gram sizes matched, longest first (default %(default)s)")
+    speculative.add_arguments(p)  # rows speculate on their own, in the batch ("speculative": false opts out)
     p.add_argument("--reasoning", action="store_true",
                    help="start every chat with the model's reasoning system prompt (reasoning models: Magistral)")
     p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
@@ -123,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt_cache_dir is not None:
             check_directory(args.prompt_cache_dir)
         check_kv_bits(args.kv_bits, args.kv_group_size)  # before the model loads
-        lookup = Lookup(args.draft_tokens, parse_ngram(args.lookup_ngram)) if args.prompt_lookup else None
+        lookup = speculative.from_arguments(args)
         loading: Future = Future()  # the API answers 503 until the model is loaded
 
         def load() -> None:

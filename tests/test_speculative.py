@@ -44,7 +44,8 @@ def solo(s, tokens, max_tokens, constraint=None, **kw):
     """The request alone and plain (no speculation, a cache of W slots): stream_generate."""
     sampler = make_sampler(kw.get("temperature", 0.0), kw.get("top_p", 1.0), seed=kw.get("seed"))
     args = dict(max_tokens=max_tokens, sampler=sampler, stop=kw.get("stop", ()), constraint=constraint,
-                repetition_penalty=kw.get("repetition_penalty", 1.0), kv_bits=s.kv_bits, kv_group_size=s.kv_group_size)
+                repetition_penalty=kw.get("repetition_penalty", 1.0), kv_bits=s.kv_bits,
+                kv_group_size=s.kv_group_size)
     return s.call(lambda: [r.token for r in stream_generate(s.model, s.tokenizer, tokens, **args)])
 
 
@@ -155,8 +156,8 @@ def test_stream_generate_with_lookup_equals_plain_past_the_wrap(tmp_path_factory
     model, tok = load(str(path))
     ids = tok.encode(TEXT * 3, bos=True)
     temp = 0.0 if seed is None else 0.8
-    runs = [list(stream_generate(model, tok, ids, max_tokens=60, sampler=make_sampler(temp, seed=seed), lookup=lk))
-            for lk in (None, LOOKUP)]
+    runs = [list(stream_generate(model, tok, ids, max_tokens=60, sampler=make_sampler(temp, seed=seed),
+                                 lookup=lk)) for lk in (None, LOOKUP)]
     assert [r.token for r in runs[0]] == [r.token for r in runs[1]]
     assert runs[1][-1].forwards <= 60 and runs[0][-1].forwards == 0
     with pytest.raises(MistralError, match="headroom"):
@@ -196,8 +197,8 @@ def test_smollm2_copy_heavy_edit_needs_few_forwards():
     (0.2 measured), the same greedy text as without speculation (float32, from the GGUF)."""
     _, tok = load("smollm2")
     model = build_model(*dequantized(*read_gguf(resolve("smollm2"))[:2]), mx.float32)
-    message = f"Change the priority from \"normal\" to \"high\" in this function and show the whole function:\n\n" \
-              f"```python\n{EDIT}```"
+    message = ("Change the priority from \"normal\" to \"high\" in this function and show the whole "
+               f"function:\n\n```python\n{EDIT}```")
     ids = tok.chat_tokens([{"role": "user", "content": message}])
     plain = list(stream_generate(model, tok, ids, max_tokens=120))
     spec = list(stream_generate(model, tok, ids, max_tokens=120, lookup=Lookup()))
@@ -205,3 +206,80 @@ def test_smollm2_copy_heavy_edit_needs_few_forwards():
     assert EDIT.splitlines()[0] in "".join(r.text for r in plain)  # (the 135M model copies; it may not edit)
     last = spec[-1]
     assert last.forwards / last.generation_tokens < 0.6, (last.forwards, last.generation_tokens)
+
+
+def test_cli_prompt_lookup_stats_and_errors(capsys):
+    """--prompt-lookup: the same tokens as without, its counts in --json and on the stats line; bad
+    settings are one error line each."""
+    from mlx_mistral.generate.__main__ import main
+
+    argv = ["--model", "demo", "--prompt", TEXT * 2, "--max-tokens", "40", "--json"]
+    runs = []
+    for extra in ([], ["--prompt-lookup", "--draft-tokens", "4", "--lookup-ngram", "1:3"]):
+        assert main(argv + extra) == 0
+        runs.append(__import__("json").loads(capsys.readouterr().out))
+    assert runs[0]["tokens"] == runs[1]["tokens"] and runs[0]["forwards"] == 0
+    assert 0 < runs[1]["forwards"] <= 40 and runs[1]["drafted_tokens"] >= runs[1]["accepted_tokens"]
+    assert main(argv[:-1] + ["--prompt-lookup"]) == 0
+    assert "speculation: " in capsys.readouterr().err
+    for bad, message in ((["--lookup-ngram", "4:2"], "1 <= MIN <= MAX"),
+                         (["--draft-tokens", "0"], "draft_tokens"), (["--lookup-ngram", "x"], "MIN:MAX")):
+        assert main(argv + ["--prompt-lookup", *bad]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_request_field_and_metrics():
+    """A body's "speculative" must be a boolean (a 400 naming it); /metrics has the counters."""
+    from collections import Counter
+
+    from mlx_mistral.serve.build import speculative
+    from mlx_mistral.serve.http import APIError, prometheus
+
+    assert speculative({}) is True and speculative({"speculative": False}) is False
+    with pytest.raises(APIError, match="speculative must be true or false"):
+        speculative({"speculative": "no"})
+    names = ("stop length tool_calls cancelled error waiting running prefilling steps max_rows "
+             "max_prefill_rows prefilled_tokens reused_tokens tokens_per_second kv_bytes idle_caches "
+             "verify_steps reused_requests admitted prompt_tokens block_bytes disk_bytes blocks disk_blocks")
+    stats = dict.fromkeys(names.split(), 0)
+    stats.update(rows=30, generated_tokens=60, drafted_tokens=50, accepted_tokens=40)
+    text = prometheus(stats, Counter())
+    assert "mlx_mistral_forwards_per_token 0.5" in text and "mlx_mistral_draft_acceptance_rate 0.8" in text
+    assert "mlx_mistral_accepted_tokens_total 40" in text
+
+
+@pytest.fixture(scope="module")
+def window8(tmp_path_factory):
+    """A GQA model with a window of 8, and a smaller one (1 layer, another seed) with its tokenizer."""
+    target, draft = tmp_path_factory.mktemp("target8"), tmp_path_factory.mktemp("draft8")
+    write_hf(target, tiny_config(sliding_window=8))
+    write_hf(draft, tiny_config(sliding_window=8, num_hidden_layers=1), seed=5)
+    return load(str(target)), str(target), str(draft)
+
+
+@pytest.mark.parametrize("temp", [0.0, 0.8])
+def test_draft_model_equals_plain(window8, temp):
+    """Greedy drafts checked by sample and compare: with the target as its own draft every draft is
+    accepted (greedy); with a smaller model some are; both give the plain tokens, greedy and seeded,
+    past the window's wrap."""
+    from mlx_mistral.speculative import load_draft
+
+    (model, tok), target, draft = window8
+    ids = tok.encode(TEXT * 3, bos=True)
+    sampler = lambda: make_sampler(temp, seed=11)  # noqa: E731
+    plain = [r.token for r in stream_generate(model, tok, ids, max_tokens=50, sampler=sampler())]
+    for path in (target, draft):
+        runs = list(stream_generate(model, tok, ids, max_tokens=50, sampler=sampler(),
+                                    draft_model=load_draft(path, tok), draft_tokens=4))
+        assert [r.token for r in runs] == plain, path
+        if path == target and temp == 0:
+            assert runs[-1].accepted_tokens == runs[-1].drafted_tokens > 0
+            assert runs[-1].forwards <= 50 // 5 + 2  # 4 drafts and one more a forward
+
+
+def test_draft_model_with_another_tokenizer_is_refused(window8, tmp_path):
+    from mlx_mistral.speculative import load_draft
+
+    (_, tok), _, _ = window8
+    with pytest.raises(MistralError, match="another vocabulary"):
+        load_draft("smollm2", tok)

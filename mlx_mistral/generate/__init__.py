@@ -10,7 +10,7 @@ from ..layered_cache import KVCache, make_cache
 from ..errors import MistralError
 from ..model import Mistral
 from ..sample import Sampler, check_repetition_penalty, make_sampler, positional, with_repetition_penalty
-from ..speculative import Draw, Lookup, PromptLookup, verify
+from ..speculative import DEFAULT_DRAFT_TOKENS, Draw, DraftModel, Lookup, PromptLookup, Width, verify
 from ..structured import Constraint, Guide, masked
 from ..text import StreamingDetokenizer, TextTokenizer, ToolCall
 
@@ -93,10 +93,14 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler
         logits = model(y[:, None], cache)[:, -1]
 
 
-def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler, lookup: Lookup,
-                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, repetition_penalty: float = 1.0,
-                     repetition_context: int = 64, guide: Guide | None = None) -> Iterator[tuple[list[int], int]]:
-    """generate_step with prompt lookup: yield (each step's tokens, its drafts) without end.
+def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler,
+                     proposer: PromptLookup | DraftModel, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                     repetition_penalty: float = 1.0, repetition_context: int = 64,
+                     guide: Guide | None = None, max_tokens: int | None = None
+                     ) -> Iterator[tuple[list[int], int]]:
+    """generate_step with speculation: yield (each step's tokens, its drafts) without end; the
+    `proposer` (extended with the prompt) drafts at most the cache's headroom a step, and never
+    past `max_tokens` tokens in all.
 
     A step is one forward of the last token and the drafts (speculative.verify): it gives the
     accepted drafts and the token after them, each what `sampler` draws from its logits (a
@@ -105,8 +109,9 @@ def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, samp
     """
     logits = prefill(model, prompt, cache, prefill_chunk)
     first = pick(sampler, logits, {0: guide} if guide and guide.active else {}, [cache.offset]).item()
-    history, proposer = list(prompt) + [first], PromptLookup(lookup, list(prompt) + [first])
-    run, drafts = [first], 0
+    history = list(prompt) + [first]
+    proposer.extend([first])
+    run, drafts, emitted, width = [first], 0, 1, Width()
 
     def draw(logits: mx.array, positions: Sequence[int]) -> tuple[mx.array, mx.array]:
         return sampler(logits, positions), logits
@@ -117,11 +122,16 @@ def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, samp
             if error:
                 raise MistralError(error)
         yield run, drafts
-        drafts = proposer.propose(cache.headroom)
+        left = cache.headroom if max_tokens is None else min(cache.headroom, max_tokens - emitted - 1)
+        start, proposed = time.perf_counter(), proposer.propose(left)
+        drafts = proposed[:width.choose([len(proposed)], [proposer.pace.rate])]
+        if proposed and not drafts:
+            proposer.pace.withheld()
         v = verify(model, cache, [run[-1]], [drafts],
                    [Draw(draw, history[-repetition_context:], False, repetition_penalty, guide)])[0]
+        width.observe(1 + len(drafts), time.perf_counter() - start)
         proposer.update(v.drafted, v.accepted)
-        run, drafts = v.tokens, v.drafted
+        run, drafts, emitted = v.tokens, v.drafted, emitted + len(v.tokens)
         history += run
         proposer.extend(run)
 
@@ -253,7 +263,8 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
                     cache: KVCache | None = None, max_kv_size: int | None = None,
                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
                     kv_group_size: int = 64, tool_calls: bool = False,
-                    constraint: Constraint | None = None, lookup: Lookup | None = None
+                    constraint: Constraint | None = None, lookup: Lookup | None = None,
+                    draft_model: Mistral | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS
                     ) -> Iterator[GenerationResponse]:
     """Stream the answer to `prompt` (raw text, or token ids such as chat_tokens(...)).
 
@@ -264,14 +275,19 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
     to continue a conversation: the prompt is then the tokens that follow what it holds.
     Otherwise a new cache is made, with keys and values quantized to kv_bits (8 or 4) in
     groups of kv_group_size when kv_bits is given (see make_cache). With `lookup` (prompt
-    lookup's settings) it speculates (speculative_step): the same tokens, fewer forwards; a
-    cache passed in then needs lookup.draft_tokens of headroom (make_cache(headroom=...)).
+    lookup's settings) or a `draft_model` (speculative.load_draft: the same tokenizer, checked;
+    `draft_tokens` a step at most) it speculates (speculative_step): the same tokens, fewer
+    forwards; a cache passed in then needs that many drafts of headroom (make_cache(headroom=...)).
     """
     start = time.perf_counter()
     ids = _prompt_ids(tokenizer, prompt)
     _check_request(model, cache.offset if cache else 0, ids, max_tokens, stop)
     check_repetition_penalty(repetition_penalty)
-    headroom = lookup.draft_tokens if lookup else 0
+    if lookup and draft_model:
+        raise MistralError("speculate with prompt lookup or with a draft model, not both")
+    if draft_model:
+        Lookup(draft_tokens)  # draft_tokens is checked as prompt lookup's is
+    headroom = lookup.draft_tokens if lookup else draft_tokens if draft_model else 0
     if cache is None:
         cache = make_cache(model.args, max_kv_size or len(ids) + max_tokens, dtype=model.dtype,
                            kv_bits=kv_bits, kv_group_size=kv_group_size, headroom=headroom)
@@ -282,14 +298,20 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
     text = TextStream(tokenizer, len(ids), max_tokens, stop, start, tool_calls)
     guide = constraint.guide() if constraint else None
     sampler = positional(sampler or make_sampler())
-    if lookup is None:
-        for token in generate_step(model, ids, cache, sampler, prefill_chunk, repetition_penalty, guide=guide):
+    if not headroom:
+        for token in generate_step(model, ids, cache, sampler, prefill_chunk, repetition_penalty,
+                                   guide=guide):
             yield text.add(token, cache)
             if text.finish:
                 return
+    if draft_model and cache.offset:  # the draft model's own cache starts empty
+        raise MistralError("a draft model cannot continue a cache: give the whole conversation as the prompt")
+    proposer = PromptLookup(lookup, ids) if lookup else DraftModel(draft_model, headroom, ids, cache.window,
+                                                                   prefill_chunk)
     drafted = accepted = forwards = 0
-    for run, drafts in speculative_step(model, ids, cache, sampler, lookup, prefill_chunk, repetition_penalty,
-                                        guide=guide):
+    steps = speculative_step(model, ids, cache, sampler, proposer, prefill_chunk, repetition_penalty,
+                             guide=guide, max_tokens=max_tokens)
+    for run, drafts in steps:
         drafted, accepted, forwards = drafted + drafts, accepted + len(run) - 1, forwards + 1
         for i, token in enumerate(run):
             r = text.add(token, cache)

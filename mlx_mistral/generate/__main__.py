@@ -9,12 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-from .. import Constraint, Grammars, batch_stream_generate, distributed, load, make_sampler, stream_generate
+from .. import (
+    Constraint, Grammars, batch_stream_generate, distributed, load, make_sampler, speculative,
+    stream_generate,
+)
 from ..demo import NOTICE
 from ..distributed import DEFAULT_CONNECT_TIMEOUT
 from ..errors import MistralError, run_command
 from ..loading.gguf_blocks import GGUF_BITS_HELP
-from ..speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_NGRAM, Lookup, parse_ngram
+from ..speculative import load_draft
 from . import DEFAULT_PREFILL_CHUNK, GenerationResponse
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -53,13 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill step")
     p.add_argument("--gguf-bits", type=int, choices=(4, 8, 16), help=GGUF_BITS_HELP)
     p.add_argument("--dtype", choices=DTYPES, help="activation dtype (default: float32 on CPU, the checkpoint's on GPU)")
-    p.add_argument("--prompt-lookup", action="store_true", help="speculate with prompt lookup: draft the tokens "
-                   "that followed the latest match of the last n tokens in the prompt and answer, keep what the "
-                   "model agrees with (the same output, fewer forwards where the answer copies the prompt)")
-    p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
-                   help=f"with --prompt-lookup: drafts a step at most (default {DEFAULT_DRAFT_TOKENS})")
-    p.add_argument("--lookup-ngram", default=":".join(map(str, DEFAULT_NGRAM)), metavar="MIN:MAX",
-                   help="with --prompt-lookup: n-gram sizes matched, longest first (default %(default)s)")
+    p.add_argument("--draft-model", metavar="PATH",
+                   help="speculate with this smaller model's drafts (the same tokenizer and chat template, "
+                   "checked; any name --model takes)")
+    speculative.add_arguments(p, draft_model=True)
     p.add_argument("--json", action="store_true", help="print the result and stats as one JSON object")
     p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
                    help="under mlx.launch: seconds for every rank to reach the others")
@@ -189,7 +189,7 @@ def stats_line(r: GenerationResponse) -> str:
     if not r.forwards:
         return line
     rate = r.accepted_tokens / r.drafted_tokens if r.drafted_tokens else 0.0
-    return (f"{line} | prompt lookup: {r.accepted_tokens}/{r.drafted_tokens} drafts accepted ({rate:.0%}), "
+    return (f"{line} | speculation: {r.accepted_tokens}/{r.drafted_tokens} drafts accepted ({rate:.0%}), "
             f"{r.forwards / r.generation_tokens:.2f} forwards a token")
 
 
@@ -202,7 +202,8 @@ def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
                                     repetition_penalty=args.repetition_penalty, stop=args.stop,
                                     max_kv_size=args.max_kv_size, prefill_chunk=args.prefill_chunk,
                                     kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-                                    tool_calls=bool(args.tools), constraint=constraint, lookup=args.lookup):
+                                    tool_calls=bool(args.tools), constraint=constraint, lookup=args.lookup,
+                                    draft_model=args.draft, draft_tokens=args.draft_tokens):
             text.append(last.text)
             reasoning.append(last.reasoning)
             ids.append(last.token)
@@ -226,9 +227,9 @@ def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
 def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
     if args.repetition_penalty != 1.0:
         raise MistralError("--repetition-penalty is not supported with --prompts-file")
-    if args.lookup:
-        raise MistralError("--prompt-lookup is not supported with --prompts-file (the server speculates in its batch: "
-                           "python -m mlx_mistral.server --prompt-lookup)")
+    if args.lookup or args.draft_model:
+        raise MistralError("--prompt-lookup and --draft-model are not supported with --prompts-file (the "
+                           "server speculates in its batch: python -m mlx_mistral.server --prompt-lookup)")
     prompts, limits = read_prompts_file(args.prompts_file, args.max_tokens)
     tokens = [encode(tokenizer, p, args, f"prompt {i} of --prompts-file") for i, p in enumerate(prompts)]
     constraint = make_constraint(args, tokenizer, model.args.vocab_size)
@@ -272,7 +273,10 @@ def run(args: argparse.Namespace) -> int:
 
     group = distributed.init(args.connect_timeout)  # None unless started by mlx.launch
     sampler = make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
-    args.lookup = Lookup(args.draft_tokens, parse_ngram(args.lookup_ngram)) if args.prompt_lookup else None
+    args.lookup = speculative.from_arguments(args)
+    if args.lookup and args.draft_model:
+        raise MistralError("--prompt-lookup and --draft-model: choose one")
+    args.draft = None
     args.tools_file, args.tools = args.tools, read_tools(args.tools)  # its tool definitions, checked before loading
     if args.tool_choice == "none":  # the tools are left out of the prompt, as the server does
         args.tools = None
@@ -282,7 +286,11 @@ def run(args: argparse.Namespace) -> int:
     command = run_batch if args.prompts_file else run_single
     if group is None:
         model, tokenizer = load(args.model, dtype=dtype, gguf_bits=args.gguf_bits)
+        if args.draft_model:
+            args.draft = load_draft(args.draft_model, tokenizer, dtype=dtype, gguf_bits=args.gguf_bits)
         return command(args, model, tokenizer, sampler)
+    if args.draft_model:
+        raise MistralError("--draft-model is not supported across several machines (mlx.launch)")
     model, tokenizer = distributed.load(args.model, group, dtype, args.gguf_bits)  # this rank's share of each layer
     with distributed.rank_zero_output(group):
         return command(args, model, tokenizer, distributed.shared_sampler(sampler, group))

@@ -2,6 +2,7 @@
 side (Group), and the decode batch (Batch). Only the scheduler's thread touches them."""
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -10,7 +11,7 @@ from ..layered_cache import KVCache
 from ..generate import TextStream
 from ..model import Mistral
 from ..sample import make_picker, penalize_histories, top_logprobs
-from ..speculative import Draw, Lookup, PromptLookup, verify
+from ..speculative import Draw, Lookup, PromptLookup, Width, verify
 from ..structured import masked
 from .blocks import BlockStore
 from .prefix_cache import Marks
@@ -41,7 +42,8 @@ class Row:
 
     def draw(self) -> Draw:
         r = self.request
-        return Draw(self.pick, self.ids + self.answer, self.greedy, r.repetition_penalty, self.guide, r.logprobs)
+        return Draw(self.pick, self.ids + self.answer, self.greedy, r.repetition_penalty, self.guide,
+                    r.logprobs)
 
     def drafts(self, headroom: int) -> list[int]:
         """Prompt lookup's drafts for the next step: never past max_tokens (nor the headroom)."""
@@ -110,7 +112,9 @@ class Batch:
     rows: list[Row] = field(default_factory=list)
     cache: KVCache | None = None
     y: mx.array | None = None
-    speculated: dict = field(default_factory=dict)  # the last step's drafted_tokens, accepted_tokens, verify_steps
+    # the last step's drafted_tokens, accepted_tokens, verify_steps (0 or 1), drafting_rows (rows with drafts)
+    speculated: dict = field(default_factory=dict)
+    width: Width = field(default_factory=Width)  # how many drafts a verify step feeds, from step timings
 
     def join(self, rows: list[Row], cache: KVCache) -> None:
         """Rows whose prompts are in but their last token, which they feed next."""
@@ -126,17 +130,27 @@ class Batch:
         """One step for every row: the tokens each row emits (one, or with speculation its
         accepted drafts and one more), and the TokenLogprobs of each row b that asks for them
         (one sync for the step). Rows with drafts make it a verify step (speculative/verify.py)."""
+        start = time.perf_counter()
         for row in self.rows:
             row.forwards += 1
         drafts = [row.drafts(self.cache.headroom) for row in self.rows]
-        self.speculated = dict(drafted_tokens=sum(map(len, drafts)), accepted_tokens=0, verify_steps=int(any(drafts)))
+        rates = [row.lookup.pace.rate if row.lookup else 0.0 for row in self.rows]
+        width = self.width.choose([len(d) for d in drafts], rates)
+        if width == 0:
+            for row, d in zip(self.rows, drafts):
+                if d:
+                    row.lookup.pace.withheld()
+        drafts = [d[:width] for d in drafts]
+        self.speculated = dict(drafted_tokens=sum(map(len, drafts)), accepted_tokens=0,
+                               verify_steps=int(any(drafts)), drafting_rows=sum(map(bool, drafts)))
         if not any(drafts):
             tokens, logprobs = self._decode(model)
             runs, logprobs = [[t] for t in tokens], {b: [lp] for b, lp in logprobs.items()}
         else:
             verdicts = verify(model, self.cache, self.y.tolist(), drafts, [row.draw() for row in self.rows])
             runs = [v.tokens for v in verdicts]
-            self.speculated["drafted_tokens"] = sum(v.drafted for v in verdicts)  # what the grammars let through
+            # what the grammars let through
+            self.speculated["drafted_tokens"] = sum(v.drafted for v in verdicts)
             logprobs = {b: [TokenLogprob(t, lp, top) for t, (lp, top) in zip(v.tokens, v.logprobs)]
                         for b, v in enumerate(verdicts) if v.logprobs is not None}
             for row, v in zip(self.rows, verdicts):
@@ -148,6 +162,7 @@ class Batch:
         for row, run in zip(self.rows, runs):
             if row.lookup:
                 row.lookup.extend(run)
+        self.width.observe(len(self.rows) * (1 + max(map(len, drafts))), time.perf_counter() - start)
         return runs, logprobs
 
     def _decode(self, model: Mistral) -> tuple[list[int], dict[int, TokenLogprob]]:

@@ -221,8 +221,9 @@ def prometheus(stats: dict, statuses: Counter) -> str:
         lines += [f"# TYPE mlx_mistral_{name} {kind}", f"mlx_mistral_{name} {stats[key]}"]
     # speculation: the share of drafts kept, and the rows' forwards of the target per token they got
     # (1 without speculation, since every step gives each row one token)
+    acceptance = stats["accepted_tokens"] / max(stats["drafted_tokens"], 1)
     lines += ["# TYPE mlx_mistral_draft_acceptance_rate gauge",
-              f"mlx_mistral_draft_acceptance_rate {stats['accepted_tokens'] / max(stats['drafted_tokens'], 1)}",
+              f"mlx_mistral_draft_acceptance_rate {acceptance}",
               "# TYPE mlx_mistral_forwards_per_token gauge",
               f"mlx_mistral_forwards_per_token {stats['rows'] / max(stats['generated_tokens'], 1)}"]
     # the prefix cache: the share of requests (and of prompt tokens) it answered, and its blocks per tier

@@ -13,7 +13,6 @@ names its namespace); the hosted tools (web search, file search, ...) cannot run
 offered: a tool_choice naming one is refused.
 """
 
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 

@@ -93,7 +93,7 @@ class Scheduler:
         self.counters = dict(steps=0, rows=0, max_rows=0, max_prefill_rows=0, generated_tokens=0,
                              prefilled_tokens=0, reused_tokens=0, stop=0, length=0, tool_calls=0,
                              cancelled=0, error=0, admitted=0, reused_requests=0, prompt_tokens=0,
-                             drafted_tokens=0, accepted_tokens=0, verify_steps=0)
+                             drafted_tokens=0, accepted_tokens=0, verify_steps=0, drafting_rows=0)
         self.tokens_per_second = 0.0  # the last decode step's rows / its time
         self.model = self.tokenizer = None
         self._thread = ModelThread(self._tick, lambda: bool(self._batch.rows or self._prefilling or self._waiting))
@@ -287,7 +287,7 @@ class Scheduler:
         runs, logprobs = self._batch.step(self.model)
         n = len(runs)
         self.counters["steps"] += 1
-        for name, value in self._batch.speculated.items():  # drafted_tokens, accepted_tokens, verify_steps
+        for name, value in self._batch.speculated.items():  # drafted and accepted tokens, verify steps, rows
             self.counters[name] += value
         self.counters["rows"] += n
         self.counters["max_rows"] = max(self.counters["max_rows"], n)

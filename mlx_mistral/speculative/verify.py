@@ -63,7 +63,8 @@ def verify(model: Mistral, cache: KVCache, last: list[int], drafts: list[list[in
             weights.append(rows.astype(mx.float32))
             continue
         histories = [draw.history + d[:t] for t in range(len(d) + 1)]
-        y, w = draw.pick(penalize_histories(rows, histories, draw.penalty), range(positions[b], positions[b] + len(d) + 1))
+        at = range(positions[b], positions[b] + len(d) + 1)  # each position's own noise (a seeded sampler)
+        y, w = draw.pick(penalize_histories(rows, histories, draw.penalty), at)
         tokens.append(y)
         weights.append(w)
     asking = [b for b, draw in enumerate(draws) if draw.logprobs is not None]
