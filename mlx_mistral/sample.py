@@ -29,6 +29,7 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
     def sample(logits: mx.array, positions: Sequence[int] | None = None) -> mx.array:
         return pick(logits, positions)[0]
 
+    sample.pick = pick  # what speculation draws with (the distribution too)
     return sample
 
 
@@ -77,12 +78,14 @@ def make_picker(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: fl
         keys = [position_key(seed, p) for p in positions]
         return mx.stack([mx.random.categorical(logprobs[b], key=k) for b, k in enumerate(keys)]), logprobs
 
+    pick.greedy, pick.seed = temp == 0, seed  # for speculation (rejection sampling's noise)
     return pick
 
 
-def position_key(seed: int, position: int) -> mx.array:
-    """The random key of the token at `position` of a request seeded `seed`."""
-    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+def position_key(seed: int, position: int, use: str = "") -> mx.array:
+    """The random key of the token at `position` of a request seeded `seed` (another `use`:
+    another draw at that position, independent of the token's own)."""
+    digest = hashlib.blake2b(f"{seed}:{position}{use and ':' + use}".encode(), digest_size=8).digest()
     return mx.random.key(int.from_bytes(digest, "little"))
 
 

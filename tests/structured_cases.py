@@ -115,7 +115,7 @@ class Closing:
         self.calls += 1
         return self.sampler(logits + self.bias if self.calls > self.after else logits)
 
-    def pick(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+    def pick(self, logits: mx.array, positions=None) -> tuple[mx.array, mx.array]:
         """As a picker (the server's rows): the tokens and the logits they were drawn from."""
         return self(logits), logits
 

@@ -6,6 +6,7 @@ that runs of accepted drafts cross the window's wrap, end on a stop string, and 
 """
 
 import mlx.core as mx
+import mlx.utils
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ from mlx_mistral.errors import MistralError
 from mlx_mistral.loading import build_model, dequantized, read_gguf, resolve
 from mlx_mistral.serve import Request, Scheduler
 from mlx_mistral.serve.batch import Row
-from mlx_mistral.speculative import Lookup, PromptLookup, parse_ngram
+from mlx_mistral.speculative import Lookup, PromptLookup, Width, parse_ngram
 from test_moe import mixtral_config, write_mixtral
 
 TEXT = "Grouped-query attention shares key and value heads between query heads, so the cache is smaller. "
@@ -63,7 +64,14 @@ def served(s, requests):
 
 
 @pytest.fixture
-def oracle(monkeypatch):
+def full_width(monkeypatch):
+    """Every verify step feeds all the drafts: what the width controller picks depends on step
+    timings (tested on its own below), and these tests are about exactness, not speed."""
+    monkeypatch.setattr(Width, "choose", lambda self, drafts, rates: max(drafts, default=0))
+
+
+@pytest.fixture
+def oracle(monkeypatch, full_width):
     """Rows draft what the plain run emitted next (request.oracle), up to the headroom, a random
     number of tokens, one in four drafts with a wrong token somewhere."""
     rng = np.random.default_rng(0)
@@ -107,7 +115,7 @@ def test_greedy_with_oracle_drafts_equals_plain(sched, oracle, batch):
     assert sum(e.forwards for _, e in got) < sum(e.generated_tokens for _, e in got)
 
 
-def test_prompt_lookup_greedy_equals_plain(sched):
+def test_prompt_lookup_greedy_equals_plain(sched, full_width):
     """Prompt lookup's own drafts (random models repeat themselves: it finds runs to draft)."""
     ps = prompts(sched, 5)
     got = served(sched, [Request(p, max_tokens=48) for p in ps])
@@ -162,6 +170,23 @@ def test_stream_generate_with_lookup_equals_plain_past_the_wrap(tmp_path_factory
     assert runs[1][-1].forwards <= 60 and runs[0][-1].forwards == 0
     with pytest.raises(MistralError, match="headroom"):
         next(stream_generate(model, tok, ids, cache=make_cache(model.args), lookup=LOOKUP))
+
+
+def test_width_feeds_the_drafts_that_pay_for_their_positions():
+    """Steps cost 10 ms + 1 ms per row x position: a batch of 8 whose drafts are seldom accepted
+    steps plainly, one whose drafts are nearly always accepted feeds them all, one in between
+    stops where more positions cost more than they bring; one row alone drafts cheaply."""
+    width = Width()
+    for positions in (8, 16, 40, 8, 24, 72) * 20:  # the prior (a slope of 5% a position) forgotten
+        width.observe(positions, 0.010 + 0.001 * positions)
+    a, b = width.line()
+    assert abs(a - 0.010) < 1e-4 and abs(b - 0.001) < 1e-5
+    assert width.choose([8] * 8, [0.1] * 8) == 0
+    assert width.choose([8] * 8, [0.99] * 8) == 8
+    assert width.choose([8] * 8, [0.9] * 8) == 4  # (8 + 24.8) / 50 ms beats (8 + 41.0) / 82 ms
+    assert width.choose([8] + [0] * 7, [0.5] + [0.0] * 7) == 0  # one row's drafts: all 8 rows pay
+    assert width.choose([8], [0.5]) > 0
+    assert width.choose([0] * 4, [0.9] * 4) == 0
 
 
 def test_prompt_lookup_proposes_the_latest_continuation():
@@ -258,23 +283,34 @@ def window8(tmp_path_factory):
 
 
 @pytest.mark.parametrize("temp", [0.0, 0.8])
-def test_draft_model_equals_plain(window8, temp):
-    """Greedy drafts checked by sample and compare: with the target as its own draft every draft is
-    accepted (greedy); with a smaller model some are; both give the plain tokens, greedy and seeded,
-    past the window's wrap."""
+def test_draft_model_equals_plain(window8, temp, full_width):
+    """The target as its own draft: every draft is accepted, and the tokens are the plain run's,
+    greedy and seeded (its draws are the target's own, same noise at the same positions), past the
+    window's wrap. A smaller model's drafts: greedy, the plain tokens (sample and compare); seeded,
+    rejection sampling (its distribution is tested below), the same tokens for the same seed and
+    the same verify widths (in use those follow step timings: the same distribution, not the same
+    tokens)."""
     from mlx_mistral.speculative import load_draft
 
     (model, tok), target, draft = window8
     ids = tok.encode(TEXT * 3, bos=True)
     sampler = lambda: make_sampler(temp, seed=11)  # noqa: E731
     plain = [r.token for r in stream_generate(model, tok, ids, max_tokens=50, sampler=sampler())]
-    for path in (target, draft):
-        runs = list(stream_generate(model, tok, ids, max_tokens=50, sampler=sampler(),
+
+    def speculated(path):
+        return list(stream_generate(model, tok, ids, max_tokens=50, sampler=sampler(),
                                     draft_model=load_draft(path, tok), draft_tokens=4))
-        assert [r.token for r in runs] == plain, path
-        if path == target and temp == 0:
-            assert runs[-1].accepted_tokens == runs[-1].drafted_tokens > 0
-            assert runs[-1].forwards <= 50 // 5 + 2  # 4 drafts and one more a forward
+
+    runs = speculated(target)
+    assert [r.token for r in runs] == plain
+    assert runs[-1].accepted_tokens == runs[-1].drafted_tokens > 0
+    assert runs[-1].forwards <= 50 // 5 + 2  # 4 drafts and one more a forward
+    runs = speculated(draft)
+    assert runs[-1].drafted_tokens > 0 and len(runs) == 50
+    if temp == 0:
+        assert [r.token for r in runs] == plain
+    else:
+        assert [r.token for r in runs] == [r.token for r in speculated(draft)]
 
 
 def test_draft_model_with_another_tokenizer_is_refused(window8, tmp_path):
@@ -283,3 +319,39 @@ def test_draft_model_with_another_tokenizer_is_refused(window8, tmp_path):
     (_, tok), _, _ = window8
     with pytest.raises(MistralError, match="another vocabulary"):
         load_draft("smollm2", tok)
+
+
+def test_sampled_drafts_keep_the_targets_distribution():
+    """Rejection sampling (a draft model at T = 0.8): 20000 rows at once, each with one draft drawn
+    from the draft model's distribution q, emit tokens distributed as the target's own p (chi-square
+    over a 16-token vocabulary), while the drafts themselves fail the same test (q is far from p)."""
+    from mlx_mistral.config import ModelArgs
+    from mlx_mistral.model import Mistral
+    from mlx_mistral.sample import make_picker
+    from mlx_mistral.speculative import Draw, verify
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=16)
+    target, draft = Mistral(args), Mistral(args)
+    mx.random.seed(0)
+    for m in (target, draft):
+        m.update(mlx.utils.tree_map(lambda w: mx.random.normal(w.shape) * 0.5, m.parameters()))
+    prompt, rows, temp = [3, 1, 4], 6000, 0.8
+    pick = make_picker(temp)
+    p = mx.softmax(target(mx.array([prompt]), make_cache(args))[0, -1] / temp).tolist()
+    q = draft(mx.array([prompt]), make_cache(args))[0, -1] / temp
+    q = q - mx.logsumexp(q)
+    drafts = mx.random.categorical(mx.broadcast_to(q, (rows, 16))).tolist()
+    cache = make_cache(args, 8, batch_size=rows, headroom=1)
+    target(mx.array([prompt[:-1]] * rows), cache)
+    verdicts = verify(target, cache, [prompt[-1]] * rows, [[d] for d in drafts],
+                      [Draw(pick, prompt, False, q=q[None]) for _ in range(rows)])
+
+    def chi2(tokens):
+        counts = np.bincount(tokens, minlength=16)
+        expected = rows * np.array(p)
+        return float(np.sum((counts - expected) ** 2 / expected))
+
+    assert chi2([v.tokens[0] for v in verdicts]) < 37.7  # 15 degrees of freedom, p = 0.001
+    assert chi2(drafts) > 1000
+    accepted = sum(v.accepted for v in verdicts) / rows
+    assert abs(accepted - sum(min(a, b) for a, b in zip(p, mx.exp(q).tolist()))) < 0.02

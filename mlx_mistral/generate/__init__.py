@@ -116,6 +116,8 @@ def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, samp
     def draw(logits: mx.array, positions: Sequence[int]) -> tuple[mx.array, mx.array]:
         return sampler(logits, positions), logits
 
+    draw = getattr(sampler, "pick", draw)  # make_sampler's: it gives the distribution too
+
     while True:
         for token in run:
             error = guide.advance(token) if guide else None
@@ -128,7 +130,8 @@ def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, samp
         if proposed and not drafts:
             proposer.pace.withheld()
         v = verify(model, cache, [run[-1]], [drafts],
-                   [Draw(draw, history[-repetition_context:], False, repetition_penalty, guide)])[0]
+                   [Draw(draw, history[-repetition_context:], False, repetition_penalty, guide,
+                         q=proposer.q, seed=getattr(draw, "seed", None))])[0]
         width.observe(1 + len(drafts), time.perf_counter() - start)
         proposer.update(v.drafted, v.accepted)
         run, drafts, emitted = v.tokens, v.drafted, emitted + len(v.tokens)
@@ -306,8 +309,11 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
                 return
     if draft_model and cache.offset:  # the draft model's own cache starts empty
         raise MistralError("a draft model cannot continue a cache: give the whole conversation as the prompt")
+    sampling = getattr(sampler, "pick", None)  # a draft model samples with it (rejection sampling)
+    if sampling is not None and sampling.greedy:
+        sampling = None
     proposer = PromptLookup(lookup, ids) if lookup else DraftModel(draft_model, headroom, ids, cache.window,
-                                                                   prefill_chunk)
+                                                                   prefill_chunk, sampling)
     drafted = accepted = forwards = 0
     steps = speculative_step(model, ids, cache, sampler, proposer, prefill_chunk, repetition_penalty,
                              guide=guide, max_tokens=max_tokens)

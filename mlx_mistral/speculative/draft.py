@@ -1,13 +1,15 @@
-"""A draft model: a smaller model with the target's tokenizer proposes k tokens a step, each its
-own argmax (greedy drafts: sample and compare keeps the target's distribution exact at any
-temperature), from its own rolling cache, which takes back what the target rejects as the
-target's does (RollingKVCache.rewind)."""
+"""A draft model: a smaller model with the target's tokenizer proposes k tokens a step from its
+own rolling cache, which takes back what the target rejects as the target's does
+(RollingKVCache.rewind). Greedy requests get its argmax (sample and compare); sampled ones its
+draws with the request's own picker (temperature, top-k/p, seed), which the target's rejection
+sampling (speculative.rejection) turns into the target's distribution."""
 
 import mlx.core as mx
 
 from ..errors import MistralError
 from ..layered_cache import make_cache
 from ..model import Mistral
+from ..sample import Picker
 from ..text import TextTokenizer
 from .lookup import Pace
 
@@ -34,12 +36,13 @@ def check_same_tokenizer(target: TextTokenizer, draft: TextTokenizer, where: str
 class DraftModel:
     """One row's draft model proposer, with PromptLookup's interface: `extend` with the row's
     tokens (its prompt first), `propose`, `update` with what was accepted. The tokens given but
-    not yet fed to the draft wait in `pending`, and go in with the next proposal."""
+    not yet fed to the draft wait in `pending`, and go in with the next proposal. With a
+    sampling `pick` (make_picker at temperature > 0) it samples its drafts, and `q` holds the
+    last proposal's log-probabilities [k, V] (None: greedy drafts)."""
 
-    def __init__(
-        self, model: Mistral, k_max: int, tokens: list[int], max_kv_size: int, prefill_chunk: int = 512
-    ):
-        self.model, self.pace = model, Pace(k_max)
+    def __init__(self, model: Mistral, k_max: int, tokens: list[int], max_kv_size: int,
+                 prefill_chunk: int = 512, pick: Picker | None = None):
+        self.model, self.pace, self.pick, self.q = model, Pace(k_max), pick, None
         self.cache = make_cache(
             model.args, max_kv_size, dtype=model.dtype, headroom=k_max, warn_on_roll=False
         )
@@ -59,15 +62,21 @@ class DraftModel:
         k = self.pace.budget(limit)
         if k <= 0:
             return []
-        drafts = []
+        drafts, q = [], []
         x = mx.array(self.pending, dtype=mx.uint32)[None]
         self.pending = []
         for i in range(k):
-            y = mx.argmax(self.model(x, self.cache)[:, -1], axis=-1)
+            logits = self.model(x, self.cache)[:, -1]
+            if self.pick is None:
+                y = mx.argmax(logits, axis=-1)
+            else:  # the draw of the token at this position (the cache's offset)
+                y, w = self.pick(logits, [self.cache.offset])
+                q.append(w - mx.logsumexp(w, axis=-1, keepdims=True))
             drafts.append(y)
             if i + 1 < k:
                 x = y[:, None].astype(mx.uint32)
         self.fed = k - 1
+        self.q = mx.concatenate(q) if q else None
         return mx.concatenate(drafts).tolist()
 
     def update(self, drafted: int, accepted: int) -> None:

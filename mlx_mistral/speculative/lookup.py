@@ -107,6 +107,8 @@ class PromptLookup:
     next token is known to where that token is (the latest occurrence): O(max - min) a token,
     O(max - min) a proposal."""
 
+    q = None  # its drafts are not sampled (see DraftModel.q)
+
     def __init__(self, settings: Lookup, tokens: list[int]):
         self.lo, self.hi = settings.ngram
         self.pace = Pace(settings.draft_tokens)

@@ -3,8 +3,10 @@
 exactly as plain decoding would from that position's logits, and keeps its drafts up to the
 first the draw disagrees with (sample and compare: the emitted tokens are the target's own
 draws, so greedy output is plain greedy's and seeded output, whose noise is keyed by position,
-plain seeded's). The rejected tokens' K/V are taken back by moving the row's offset
-(RollingKVCache.rewind): the cache needs 1 + k <= 1 + headroom."""
+plain seeded's). Drafts a draft model sampled go through rejection sampling instead
+(speculative.rejection): the same distribution, not the same tokens as a seeded plain run.
+The rejected tokens' K/V are taken back by moving the row's offset (RollingKVCache.rewind):
+the cache needs 1 + k <= 1 + headroom."""
 
 import math
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from ..layered_cache import KVCache
 from ..model import Mistral
 from ..sample import Picker, penalize_histories, top_logprobs
 from ..structured import Guide, allow
+from . import rejection
 
 
 @dataclass
@@ -29,6 +32,10 @@ class Draw:
     penalty: float = 1.0
     guide: Guide | None = None
     logprobs: int | None = None
+    # drafts sampled from a draft model (temperature > 0): their log-probabilities [k, V] there,
+    # for rejection sampling (speculative.rejection), and the request's seed
+    q: mx.array | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -65,6 +72,8 @@ def verify(model: Mistral, cache: KVCache, last: list[int], drafts: list[list[in
         histories = [draw.history + d[:t] for t in range(len(d) + 1)]
         at = range(positions[b], positions[b] + len(d) + 1)  # each position's own noise (a seeded sampler)
         y, w = draw.pick(penalize_histories(rows, histories, draw.penalty), at)
+        if draw.q is not None and d:
+            y = rejection.accept(w, d, draw.q[:len(d)], y, at, draw.seed)
         tokens.append(y)
         weights.append(w)
     asking = [b for b, draw in enumerate(draws) if draw.logprobs is not None]
