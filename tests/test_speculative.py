@@ -115,6 +115,27 @@ def test_greedy_with_oracle_drafts_equals_plain(sched, oracle, batch):
     assert sum(e.forwards for _, e in got) < sum(e.generated_tokens for _, e in got)
 
 
+def test_eos_inside_an_accepted_run_ends_the_row(sched, full_width, monkeypatch):
+    """A row drafts the plain run's next 4 tokens every step (all accepted: runs of 5), and a token
+    inside one of its runs is made the EOS: the row ends there, EOS its last token, the rows beside
+    it go on; each equals its plain run."""
+    ps = prompts(sched, 3)
+    full = [solo(sched, p, 40) for p in ps]
+    firsts = [i for i in range(8, 30) if full[1].index(full[1][i]) == i and i % 5 != 0]
+    cut = firsts[0]  # of the runs 0 | 1-5 | 6-10 ..., not a run's last token
+    monkeypatch.setattr(sched.tokenizer, "eos_id", full[1][cut])
+    plain = [solo(sched, p, 40) for p in ps]
+    assert plain[1] == full[1][:cut + 1]
+    monkeypatch.setattr(Row, "drafts", lambda row, headroom: list(
+        row.request.oracle[len(row.answer):len(row.answer) + min(headroom, 38 - len(row.answer))]))
+    requests = [Request(p, max_tokens=40) for p in ps]
+    for r, tokens in zip(requests, full):
+        r.oracle = tokens
+    got = served(sched, requests)
+    assert [g[0] for g in got] == plain
+    assert got[1][1].finish_reason == "stop" and got[1][1].forwards == (cut + 4) // 5
+
+
 def test_prompt_lookup_greedy_equals_plain(sched, full_width):
     """Prompt lookup's own drafts (random models repeat themselves: it finds runs to draft)."""
     ps = prompts(sched, 5)
