@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"loading {args.model}...", file=sys.stderr, flush=True)
     engine = Engine(args.model, args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-                    gguf_bits=args.gguf_bits, lookup=lookup)
+                    gguf_bits=args.gguf_bits, lookup=lookup, draft_model=args.draft_model,
+                    draft_tokens=args.draft_tokens)
     try:
         from .ui import build, serve
 

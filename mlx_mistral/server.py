@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                                       prompt_cache_bytes=args.prompt_cache_mib << 20,
                                       prompt_cache_dir=args.prompt_cache_dir,
                                       prompt_cache_disk_bytes=int(args.prompt_cache_gb * 10**9),
-                                      gguf_bits=args.gguf_bits, lookup=lookup)
+                                      gguf_bits=args.gguf_bits, lookup=lookup, draft_model=args.draft_model,
+                                      draft_tokens=args.draft_tokens)
                 if args.reasoning:
                     try:
                         scheduler.tokenizer.reasoning_prompt()  # MistralError unless the model has one

@@ -376,3 +376,29 @@ def test_sampled_drafts_keep_the_targets_distribution():
     assert chi2(drafts) > 1000
     accepted = sum(v.accepted for v in verdicts) / rows
     assert abs(accepted - sum(min(a, b) for a, b in zip(p, mx.exp(q).tolist()))) < 0.02
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_draft_model_in_the_batch_equals_plain(window8, own, full_width):
+    """The server's batch with a draft model (the target itself: every draft accepted; a smaller
+    random one: few if any): ragged rows, greedy, past the window's wrap, each row its plain run; a sampled row
+    beside them (rejection sampling) and an opted-out one; the draft's caches count in the KV budget."""
+    (_, tok), target, draft = window8
+    s = Scheduler(target, max_batch=4, prefill_chunk=16, prompt_cache_bytes=0,
+                  draft_model=target if own else draft, draft_tokens=4)
+    try:
+        plain_s = Scheduler(target, max_batch=4, prompt_cache_bytes=0)
+        assert s.draft_bytes == (s.row_bytes if own else s.row_bytes // 2)  # 2 layers or 1
+        ps = prompts(s, 3)
+        plain = [solo(plain_s, p, 40) for p in ps]
+        plain_s.close()
+        requests = [Request(p, max_tokens=40) for p in ps]
+        requests.append(Request(ps[0], max_tokens=20, temperature=0.8, seed=1))
+        requests.append(Request(ps[1], max_tokens=20, speculate=False))
+        got = served(s, requests)
+        assert [g[0] for g in got[:3]] == plain and got[4][0] == plain[1][:20]
+        assert len(got[3][0]) == 20 and got[4][1].drafted_tokens == 0
+        drafted, accepted = sum(e.drafted_tokens for _, e in got[:3]), sum(e.accepted_tokens for _, e in got[:3])
+        assert drafted > 0 and (accepted == drafted or not own)  # (a random smaller one: few, if any)
+    finally:
+        s.close()

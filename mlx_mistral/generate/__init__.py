@@ -10,7 +10,7 @@ from ..layered_cache import KVCache, make_cache
 from ..errors import MistralError
 from ..model import Mistral
 from ..sample import Sampler, check_repetition_penalty, make_sampler, positional, with_repetition_penalty
-from ..speculative import DEFAULT_DRAFT_TOKENS, Draw, DraftModel, Lookup, PromptLookup, Width, verify
+from ..speculative import DEFAULT_DRAFT_TOKENS, Draw, DraftRow, Lookup, PromptLookup, Width, verify
 from ..structured import Constraint, Guide, masked
 from ..text import StreamingDetokenizer, TextTokenizer, ToolCall
 
@@ -94,7 +94,7 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler
 
 
 def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler,
-                     proposer: PromptLookup | DraftModel, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                     proposer: PromptLookup | DraftRow, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                      repetition_penalty: float = 1.0, repetition_context: int = 64,
                      guide: Guide | None = None, max_tokens: int | None = None
                      ) -> Iterator[tuple[list[int], int]]:
@@ -312,8 +312,8 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
     sampling = getattr(sampler, "pick", None)  # a draft model samples with it (rejection sampling)
     if sampling is not None and sampling.greedy:
         sampling = None
-    proposer = PromptLookup(lookup, ids) if lookup else DraftModel(draft_model, headroom, ids, cache.window,
-                                                                   prefill_chunk, sampling)
+    proposer = PromptLookup(lookup, ids) if lookup else DraftRow(draft_model, headroom, ids, cache.window,
+                                                                 prefill_chunk, sampling)
     drafted = accepted = forwards = 0
     steps = speculative_step(model, ids, cache, sampler, proposer, prefill_chunk, repetition_penalty,
                              guide=guide, max_tokens=max_tokens)

@@ -56,10 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens per prefill step")
     p.add_argument("--gguf-bits", type=int, choices=(4, 8, 16), help=GGUF_BITS_HELP)
     p.add_argument("--dtype", choices=DTYPES, help="activation dtype (default: float32 on CPU, the checkpoint's on GPU)")
-    p.add_argument("--draft-model", metavar="PATH",
-                   help="speculate with this smaller model's drafts (the same tokenizer and chat template, "
-                   "checked; any name --model takes)")
-    speculative.add_arguments(p, draft_model=True)
+    speculative.add_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result and stats as one JSON object")
     p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
                    help="under mlx.launch: seconds for every rank to reach the others")
@@ -273,9 +270,7 @@ def run(args: argparse.Namespace) -> int:
 
     group = distributed.init(args.connect_timeout)  # None unless started by mlx.launch
     sampler = make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
-    args.lookup = speculative.from_arguments(args)
-    if args.lookup and args.draft_model:
-        raise MistralError("--prompt-lookup and --draft-model: choose one")
+    args.lookup = speculative.from_arguments(args)  # (MistralError with --draft-model too)
     args.draft = None
     args.tools_file, args.tools = args.tools, read_tools(args.tools)  # its tool definitions, checked before loading
     if args.tool_choice == "none":  # the tools are left out of the prompt, as the server does

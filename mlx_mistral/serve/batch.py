@@ -11,7 +11,8 @@ from ..layered_cache import KVCache
 from ..generate import TextStream
 from ..model import Mistral
 from ..sample import make_picker, penalize_histories, top_logprobs
-from ..speculative import Draw, Lookup, PromptLookup, Width, verify
+from ..speculative import DraftModel, Draw, Lookup, PromptLookup, Width, verify
+from ..speculative.lookup import Pace
 from ..structured import masked
 from .blocks import BlockStore
 from .prefix_cache import Marks
@@ -23,7 +24,7 @@ class Row:
     and its stream."""
 
     def __init__(self, request: Request, ids: list[int], held: int, text: TextStream, marks: Marks,
-                 lookup: Lookup | None = None):
+                 lookup: Lookup | None = None, draft_tokens: int = 0):
         self.request, self.ids, self.text, self.marks = request, ids, text, marks  # marks: see Held
         self.feed = ids[held:]  # never empty: the last prompt token is fed by a decode step
         self.reused = held  # prompt tokens already in the cache
@@ -32,8 +33,11 @@ class Row:
         self.pieces: list[str] = []
         self.pick = make_picker(request.temperature, request.top_p, request.top_k, seed=request.seed)
         self.guide = request.constraint.guide() if request.constraint else None
-        # prompt lookup's drafts (None: this row does not speculate), and its counts
+        # prompt lookup's drafts (or a draft model's, draft_tokens at most), how many a step (None:
+        # this row does not speculate), and its counts
         self.lookup = PromptLookup(lookup, ids) if lookup and request.speculate else None
+        self.pace = self.lookup.pace if self.lookup else Pace(draft_tokens) if draft_tokens and request.speculate \
+            else None
         self.drafted = self.accepted = self.forwards = 0
 
     @property
@@ -45,10 +49,17 @@ class Row:
         return Draw(self.pick, self.ids + self.answer, self.greedy, r.repetition_penalty, self.guide,
                     r.logprobs)
 
+    def limit(self, headroom: int) -> int:
+        """The drafts the next step may take: never past max_tokens (nor the headroom)."""
+        return min(self.request.max_tokens - len(self.answer) - 1, headroom)
+
     def drafts(self, headroom: int) -> list[int]:
-        """Prompt lookup's drafts for the next step: never past max_tokens (nor the headroom)."""
-        left = self.request.max_tokens - len(self.answer) - 1
-        return self.lookup.propose(min(left, headroom)) if self.lookup else []
+        """Prompt lookup's drafts for the next step."""
+        return self.lookup.propose(self.limit(headroom)) if self.lookup else []
+
+    def sampled(self) -> bool:
+        """Its draft model's drafts are draws (temperature > 0), checked by rejection sampling."""
+        return self.pace is not None and self.request.temperature > 0
 
     def event(self, r, token: int, capacity: int, logprob: TokenLogprob | None = None) -> Event:
         """The Event of generated `token` (r: TextStream.add's result), with the row's stats."""
@@ -115,6 +126,7 @@ class Batch:
     # the last step's drafted_tokens, accepted_tokens, verify_steps (0 or 1), drafting_rows (rows with drafts)
     speculated: dict = field(default_factory=dict)
     width: Width = field(default_factory=Width)  # how many drafts a verify step feeds, from step timings
+    draft: DraftModel | None = None  # the rows' draft model (else prompt lookup, for rows that speculate)
 
     def join(self, rows: list[Row], cache: KVCache) -> None:
         """Rows whose prompts are in but their last token, which they feed next."""
@@ -125,6 +137,8 @@ class Batch:
         y = mx.array([row.feed[0] for row in rows], dtype=mx.uint32)
         self.y = y if self.y is None else mx.concatenate([self.y, y.astype(self.y.dtype)])
         self.rows.extend(rows)
+        if self.draft:
+            self.draft.join([row.ids for row in rows])
 
     def step(self, model: Mistral) -> tuple[list[list[int]], dict[int, list[TokenLogprob]]]:
         """One step for every row: the tokens each row emits (one, or with speculation its
@@ -133,13 +147,21 @@ class Batch:
         start = time.perf_counter()
         for row in self.rows:
             row.forwards += 1
-        drafts = [row.drafts(self.cache.headroom) for row in self.rows]
-        rates = [row.lookup.pace.rate if row.lookup else 0.0 for row in self.rows]
+        draws = [row.draw() for row in self.rows]
+        if self.draft:
+            drafts = self.draft.propose([row.pace.budget(row.limit(self.cache.headroom)) if row.pace else 0
+                                         for row in self.rows], [row.pick if row.sampled() else None
+                                                                 for row in self.rows])
+            for row, draw, q in zip(self.rows, draws, self.draft.q):
+                draw.q, draw.seed = q, row.request.seed
+        else:
+            drafts = [row.drafts(self.cache.headroom) for row in self.rows]
+        rates = [row.pace.rate if row.pace else 0.0 for row in self.rows]
         width = self.width.choose([len(d) for d in drafts], rates)
         if width == 0:
             for row, d in zip(self.rows, drafts):
                 if d:
-                    row.lookup.pace.withheld()
+                    row.pace.withheld()
         drafts = [d[:width] for d in drafts]
         self.speculated = dict(drafted_tokens=sum(map(len, drafts)), accepted_tokens=0,
                                verify_steps=int(any(drafts)), drafting_rows=sum(map(bool, drafts)))
@@ -147,7 +169,7 @@ class Batch:
             tokens, logprobs = self._decode(model)
             runs, logprobs = [[t] for t in tokens], {b: [lp] for b, lp in logprobs.items()}
         else:
-            verdicts = verify(model, self.cache, self.y.tolist(), drafts, [row.draw() for row in self.rows])
+            verdicts = verify(model, self.cache, self.y.tolist(), drafts, draws)
             runs = [v.tokens for v in verdicts]
             # what the grammars let through
             self.speculated["drafted_tokens"] = sum(v.drafted for v in verdicts)
@@ -156,12 +178,14 @@ class Batch:
             for row, v in zip(self.rows, verdicts):
                 row.drafted, row.accepted = row.drafted + v.drafted, row.accepted + v.accepted
                 self.speculated["accepted_tokens"] += v.accepted
-                if row.lookup:
-                    row.lookup.update(v.drafted, v.accepted)
+                if row.pace:
+                    row.pace.update(v.drafted, v.accepted)
             self.y = mx.array([run[-1] for run in runs], dtype=mx.uint32)
         for row, run in zip(self.rows, runs):
             if row.lookup:
                 row.lookup.extend(run)
+        if self.draft:
+            self.draft.update([len(run) - 1 for run in runs], runs)
         self.width.observe(len(self.rows) * (1 + max(map(len, drafts))), time.perf_counter() - start)
         return runs, logprobs
 
@@ -213,4 +237,6 @@ class Batch:
             self.y = self.y[mx.array(keep, dtype=mx.int32)]
         else:
             self.cache = self.y = None
+        if self.draft:
+            self.draft.keep(keep)
         self.rows = [self.rows[b] for b in keep]

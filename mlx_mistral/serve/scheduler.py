@@ -32,7 +32,7 @@ from ..errors import MistralError
 from ..generate import DEFAULT_PREFILL_CHUNK, TextStream
 from ..loading import load
 from ..memory import row_cache
-from ..speculative import Lookup
+from ..speculative import DEFAULT_DRAFT_TOKENS, DraftModel, Lookup, load_draft
 from ..structured import Grammars
 from .batch import Batch, Group, Row
 from .blocks import BlockStore
@@ -65,6 +65,9 @@ class Scheduler:
     `prompt_cache_dir` if given (see prefix_cache.py). `gguf_bits`: see loading.load. With
     `lookup`, rows speculate with prompt lookup (speculative/), unless their request opts out;
     every row's cache then has lookup.draft_tokens slots past its window (counted in kv_budget).
+    With a `draft_model` (a path or name, the same tokenizer) they speculate with its drafts,
+    `draft_tokens` a step at most; its caches of the rows count in kv_budget too (the prefix
+    cache holds the model's K/V only: the draft prefills each row's whole prompt as it joins).
     """
 
     def __init__(self, model: str = "demo", max_kv_size: int | None = None, max_batch: int = 8,
@@ -74,7 +77,8 @@ class Scheduler:
                  kv_group_size: int = 64, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
                  prompt_cache_dir: str | None = None,
                  prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES, gguf_bits: int | None = None,
-                 lookup: Lookup | None = None):
+                 lookup: Lookup | None = None, draft_model: str | None = None,
+                 draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         optional = [(name, value) for name, value in (("max_kv_size", max_kv_size), ("kv_budget", kv_budget))
                     if value is not None]
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
@@ -84,25 +88,31 @@ class Scheduler:
         if not isinstance(prompt_cache_bytes, int) or prompt_cache_bytes < 0:
             raise MistralError(f"prompt_cache_bytes must be an integer >= 0, got {prompt_cache_bytes!r}")
         self.max_batch, self.kv_budget = max_batch, kv_budget
+        if lookup and draft_model:
+            raise MistralError("speculate with prompt lookup or with a draft model, not both")
         self.prefill_chunk, self.lookup = prefill_chunk, lookup
+        self.headroom = lookup.draft_tokens if lookup else Lookup(draft_tokens).draft_tokens if draft_model else 0
         self.prefixes = PrefixCache(max_idle, max_idle_bytes)  # its blocks come once the model is loaded
         self._waiting = Waiting(max_queue)
         self._prefilling: list[Group] = []  # oldest first
-        self._batch = Batch()
         self._outbox: list[tuple[Request, Event]] = []  # sent once the step's bookkeeping is done
         self.counters = dict(steps=0, rows=0, max_rows=0, max_prefill_rows=0, generated_tokens=0,
                              prefilled_tokens=0, reused_tokens=0, stop=0, length=0, tool_calls=0,
                              cancelled=0, error=0, admitted=0, reused_requests=0, prompt_tokens=0,
                              drafted_tokens=0, accepted_tokens=0, verify_steps=0, drafting_rows=0)
         self.tokens_per_second = 0.0  # the last decode step's rows / its time
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.draft = None
+        self._batch = Batch()
         self._thread = ModelThread(self._tick, lambda: bool(self._batch.rows or self._prefilling or self._waiting))
         self.name = model
         self.model, self.tokenizer = self.call(load, model, gguf_bits=gguf_bits)
         atexit.register(self.close)
         self.grammars = Grammars(self.tokenizer, self.model.args.vocab_size)  # structured output's (built on first use)
         try:
+            if draft_model:
+                self.draft = self.call(load_draft, draft_model, self.tokenizer, gguf_bits=gguf_bits)
             self._configure(max_kv_size, kv_budget, kv_bits, kv_group_size)
+            self._batch = self._new_batch()
             self.prefixes.blocks = self.call(
                 BlockStore, self._new_cache, model_identity(model, self.model.args, self.model.dtype, gguf_bits),
                 prompt_cache_bytes, prompt_cache_dir, prompt_cache_disk_bytes)
@@ -117,9 +127,10 @@ class Scheduler:
         check_kv_quantization(args, kv_bits, kv_group_size, self.model.dtype)
         self.kv_bits, self.kv_group_size, self.window = kv_bits, kv_group_size, args.sliding_window
         self.max_kv_size = DEFAULT_MAX_KV_SIZE if max_kv_size is None and self.window is None else max_kv_size
-        self.headroom = self.lookup.draft_tokens if self.lookup else 0
         self.capacity, self.context, self.row_bytes = row_cache(args, self.max_kv_size, self.model.dtype.size,
                                                                 kv_bits, kv_group_size, self.headroom)
+        self.draft_bytes = row_cache(self.draft.args, self.capacity, self.draft.dtype.size, None, 64,
+                                     self.headroom)[2] if self.draft else 0  # a row's, while it runs
         if kv_budget is not None and kv_budget < self.row_bytes:
             raise MistralError(f"kv_budget of {kv_budget} bytes is less than one row's KV cache "
                                f"({self.row_bytes} bytes: {self.capacity} slots)")
@@ -174,13 +185,17 @@ class Scheduler:
         return sum(len(group.rows) for group in self._prefilling)
 
     def _kv_bytes(self, rows: int) -> int:
-        """The K/V bytes of `rows` rows, the idle caches and the blocks in memory."""
-        return (rows + len(self.prefixes)) * self.row_bytes + self.prefixes.blocks.nbytes
+        """The K/V bytes of `rows` rows (and their draft model's), the idle caches and the blocks in memory."""
+        return (rows + len(self.prefixes)) * self.row_bytes + rows * self.draft_bytes + self.prefixes.blocks.nbytes
 
     def _new_cache(self, roll: bool, rows: int = 1) -> KVCache:
         """An empty cache of `rows` rows (warning once if it rolls, when `roll`)."""
         return make_cache(self.model.args, self.max_kv_size, rows, self.model.dtype, self.kv_bits,
                           self.kv_group_size, warn_on_roll=roll, headroom=self.headroom)
+
+    def _new_batch(self) -> Batch:
+        return Batch(draft=DraftModel(self.draft, self.headroom, self.capacity, self.prefill_chunk)
+                     if self.draft else None)
 
     # --- the model thread ---------------------------------------------------------------
 
@@ -246,7 +261,7 @@ class Scheduler:
             except Exception as e:
                 self._end(request, "error", f"{type(e).__name__}: {e}")
                 continue
-            row = Row(request, ids, held, text, marks, self.lookup)
+            row = Row(request, ids, held, text, marks, self.lookup, self.headroom if self.draft else 0)
             for name, n in dict(admitted=1, reused_requests=held > 0, prompt_tokens=len(ids), reused_tokens=held).items():
                 self.counters[name] += n
             if cache is None:
@@ -344,11 +359,12 @@ class Scheduler:
             self._finish(row, "error", message)
         for request in self._waiting.drain():
             self._end(request, "error", message)
-        self._batch, self._prefilling = Batch(), []
+        self._batch, self._prefilling = self._new_batch(), []
 
     def _free(self) -> None:
         self._fail_all("the model was closed")
+        self._batch = Batch()  # without the draft model
         self._send()
         self.prefixes.clear()
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.draft = None
         gc.collect()

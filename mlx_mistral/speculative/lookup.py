@@ -29,23 +29,30 @@ class Lookup:
                                f"got {lo!r}:{hi!r}")
 
 
-def add_arguments(p, draft_model: bool = False) -> None:
-    """The command lines' --prompt-lookup, --lookup-ngram and --draft-tokens (read by from_arguments);
-    with `draft_model`, --draft-tokens also bounds --draft-model's drafts."""
+def add_arguments(p) -> None:
+    """The command lines' --prompt-lookup, --lookup-ngram, --draft-model and --draft-tokens (read
+    by from_arguments)."""
     p.add_argument("--prompt-lookup", action="store_true",
                    help="speculate with prompt lookup: draft the tokens that followed the latest match of "
                    "the last n tokens in the prompt and answer, keep what the model agrees with (the same "
                    "output, fewer forwards where the answer copies the prompt)")
+    p.add_argument("--draft-model", metavar="PATH",
+                   help="speculate with this smaller model's drafts (the same tokenizer and chat template, "
+                   "checked; any name --model takes)")
     p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
-                   help="drafts a step at most, with --prompt-lookup"
-                   + (" or --draft-model" if draft_model else "")
-                   + f" (default {DEFAULT_DRAFT_TOKENS}; each cache gets as many slots past its window)")
+                   help=f"drafts a step at most, with --prompt-lookup or --draft-model (default "
+                   f"{DEFAULT_DRAFT_TOKENS}; each cache gets as many slots past its window)")
     p.add_argument("--lookup-ngram", default=":".join(map(str, DEFAULT_NGRAM)), metavar="MIN:MAX",
                    help="with --prompt-lookup: n-gram sizes matched, longest first (default %(default)s)")
 
 
 def from_arguments(args) -> Lookup | None:
-    """The Lookup of add_arguments' flags (None without --prompt-lookup); MistralError if bad."""
+    """The Lookup of add_arguments' flags (None without --prompt-lookup); MistralError if bad
+    (--draft-tokens is checked with --draft-model too)."""
+    if args.prompt_lookup and args.draft_model:
+        raise MistralError("--prompt-lookup and --draft-model: choose one")
+    if args.draft_model:
+        Lookup(args.draft_tokens)
     return Lookup(args.draft_tokens, parse_ngram(args.lookup_ngram)) if args.prompt_lookup else None
 
 
