@@ -11,7 +11,7 @@ from .layered_cache import make_cache
 from .loading import load
 from .model import Mistral
 from .sample import make_sampler
-from .speculative import Lookup
+from .speculative import Lookup, load_draft
 from .structured import Constraint, Grammars
 from .text import StreamingDetokenizer, TextTokenizer, ToolCall
 from .tokenizer import Tokenizer
@@ -19,6 +19,6 @@ from .tokenizer import Tokenizer
 __all__ = [
     "Constraint", "Grammars", "GenerationResponse", "Lookup", "Mistral", "batch_generate",
     "batch_stream_generate", "MistralError", "ModelArgs", "RollingKVCache",
-    "StreamingDetokenizer", "TextTokenizer", "Tokenizer", "ToolCall", "generate", "generate_step", "load", "make_cache",
-    "make_sampler", "stream_generate",
+    "StreamingDetokenizer", "TextTokenizer", "Tokenizer", "ToolCall", "generate", "generate_step", "load", "load_draft",
+    "make_cache", "make_sampler", "stream_generate",
 ]

@@ -147,10 +147,19 @@ class Mistral(nn.Module):
         """The activation dtype (that of the norms, which are never quantized)."""
         return self.model.norm.weight.dtype
 
-    def __call__(self, tokens: mx.array, cache: KVCache) -> mx.array:
-        """tokens [B, L] at positions cache.offset.. -> logits [B, L, vocab]."""
+    def __call__(self, tokens: mx.array, cache: KVCache, images: tuple[mx.array, mx.array] | None = None
+                 ) -> mx.array:
+        """tokens [B, L] at positions cache.offset.. -> logits [B, L, vocab]. `images`: (the flat
+        indices into [B * L] of the tokens whose embeddings are image features, those features
+        [n, dim]): vision.Vision's, in place of the [IMG] tokens' embeddings."""
         masks = cache.layer_masks(tokens.shape[1])  # built once per step per window, shared by its layers
         h = self.model.embed_tokens(tokens)
+        if images is not None:
+            at, features = images
+            B, L, D = h.shape
+            h = h.reshape(B * L, D)
+            h[at] = features.astype(h.dtype)
+            h = h.reshape(B, L, D)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, masks[i], cache, i)
         cache.advance(tokens.shape[1])

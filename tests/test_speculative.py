@@ -5,6 +5,8 @@ plain run's own continuation, some tokens corrupted), which are accepted far mor
 that runs of accepted drafts cross the window's wrap, end on a stop string, and meet a grammar.
 """
 
+import re
+
 import mlx.core as mx
 import mlx.utils
 import numpy as np
@@ -266,8 +268,12 @@ def test_cli_prompt_lookup_stats_and_errors(capsys):
         runs.append(__import__("json").loads(capsys.readouterr().out))
     assert runs[0]["tokens"] == runs[1]["tokens"] and runs[0]["forwards"] == 0
     assert 0 < runs[1]["forwards"] <= 40 and runs[1]["drafted_tokens"] >= runs[1]["accepted_tokens"]
+    spec = runs[1]["speculation"]
+    assert runs[0]["speculation"] is None and spec["forwards_per_token"] == runs[1]["forwards"] / 40
+    assert spec["mean_accepted_run"] == spec["accepted"] / runs[1]["drafting_forwards"]
     assert main(argv[:-1] + ["--prompt-lookup"]) == 0
-    assert "speculation: " in capsys.readouterr().err
+    assert re.search(r"speculation: \d+/\d+ drafts accepted \(\d+%\), mean run [\d.]+, [\d.]+ forwards a token",
+                     capsys.readouterr().err)
     for bad, message in ((["--lookup-ngram", "4:2"], "1 <= MIN <= MAX"),
                          (["--draft-tokens", "0"], "draft_tokens"), (["--lookup-ngram", "x"], "MIN:MAX")):
         assert main(argv + ["--prompt-lookup", *bad]) == 2
@@ -288,10 +294,10 @@ def test_request_field_and_metrics():
              "max_prefill_rows prefilled_tokens reused_tokens tokens_per_second kv_bytes idle_caches "
              "verify_steps reused_requests admitted prompt_tokens block_bytes disk_bytes blocks disk_blocks")
     stats = dict.fromkeys(names.split(), 0)
-    stats.update(rows=30, generated_tokens=60, drafted_tokens=50, accepted_tokens=40)
+    stats.update(rows=30, generated_tokens=60, drafted_tokens=50, accepted_tokens=40, drafting_rows=10)
     text = prometheus(stats, Counter())
     assert "mlx_mistral_forwards_per_token 0.5" in text and "mlx_mistral_draft_acceptance_rate 0.8" in text
-    assert "mlx_mistral_accepted_tokens_total 40" in text
+    assert "mlx_mistral_accepted_tokens_total 40" in text and "mlx_mistral_mean_accepted_run 4.0" in text
 
 
 @pytest.fixture(scope="module")
@@ -378,27 +384,55 @@ def test_sampled_drafts_keep_the_targets_distribution():
     assert abs(accepted - sum(min(a, b) for a, b in zip(p, mx.exp(q).tolist()))) < 0.02
 
 
-@pytest.mark.parametrize("own", [True, False])
-def test_draft_model_in_the_batch_equals_plain(window8, own, full_width):
+@pytest.fixture(scope="module", params=["demo", "window 8", "window 8, smaller draft", "kv 8-bit", "mixtral"])
+def drafting(request, window8, tmp_path_factory):
+    """A scheduler whose rows draft with a draft model: the target itself (the demo shape, a GQA
+    model with a window of 8, the demo with an 8-bit KV cache, a Mixtral with a window of 8), or
+    the smaller model beside the window-8 one. True when every draft must be accepted: the draft
+    computes as the target does (not so beside an 8-bit KV cache, nor with another model)."""
+    _, target, smaller = window8
+    draft, kw = target, {}
+    if request.param.startswith("demo") or request.param.startswith("kv"):
+        target = draft = "demo"
+        kw = dict(kv_bits=8, kv_group_size=32) if request.param.startswith("kv") else {}
+    elif request.param == "mixtral":
+        target = draft = tmp_path_factory.mktemp("mixtral-draft")
+        write_mixtral(target, mixtral_config(8))
+    elif "smaller" in request.param:
+        draft = smaller
+    s = Scheduler(str(target), max_batch=10, prefill_chunk=16, prompt_cache_bytes=0, draft_model=str(draft),
+                  draft_tokens=4, **kw)
+    yield s, draft == target and not kw
+    s.close()
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_draft_model_in_the_batch_equals_plain(drafting, window8, batch, full_width, monkeypatch):
     """The server's batch with a draft model (the target itself: every draft accepted; a smaller
-    random one: few if any): ragged rows, greedy, past the window's wrap, each row its plain run; a sampled row
-    beside them (rejection sampling) and an opted-out one; the draft's caches count in the KV budget."""
-    (_, tok), target, draft = window8
-    s = Scheduler(target, max_batch=4, prefill_chunk=16, prompt_cache_bytes=0,
-                  draft_model=target if own else draft, draft_tokens=4)
-    try:
-        plain_s = Scheduler(target, max_batch=4, prompt_cache_bytes=0)
-        assert s.draft_bytes == (s.row_bytes if own else s.row_bytes // 2)  # 2 layers or 1
-        ps = prompts(s, 3)
-        plain = [solo(plain_s, p, 40) for p in ps]
-        plain_s.close()
-        requests = [Request(p, max_tokens=40) for p in ps]
-        requests.append(Request(ps[0], max_tokens=20, temperature=0.8, seed=1))
-        requests.append(Request(ps[1], max_tokens=20, speculate=False))
-        got = served(s, requests)
-        assert [g[0] for g in got[:3]] == plain and got[4][0] == plain[1][:20]
-        assert len(got[3][0]) == 20 and got[4][1].drafted_tokens == 0
-        drafted, accepted = sum(e.drafted_tokens for _, e in got[:3]), sum(e.accepted_tokens for _, e in got[:3])
-        assert drafted > 0 and (accepted == drafted or not own)  # (a random smaller one: few, if any)
-    finally:
-        s.close()
+    random one: few if any): ragged rows, greedy, past the window's wrap, a row under a JSON grammar,
+    each row its plain run; with the target as draft, a token inside an accepted run made the EOS
+    ends its row there. A sampled row beside them (rejection sampling) and an opted-out one; the
+    draft's caches count in the KV budget."""
+    s, own = drafting
+    if own:  # the same model, the same cache
+        assert s.draft_bytes == s.row_bytes
+    ps = prompts(s, batch)
+    if own:  # the runs are 5 tokens (1 + 4 drafts): 0-4, 5-9, ...; an EOS not at a run's end
+        first = solo(s, ps[-1], 40)
+        cut = next(i for i in range(8, 30) if first.index(first[i]) == i and i % 5 != 4)
+        monkeypatch.setattr(s.tokenizer, "eos_id", first[cut])
+    json = s.grammars.json() if batch == 3 else None
+    plain = [solo(s, p, 40, constraint=json if i == 1 else None) for i, p in enumerate(ps)]
+    requests = [Request(p, max_tokens=40, constraint=json if i == 1 else None) for i, p in enumerate(ps)]
+    requests.append(Request(ps[0], max_tokens=20, temperature=0.8, seed=1))
+    requests.append(Request(ps[-1], max_tokens=20, speculate=False))
+    got = served(s, requests)
+    assert [g[0] for g in got[:batch]] == plain and got[-1][0] == plain[-1][:20]
+    assert 0 < len(got[-2][0]) <= 20 and got[-2][1].finish_reason in ("stop", "length")
+    assert got[-2][1].drafted_tokens > 0 and got[-1][1].drafted_tokens == 0
+    ends = [e for _, e in got[:batch]]
+    drafted, accepted = sum(e.drafted_tokens for e in ends), sum(e.accepted_tokens for e in ends)
+    assert drafted > 0 and (accepted == drafted or not own)  # (a random smaller one: few, if any)
+    if own:
+        assert got[batch - 1][0] == first[:cut + 1] and ends[-1].finish_reason == "stop"
+        assert ends[-1].forwards == cut // 5 + 1

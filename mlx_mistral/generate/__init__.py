@@ -38,10 +38,12 @@ class GenerationResponse:
     tool_calls: list[ToolCall] | None = None  # on the last response, when the answer is function calls
     reasoning: str = ""  # new reasoning text since the previous response ([THINK]...[/THINK], not in `text`)
     stop_sequence: str | None = None  # on the last response, when a stop string ended it: which one
-    # with prompt lookup: drafts proposed and accepted so far, and target forwards (steps) so far
+    # with speculation: drafts proposed and accepted so far, target forwards (steps) so far, and
+    # those of them that checked drafts (accepted_tokens / drafting_forwards: the mean accepted run)
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     forwards: int = 0
+    drafting_forwards: int = 0
 
 
 def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int) -> mx.array:
@@ -314,14 +316,15 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
         sampling = None
     proposer = PromptLookup(lookup, ids) if lookup else DraftRow(draft_model, headroom, ids, cache.window,
                                                                  prefill_chunk, sampling)
-    drafted = accepted = forwards = 0
+    drafted = accepted = forwards = drafting = 0
     steps = speculative_step(model, ids, cache, sampler, proposer, prefill_chunk, repetition_penalty,
                              guide=guide, max_tokens=max_tokens)
     for run, drafts in steps:
         drafted, accepted, forwards = drafted + drafts, accepted + len(run) - 1, forwards + 1
+        drafting += drafts > 0
         for i, token in enumerate(run):
             r = text.add(token, cache)
-            r.drafted_tokens, r.accepted_tokens, r.forwards = drafted, accepted, forwards
+            r.drafted_tokens, r.accepted_tokens, r.forwards, r.drafting_forwards = drafted, accepted, forwards, drafting
             yield r
             if text.finish:
                 cache.rewind([len(run) - 1 - i])  # it holds the run but its last token: as if it ended here

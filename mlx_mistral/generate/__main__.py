@@ -151,7 +151,19 @@ def encode(tokenizer, prompt: str, args: argparse.Namespace, what: str = "prompt
 
 def result_fields(r: GenerationResponse) -> dict:
     """A response's fields as JSON values (tool calls in OpenAI's format)."""
-    return {**vars(r), "tool_calls": [c.to_openai() for c in r.tool_calls] if r.tool_calls else None}
+    return {**vars(r), "tool_calls": [c.to_openai() for c in r.tool_calls] if r.tool_calls else None,
+            "speculation": speculation(r)}
+
+
+def speculation(r: GenerationResponse) -> dict | None:
+    """Speculation's figures (None without it): drafts, the share kept, the mean accepted run
+    (accepted drafts per forward that checked drafts), target forwards per emitted token."""
+    if not r.forwards:
+        return None
+    return dict(drafted=r.drafted_tokens, accepted=r.accepted_tokens,
+                acceptance_rate=r.accepted_tokens / max(r.drafted_tokens, 1),
+                mean_accepted_run=r.accepted_tokens / max(r.drafting_forwards, 1),
+                forwards_per_token=r.forwards / max(r.generation_tokens, 1))
 
 
 class Printer:
@@ -183,11 +195,11 @@ def stats_line(r: GenerationResponse) -> str:
         f"ttft {r.ttft:.3f} s | peak memory {r.peak_memory / 2**20:.1f} MiB | "
         f"KV cache {r.kv_cache_bytes / 2**20:.2f} MiB allocated, {r.kv_cache_tokens} tokens held"
     )
-    if not r.forwards:
+    s = speculation(r)
+    if s is None:
         return line
-    rate = r.accepted_tokens / r.drafted_tokens if r.drafted_tokens else 0.0
-    return (f"{line} | speculation: {r.accepted_tokens}/{r.drafted_tokens} drafts accepted ({rate:.0%}), "
-            f"{r.forwards / r.generation_tokens:.2f} forwards a token")
+    return (f"{line} | speculation: {s['accepted']}/{s['drafted']} drafts accepted ({s['acceptance_rate']:.0%}), "
+            f"mean run {s['mean_accepted_run']:.2f}, {s['forwards_per_token']:.2f} forwards a token")
 
 
 def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:

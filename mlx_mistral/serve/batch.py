@@ -61,6 +61,17 @@ class Row:
         """Its draft model's drafts are draws (temperature > 0), checked by rejection sampling."""
         return self.pace is not None and self.request.temperature > 0
 
+    def add(self, token: int, cache: KVCache):
+        """Take generated `token`: (TextStream.add's result, None), or (None, the error) when
+        its grammar refuses it."""
+        error = self.guide.advance(token) if self.guide else None
+        if error:
+            return None, error
+        r = self.text.add(token, cache)
+        self.answer.append(token)
+        self.pieces.append(r.text)
+        return r, None
+
     def event(self, r, token: int, capacity: int, logprob: TokenLogprob | None = None) -> Event:
         """The Event of generated `token` (r: TextStream.add's result), with the row's stats."""
         n = r.generation_tokens
@@ -147,13 +158,10 @@ class Batch:
         start = time.perf_counter()
         for row in self.rows:
             row.forwards += 1
-        draws = [row.draw() for row in self.rows]
         if self.draft:
             drafts = self.draft.propose([row.pace.budget(row.limit(self.cache.headroom)) if row.pace else 0
                                          for row in self.rows], [row.pick if row.sampled() else None
                                                                  for row in self.rows])
-            for row, draw, q in zip(self.rows, draws, self.draft.q):
-                draw.q, draw.seed = q, row.request.seed
         else:
             drafts = [row.drafts(self.cache.headroom) for row in self.rows]
         rates = [row.pace.rate if row.pace else 0.0 for row in self.rows]
@@ -169,6 +177,9 @@ class Batch:
             tokens, logprobs = self._decode(model)
             runs, logprobs = [[t] for t in tokens], {b: [lp] for b, lp in logprobs.items()}
         else:
+            draws = [row.draw() for row in self.rows]
+            for row, draw, q in zip(self.rows, draws, self.draft.q if self.draft else []):
+                draw.q, draw.seed = q, row.request.seed  # a sampling draft model's (rejection sampling)
             verdicts = verify(model, self.cache, self.y.tolist(), drafts, draws)
             runs = [v.tokens for v in verdicts]
             # what the grammars let through
@@ -240,3 +251,31 @@ class Batch:
         if self.draft:
             self.draft.keep(keep)
         self.rows = [self.rows[b] for b in keep]
+
+
+def prefill(groups: list[Group], batch: Batch, model: Mistral, budget: int, capacity: int,
+            blocks: BlockStore) -> list[tuple[int, int]]:
+    """Feed up to `budget` prompt tokens, oldest group first, and (n, rows) for each chunk fed.
+    Every row of a group gets the same n tokens: at most the fewest any row has left before its
+    last token, so the rows stay at one position, and no further than the blocks can be
+    captured from (BlockStore.room). Rows down to their last token join `batch`."""
+    chunks = []
+    for group in groups:
+        _join(group, batch)
+        if not group.rows or budget <= 0:
+            continue
+        rows = group.rows
+        n = min(min(len(row.feed) for row in rows) - 1, max(1, budget // len(rows)), capacity,
+                blocks.room(group.cache.offset))
+        group.prefill(model, n, blocks)
+        budget -= n * len(rows)
+        chunks.append((n, len(rows)))
+        _join(group, batch)
+    return chunks
+
+
+def _join(group: Group, batch: Batch) -> None:
+    """The rows of `group` with only their last prompt token left join the decode batch."""
+    ready = group.take_ready()
+    if ready:
+        batch.join(*ready)

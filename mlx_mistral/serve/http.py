@@ -224,6 +224,8 @@ def prometheus(stats: dict, statuses: Counter) -> str:
     acceptance = stats["accepted_tokens"] / max(stats["drafted_tokens"], 1)
     lines += ["# TYPE mlx_mistral_draft_acceptance_rate gauge",
               f"mlx_mistral_draft_acceptance_rate {acceptance}",
+              "# TYPE mlx_mistral_mean_accepted_run gauge",  # accepted drafts per row and step that drafted
+              f"mlx_mistral_mean_accepted_run {stats['accepted_tokens'] / max(stats['drafting_rows'], 1)}",
               "# TYPE mlx_mistral_forwards_per_token gauge",
               f"mlx_mistral_forwards_per_token {stats['rows'] / max(stats['generated_tokens'], 1)}"]
     # the prefix cache: the share of requests (and of prompt tokens) it answered, and its blocks per tier

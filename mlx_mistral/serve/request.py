@@ -184,3 +184,10 @@ class Waiting:
             if len(self) == n:
                 return
             n = len(self)
+
+
+def check_positive(**values: int | None) -> None:
+    """MistralError naming the first of `values` (None: not given) that is not a positive integer."""
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise MistralError(f"{name} must be a positive integer, got {value!r}")

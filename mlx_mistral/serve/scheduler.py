@@ -1,22 +1,13 @@
 """The scheduler: the one model in memory and its continuous batch, run on the model thread.
 
 Who owns MLX: the Scheduler's ModelThread (thread.py), the only thread that runs the model.
-Everything else (the HTTP server, the chat app) hands the Scheduler `Request`s and reads
-their `Event`s, or runs a function on its thread with `call`. It knows nothing of HTTP or
-Gradio. A request waits in the scheduler's `_waiting` queue, then in a prefill group.
-
-Between two decode steps the thread (1) drops rows whose client cancelled, (2) admits
-waiting requests while `max_batch` and the KV budget allow: the fresh ones admitted together
-form one prefill group with one cache of that many rows, a request whose prompt's start the
-PrefixCache holds (an idle cache it continues, or K/V blocks) a group of its own with that cache,
-(3) prefills at most `prefill_chunk` prompt tokens, a group's rows side by side (one [rows, n]
-forward, which BLAS runs far faster than n-token products one row at a time), so running
-streams keep flowing while a long prompt goes in; a row whose prompt is in but its last token
-joins the batch with that token, (4) runs one decode step for all rows with one sync (for a
-row that just joined, it gives the first answer token). A row that ends leaves the batch and
-its cache goes to the PrefixCache (prefill and leaving also hand it K/V blocks). Each row
-keeps its own positions (a ragged batch) and its own sampler, so greedy output of a row never
-depends on its neighbours.
+Everything else (the HTTP server, the chat app) hands the Scheduler `Request`s and reads their
+`Event`s, or runs a function on its thread with `call`; it knows nothing of HTTP or Gradio.
+Between two decode steps the thread drops cancelled rows, admits waiting requests (max_batch,
+the KV budget; a prefix the PrefixCache holds gives a prefill group of its own), prefills up to
+`prefill_chunk` prompt tokens (a group's rows side by side), and runs one decode step for all
+rows with one sync. Each row keeps its own positions and sampler, so a row's greedy output
+never depends on its neighbours. A request's life, step by step: docs/design.md.
 """
 
 import atexit
@@ -34,11 +25,11 @@ from ..loading import load
 from ..memory import row_cache
 from ..speculative import DEFAULT_DRAFT_TOKENS, DraftModel, Lookup, load_draft
 from ..structured import Grammars
-from .batch import Batch, Group, Row
+from .batch import Batch, Group, Row, prefill
 from .blocks import BlockStore
 from .disk_cache import model_identity
 from .prefix_cache import Held, PrefixCache
-from .request import Event, QueueFull, Request, TokenLogprob, Waiting
+from .request import Event, QueueFull, Request, TokenLogprob, Waiting, check_positive
 from .thread import ModelThread
 
 # KV cache slots for a model with full-attention layers (v0.2, v0.3), unless max_kv_size says otherwise.
@@ -54,20 +45,17 @@ __all__ = ["DEFAULT_MAX_KV_SIZE", "Event", "QueueFull", "Request", "Scheduler"]
 class Scheduler:
     """The one model in memory, the one thread that runs it, and its continuous batch.
 
-    Every row gets a cache of `capacity` slots (the sliding window, or max_kv_size if
-    smaller; with per-layer windows each layer has its own, `capacity` the largest),
-    quantized to `kv_bits` (8 or 4, in groups of kv_group_size) if given; admission stops
-    at `max_batch` rows or when one more row would pass `kv_budget` bytes; the next
-    `max_queue` requests wait, in order; past them submit() raises QueueFull. Up to
-    `max_idle` finished caches (and `max_idle_bytes`) are kept, least recently used out
-    first, for requests that continue them, and up to `prompt_cache_bytes` of K/V blocks for
-    any request that starts the same (0: none), and `prompt_cache_disk_bytes` of them in
-    `prompt_cache_dir` if given (see prefix_cache.py). `gguf_bits`: see loading.load. With
-    `lookup`, rows speculate with prompt lookup (speculative/), unless their request opts out;
-    every row's cache then has lookup.draft_tokens slots past its window (counted in kv_budget).
-    With a `draft_model` (a path or name, the same tokenizer) they speculate with its drafts,
-    `draft_tokens` a step at most; its caches of the rows count in kv_budget too (the prefix
-    cache holds the model's K/V only: the draft prefills each row's whole prompt as it joins).
+    Every row gets a cache of `capacity` slots (the sliding window, or max_kv_size if smaller;
+    with per-layer windows, the largest), quantized to `kv_bits` (8 or 4, kv_group_size) if
+    given. Admission stops at `max_batch` rows or past `kv_budget` bytes; the next `max_queue`
+    requests wait, in order (then QueueFull). Up to `max_idle` finished caches (`max_idle_bytes`)
+    wait for requests that continue them, `prompt_cache_bytes` of K/V blocks for any that start
+    the same, and `prompt_cache_disk_bytes` of them in `prompt_cache_dir` (prefix_cache.py).
+    `gguf_bits`: see loading.load. Rows speculate (speculative/; a request may opt out) with
+    prompt lookup (`lookup`) or a `draft_model` (a path or name with the same tokenizer,
+    `draft_tokens` a step); each row's cache then has that many slots past its window, and the
+    draft's caches count in kv_budget (the prefix cache holds the model's K/V only: the draft
+    prefills each row's whole prompt as it joins the batch).
     """
 
     def __init__(self, model: str = "demo", max_kv_size: int | None = None, max_batch: int = 8,
@@ -79,12 +67,8 @@ class Scheduler:
                  prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES, gguf_bits: int | None = None,
                  lookup: Lookup | None = None, draft_model: str | None = None,
                  draft_tokens: int = DEFAULT_DRAFT_TOKENS):
-        optional = [(name, value) for name, value in (("max_kv_size", max_kv_size), ("kv_budget", kv_budget))
-                    if value is not None]
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
-                            ("prompt_cache_disk_bytes", prompt_cache_disk_bytes), *optional):
-            if not isinstance(value, int) or value <= 0:
-                raise MistralError(f"{name} must be a positive integer, got {value!r}")
+        check_positive(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                       prompt_cache_disk_bytes=prompt_cache_disk_bytes, max_kv_size=max_kv_size, kv_budget=kv_budget)
         if not isinstance(prompt_cache_bytes, int) or prompt_cache_bytes < 0:
             raise MistralError(f"prompt_cache_bytes must be an integer >= 0, got {prompt_cache_bytes!r}")
         self.max_batch, self.kv_budget = max_batch, kv_budget
@@ -272,30 +256,12 @@ class Scheduler:
             self._prefilling.append(Group(fresh, self._new_cache(any(row.request.roll for row in fresh), len(fresh))))
 
     def _prefill(self) -> None:
-        """Up to prefill_chunk prompt tokens, oldest group first. Every row of a group gets
-        the same n tokens: at most the fewest any row has left before its last token, so
-        the rows stay at one position, and no further than the blocks can be captured from
-        (BlockStore.room). Rows down to their last token join the batch."""
-        budget = self.prefill_chunk
-        for group in self._prefilling:
-            self._join(group)
-            if not group.rows or budget <= 0:
-                continue
-            rows = group.rows
-            n = min(min(len(row.feed) for row in rows) - 1, max(1, budget // len(rows)), self.capacity,
-                    self.prefixes.blocks.room(group.cache.offset))
-            group.prefill(self.model, n, self.prefixes.blocks)
-            budget -= n * len(rows)
-            self.counters["prefilled_tokens"] += n * len(rows)
-            self.counters["max_prefill_rows"] = max(self.counters["max_prefill_rows"], len(rows))
-            self._join(group)
+        """Up to prefill_chunk prompt tokens, oldest group first (batch.prefill)."""
+        for n, rows in prefill(self._prefilling, self._batch, self.model, self.prefill_chunk, self.capacity,
+                               self.prefixes.blocks):
+            self.counters["prefilled_tokens"] += n * rows
+            self.counters["max_prefill_rows"] = max(self.counters["max_prefill_rows"], rows)
         self._prefilling = [group for group in self._prefilling if group.rows]
-
-    def _join(self, group: Group) -> None:
-        """The rows of `group` with only their last prompt token left join the decode batch."""
-        ready = group.take_ready()
-        if ready:
-            self._batch.join(*ready)
 
     def _decode(self) -> None:
         start = time.perf_counter()
@@ -321,13 +287,10 @@ class Scheduler:
     def _emit(self, row: Row, token: int, cache: KVCache, logprob: TokenLogprob | None = None) -> bool:
         """Send the event of one generated token; True when it ends the request (a token its
         grammar cannot take ends it with an error, the token unsent)."""
-        error = row.guide.advance(token) if row.guide else None
+        r, error = row.add(token, cache)
         if error:
             self._finish(row, "error", error)
             return True
-        r = row.text.add(token, cache)
-        row.answer.append(token)
-        row.pieces.append(r.text)
         self.counters["generated_tokens"] += 1
         if r.finish_reason:
             self.counters[r.finish_reason] += 1

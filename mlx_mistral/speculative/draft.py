@@ -96,7 +96,8 @@ class DraftModel:
                 logits = self.model(y[:, None].astype(mx.uint32), self.cache)[:, -1]
         self.fed = max(k - 1, 0)
         self.q = [mx.concatenate(rows) if rows else None for rows in q]
-        if not k:
+        if not k:  # only fed: evaluated now, lest the lazy graph grow step after step
+            mx.eval(self.cache.keys, self.cache.values)
             return [[] for _ in lengths]
         tokens = mx.stack(drafts, axis=1).tolist()
         return [row[:n] for row, n in zip(tokens, budgets)]

@@ -1,0 +1,141 @@
+"""The Pixtral vision tower and both projectors against transformers (tiny random models it writes):
+image features equal within 1e-4 (float32), one image and two of different sizes in one forward."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from checkpoints import TOKENIZER_V1
+from mlx_mistral import make_cache
+from mlx_mistral.errors import MistralError
+from mlx_mistral.loading import build_model
+from mlx_mistral.loading.hf import read_checkpoint
+from mlx_mistral.vision import Vision, vision_args, vision_weights
+
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_channels=3, patch_size=16, image_size=256, hidden_act="silu",
+              rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+TEXT = dict(vocab_size=1024, hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-5, sliding_window=None,
+            max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def oracle(kind: str, path):
+    """A random Mistral3ForConditionalGeneration or LlavaForConditionalGeneration saved at `path`."""
+    from transformers import (LlavaConfig, LlavaForConditionalGeneration, Mistral3Config,
+                              Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig)
+
+    torch.manual_seed(0)
+    common = dict(vision_config=PixtralVisionConfig(**VISION), text_config=MistralConfig(**TEXT),
+                  image_token_index=10, vision_feature_layer=-1, projector_hidden_act="gelu",
+                  tie_word_embeddings=False)
+    if kind == "mistral3":
+        config = Mistral3Config(**common, spatial_merge_size=2, multimodal_projector_bias=False)
+        model = Mistral3ForConditionalGeneration(config)
+    else:
+        config = LlavaConfig(**common, vision_feature_select_strategy="full", multimodal_projector_bias=True)
+        model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():  # larger than the default init, so that every layer shows in the features
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.1)
+    model.eval().save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=["mistral3", "llava"])
+def models(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    theirs = oracle(request.param, path)
+    config = json.loads((path / "config.json").read_text())
+    weights = {k: mx.array(v) for k, v in load_file(path / "model.safetensors").items()}
+    ours = Vision(vision_args(config))
+    ours.load_weights(list(vision_weights(weights, ours.args).items()))
+    shutil.copy(TOKENIZER_V1, path / "tokenizer.model")  # a checkpoint directory needs one; unused here
+    args, text, _ = read_checkpoint(path)  # the text model, as the loader reads it
+    return theirs, ours, build_model(args, text, mx.float32)
+
+
+def features(model, images: list[np.ndarray]) -> list[np.ndarray]:
+    """transformers' image features: the images zero-padded bottom and right into one batch."""
+    H, W = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+    batch = np.zeros((len(images), 3, H, W), dtype=np.float32)
+    for b, image in enumerate(images):
+        batch[b, :, :image.shape[0], :image.shape[1]] = image.transpose(2, 0, 1)
+    sizes = torch.tensor([i.shape[:2] for i in images])
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=torch.from_numpy(batch), image_sizes=sizes)
+    return [f.numpy() for f in out.pooler_output]
+
+
+@pytest.mark.parametrize("shapes", [[(64, 64)], [(96, 64), (32, 128)]])
+def test_features_equal_transformers(models, shapes):
+    theirs, ours, _ = models
+    rng = np.random.default_rng(1)
+    images = [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in shapes]
+    expected = features(theirs, images)
+    got = ours([mx.array(i) for i in images])
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        assert np.abs(np.array(g) - e).max() < 1e-4
+
+
+def test_images_in_one_forward_do_not_see_each_other(models):
+    _, ours, _ = models
+    rng = np.random.default_rng(2)
+    a, b = (mx.array(rng.standard_normal((64, 64 + 32 * i, 3)).astype(np.float32)) for i in range(2))
+    together = ours([a, b])
+    assert np.abs(np.array(together[1]) - np.array(ours([b])[0])).max() < 1e-5
+
+
+def test_bad_images_and_configs_are_one_line_errors(models):
+    _, ours, _ = models
+    cell = ours.args.cell
+    with pytest.raises(MistralError, match=f"multiples of {cell} pixels"):
+        ours([mx.zeros((cell + 8, cell, 3))])  # a grid the merger cannot divide: never truncated
+    with pytest.raises(MistralError, match="vision_feature_select_strategy"):
+        vision_args({"model_type": "llava", "vision_config": {}, "text_config": {}})
+    with pytest.raises(MistralError, match="lacks 'hidden_size'"):
+        vision_args({"model_type": "mistral3", "vision_config": {}, "text_config": {}})
+
+
+def image_tokens(rows: int, cols: int) -> list[int]:
+    """An image's tokens: each row [IMG] x cols then [IMG_BREAK], the last one [IMG_END]."""
+    tokens = ([10] * cols + [12]) * rows
+    return tokens[:-1] + [13]
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_logits_equal_transformers(models, chunk):
+    """Two images of different sizes in one prompt (features in place of their [IMG] tokens), fed in
+    one prefill and in chunks of 5 tokens that split the images' tokens."""
+    theirs, ours, text = models
+    rng = np.random.default_rng(3)
+    images = [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in ((64, 96), (32, 64))]
+    cell = ours.args.cell
+    ids = [1, 5, 6]
+    for image in images:
+        ids += image_tokens(image.shape[0] // cell, image.shape[1] // cell) + [7, 8]
+    H, W = 64, 96
+    batch = np.zeros((2, 3, H, W), dtype=np.float32)
+    for b, image in enumerate(images):
+        batch[b, :, :image.shape[0], :image.shape[1]] = image.transpose(2, 0, 1)
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(batch),
+                          image_sizes=torch.tensor([i.shape[:2] for i in images])).logits[0].numpy()
+    features = mx.concatenate(ours([mx.array(i) for i in images]))
+    at = [i for i, t in enumerate(ids) if t == 10]
+    cache, got, fed = make_cache(text.args), [], 0
+    for start in range(0, len(ids), chunk or len(ids)):
+        piece = ids[start:start + (chunk or len(ids))]
+        mine = [i - start for i in at if start <= i < start + len(piece)]
+        images_here = (mx.array(mine), features[fed:fed + len(mine)]) if mine else None
+        got.append(text(mx.array([piece]), cache, images_here)[0])
+        fed += len(mine)
+    assert fed == features.shape[0]
+    assert np.abs(np.array(mx.concatenate(got)) - expected).max() < 1e-4
