@@ -242,6 +242,7 @@ def plot(rows: list[dict], path: str) -> None:
     for ax in (left, right):
         ax.set_xticks([r["batch"] for r in rows if r["workload"] == rows[0]["workload"]])
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
