@@ -15,7 +15,8 @@ from mlx_mistral import make_cache
 from mlx_mistral.errors import MistralError
 from mlx_mistral.loading import build_model
 from mlx_mistral.loading.hf import read_checkpoint
-from mlx_mistral.vision import Vision, vision_args, vision_weights
+from mlx_mistral.loading.vision import NATIVE_NAMES, native_vision_args, vision_args, vision_weights
+from mlx_mistral.vision import Vision
 
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_channels=3, patch_size=16, image_size=256, hidden_act="silu",
@@ -58,6 +59,7 @@ def models(request, tmp_path_factory):
     ours.load_weights(list(vision_weights(weights, ours.args).items()))
     shutil.copy(TOKENIZER_V1, path / "tokenizer.model")  # a checkpoint directory needs one; unused here
     args, text, _ = read_checkpoint(path)  # the text model, as the loader reads it
+    ours.path = path
     return theirs, ours, build_model(args, text, mx.float32)
 
 
@@ -139,3 +141,50 @@ def test_logits_equal_transformers(models, chunk):
         fed += len(mine)
     assert fed == features.shape[0]
     assert np.abs(np.array(mx.concatenate(got)) - expected).max() < 1e-4
+
+
+def other_layout(path, layout: str) -> tuple[dict, Vision]:
+    """The oracle's vision weights as Mistral's consolidated.safetensors names them (q/k rows in
+    interleaved pairs, and params.json), or as mlx-vlm's conversions do (a `vision_model.` level,
+    the convolution [out, kh, kw, in]); and a Vision for them."""
+    config = json.loads((path / "config.json").read_text())
+    weights = {k: mx.array(v) for k, v in load_file(path / "model.safetensors").items()
+               if "vision_tower" in k or "multi_modal_projector" in k}
+    args = vision_args(config)
+    out = {}
+    for name, w in weights.items():
+        name = name.removeprefix("model.")
+        if layout == "mlx-vlm":
+            name = name.replace("vision_tower.", "vision_tower.vision_model.")
+            out[name] = w.transpose(0, 2, 3, 1) if name.endswith("patch_conv.weight") else w
+            continue
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            h, d = args.n_heads, args.head_dim
+            w = w.reshape(h, 2, d // 2, -1).transpose(0, 2, 1, 3).reshape(h * d, -1)
+        for theirs, ours in reversed(NATIVE_NAMES):
+            name = name.replace(ours, theirs)
+        out[name] = w
+    if layout == "mlx-vlm":
+        return out, Vision(args)
+    v = config["vision_config"]
+    params = dict(dim=config["text_config"]["hidden_size"], norm_eps=1e-5, vision_encoder=dict(
+        hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+        num_hidden_layers=v["num_hidden_layers"], num_attention_heads=v["num_attention_heads"],
+        patch_size=v["patch_size"], num_channels=3, rope_theta=1e4, image_size=v["image_size"],
+        adapter_bias=config["model_type"] == "llava", image_token_id=10,
+        **(dict(spatial_merge_size=2, mm_projector_id="patch_merge", add_pre_mm_projector_layer_norm=True)
+           if config["model_type"] == "mistral3" else {})))
+    return out, Vision(native_vision_args(params))
+
+
+@pytest.mark.parametrize("layout", ["native", "mlx-vlm"])
+def test_other_layouts_give_the_same_features(models, layout):
+    theirs, ours, _ = models
+    weights, vision = other_layout(ours.path, layout)
+    assert vision.args == ours.args
+    vision.load_weights(list(vision_weights(weights, vision.args).items()))
+    assert not weights  # every tensor taken
+    rng = np.random.default_rng(4)
+    images = [rng.standard_normal((64, 96, 3)).astype(np.float32)]
+    got = vision([mx.array(i) for i in images])[0]
+    assert np.abs(np.array(got) - features(theirs, images)[0]).max() < 1e-4

@@ -17,14 +17,14 @@ from ..errors import MistralError
 from ..fp8 import dequantize
 from ..moe import stack_experts
 from .files import load_safetensors
-from ..vision import PREFIXES as VISION_PREFIXES
 from .original import from_original, load_original
+from .vision import NATIVE_PREFIXES as ORIGINAL_VISION_PREFIXES
+from .vision import PREFIXES as VISION_PREFIXES
 
 # A vision-language wrapper's tensors: its language model (published, transformers 5 and mlx-lm
 # names) and the vision tower and projector we skip; the same in the original layout.
 WRAPPED_NAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                  ("model.language_model.", "model."))
-ORIGINAL_VISION_PREFIXES = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
 
 
 def read_config(path: Path) -> ModelArgs:
