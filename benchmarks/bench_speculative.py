@@ -256,7 +256,8 @@ def main() -> None:
     p.add_argument("--draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS)
     p.add_argument("--lookup-ngram", default=":".join(map(str, DEFAULT_NGRAM)), metavar="MIN:MAX")
     p.add_argument("--mlx-lm", action="store_true", help="add mlx-lm's draft-model decoding at batch 1")
-    p.add_argument("--draft", action="store_true", help="add our draft-model decoding (the Q4_1 GGUF drafting)")
+    p.add_argument("--draft", action="store_true",
+                   help="add our draft-model decoding (the Q4_1 GGUF drafting)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--png", help="also plot the speedups and forwards per token to this file")
     a = p.parse_args()
@@ -268,8 +269,10 @@ def main() -> None:
         lookup=Lookup(a.draft_tokens, parse_ngram(a.lookup_ngram)),
         prompt_cache_bytes=0,
     )
-    dsched = Scheduler(paths["mlx_mistral"], max_batch=max(a.batches), max_kv_size=2048,
-                       draft_model="smollm2", draft_tokens=a.draft_tokens, prompt_cache_bytes=0) if a.draft else None
+    dsched = None
+    if a.draft:
+        dsched = Scheduler(paths["mlx_mistral"], max_batch=max(a.batches), max_kv_size=2048,
+                           draft_model="smollm2", draft_tokens=a.draft_tokens, prompt_cache_bytes=0)
     tok = sched.tokenizer
     rows, anchors = [], {}
     print(

@@ -19,6 +19,6 @@ from .tokenizer import Tokenizer
 __all__ = [
     "Constraint", "Grammars", "GenerationResponse", "Lookup", "Mistral", "batch_generate",
     "batch_stream_generate", "MistralError", "ModelArgs", "RollingKVCache",
-    "StreamingDetokenizer", "TextTokenizer", "Tokenizer", "ToolCall", "generate", "generate_step", "load", "load_draft",
-    "make_cache", "make_sampler", "stream_generate",
+    "StreamingDetokenizer", "TextTokenizer", "Tokenizer", "ToolCall", "generate", "generate_step", "load",
+    "load_draft", "make_cache", "make_sampler", "stream_generate",
 ]

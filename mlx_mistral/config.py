@@ -3,7 +3,7 @@
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from .config_keys import (
 )
 from .errors import MistralError
 from .fp8 import check_params_quantization, check_quantization_config
+from .vision import VisionArgs, native_vision_args, vision_args
 from .rope import QueryScaling, Yarn, rope_from_hf, rope_from_params, rope_to_hf
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ModelArgs:
     n_experts: int = 0  # Mixtral: experts per layer (0: a dense MLP)
     n_experts_per_tok: int = 0  # the k experts each token goes through
     yarn: Yarn | None = None  # None: RoPE with base rope_theta
+    vision: VisionArgs | None = None  # an image model's vision tower and projector (vision.py)
     query_scaling: QueryScaling | None = None  # the llama-4 query temperature (ministral3)
 
     @property
@@ -118,9 +120,9 @@ class ModelArgs:
             check_keys(config, WRAPPER_IGNORED | {"model_type", "text_config", "quantization",
                                                    "quantization_config"}, {}, file)
             check_quantization_config(config.get("quantization_config"), config.get("quantization"), file)
-            warnings.warn(IMAGES_UNSUPPORTED.format(file), stacklevel=2)
             # mlx-lm writes its quantization at the outer level
-            return cls.from_hf({"quantization": config.get("quantization"), **text}, f"{file} text_config")
+            args = cls.from_hf({"quantization": config.get("quantization"), **text}, f"{file} text_config")
+            return replace(args, vision=_vision(vision_args, config, file))
         if model_type not in TEXT_TYPES:
             raise MistralError(
                 f"{file}: model_type must be one of {', '.join(TEXT_TYPES + WRAPPER_TYPES)}, got {model_type!r}"
@@ -180,8 +182,9 @@ class ModelArgs:
         if not isinstance(multimodal, dict) or set(multimodal) - {"vision_encoder_args"}:
             raise MistralError("params.json: multimodal: only a vision encoder (vision_encoder_args) is "
                                f"supported (its text model is loaded), got {sorted(multimodal)}")
+        vision = None
         if params.get("vision_encoder") or multimodal:
-            warnings.warn(IMAGES_UNSUPPORTED.format("params.json"), stacklevel=2)
+            vision = _vision(native_vision_args, params, "params.json")
         check_params_quantization(params.get("quantization"))
         yarn, query_scaling = rope_from_params(params)
         window = params.get("sliding_window")
@@ -206,6 +209,7 @@ class ModelArgs:
             n_experts_per_tok=moe.get("num_experts_per_tok", 0),
             yarn=yarn,
             query_scaling=query_scaling,
+            vision=vision,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -307,3 +311,12 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MistralError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def _vision(read, config: dict, file: str) -> VisionArgs | None:
+    """An image model's VisionArgs, or None with a warning naming why (its text model still loads)."""
+    try:
+        return read(config)
+    except MistralError as e:
+        warnings.warn(IMAGES_UNSUPPORTED.format(file) + f": {e}", stacklevel=3)
+        return None

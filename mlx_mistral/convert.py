@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .config import ModelArgs, Quantization
 from .errors import MistralError
 from .loading import check_weights, read_checkpoint, resolve
+from .loading.vision import PREFIXES as VISION_PREFIXES
 from .model import Mistral
 from .moe import is_router
 from .template_tokenizer import byte_level_json
@@ -80,6 +81,11 @@ def convert(src: str, dst: str | Path, dtype: str | None = None, quantization: Q
     if dst.resolve() in (src_dir.resolve(), *src_dir.resolve().parents):
         raise MistralError(f"output directory {dst} is or contains the source directory")
     args, weights, tokenizer = read_checkpoint(src_dir)
+    if args.vision:  # not written yet (issue 33): the output is the text model, as mlx-lm's is
+        warnings.warn(f"{src_dir}: the vision tower and projector are not converted; the output is the "
+                      "text model", stacklevel=2)
+        weights = {k: w for k, w in weights.items() if not k.startswith(VISION_PREFIXES)}
+        args = replace(args, vision=None)
     if args.quantization:
         raise MistralError(f"{src_dir}: already quantized; convert from an unquantized checkpoint")
     check_weights(Mistral(args), weights)  # Mistral(args) is lazy: its random init is never evaluated

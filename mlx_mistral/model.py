@@ -7,10 +7,12 @@ load without renaming. The model holds no state: the caller passes the cache in.
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layered_cache import KVCache
 from .config import ModelArgs
+from .errors import MistralError
+from .layered_cache import KVCache
 from .moe import SparseMoE
 from .rope import RoPE
+from .vision import Projector, VisionTower, image_features
 
 
 class Attention(nn.Module):
@@ -141,6 +143,15 @@ class Mistral(nn.Module):
         self.model = MistralModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.vision:  # an image model: its vision tower and projector (transformers' names)
+            self.vision_tower = VisionTower(args.vision)
+            self.multi_modal_projector = Projector(args.vision)
+
+    def image_features(self, images: list[mx.array]) -> list[mx.array]:
+        """Each image's features, in place of its [IMG] tokens' embeddings (see vision.py)."""
+        if "vision_tower" not in self:
+            raise MistralError("this model has no vision tower: it takes text only")
+        return image_features(self.vision_tower, self.multi_modal_projector, images)
 
     @property
     def dtype(self) -> mx.Dtype:

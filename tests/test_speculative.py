@@ -272,8 +272,8 @@ def test_cli_prompt_lookup_stats_and_errors(capsys):
     assert runs[0]["speculation"] is None and spec["forwards_per_token"] == runs[1]["forwards"] / 40
     assert spec["mean_accepted_run"] == spec["accepted"] / runs[1]["drafting_forwards"]
     assert main(argv[:-1] + ["--prompt-lookup"]) == 0
-    assert re.search(r"speculation: \d+/\d+ drafts accepted \(\d+%\), mean run [\d.]+, [\d.]+ forwards a token",
-                     capsys.readouterr().err)
+    line = r"speculation: \d+/\d+ drafts accepted \(\d+%\), mean run [\d.]+, [\d.]+ forwards a token"
+    assert re.search(line, capsys.readouterr().err)
     for bad, message in ((["--lookup-ngram", "4:2"], "1 <= MIN <= MAX"),
                          (["--draft-tokens", "0"], "draft_tokens"), (["--lookup-ngram", "x"], "MIN:MAX")):
         assert main(argv + ["--prompt-lookup", *bad]) == 2

@@ -3,6 +3,7 @@ image features equal within 1e-4 (float32), one image and two of different sizes
 
 import json
 import shutil
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -15,8 +16,10 @@ from mlx_mistral import make_cache
 from mlx_mistral.errors import MistralError
 from mlx_mistral.loading import build_model
 from mlx_mistral.loading.hf import read_checkpoint
-from mlx_mistral.loading.vision import NATIVE_NAMES, native_vision_args, vision_args, vision_weights
-from mlx_mistral.vision import Vision
+from mlx_mistral.model import Mistral
+from mlx_mistral.config import ModelArgs
+from mlx_mistral.loading.vision import NATIVE_NAMES, vision_weights
+from mlx_mistral.vision import native_vision_args, vision_args
 
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_channels=3, patch_size=16, image_size=256, hidden_act="silu",
@@ -53,14 +56,9 @@ def oracle(kind: str, path):
 def models(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     theirs = oracle(request.param, path)
-    config = json.loads((path / "config.json").read_text())
-    weights = {k: mx.array(v) for k, v in load_file(path / "model.safetensors").items()}
-    ours = Vision(vision_args(config))
-    ours.load_weights(list(vision_weights(weights, ours.args).items()))
     shutil.copy(TOKENIZER_V1, path / "tokenizer.model")  # a checkpoint directory needs one; unused here
-    args, text, _ = read_checkpoint(path)  # the text model, as the loader reads it
-    ours.path = path
-    return theirs, ours, build_model(args, text, mx.float32)
+    args, weights, _ = read_checkpoint(path)  # as the loader reads it: the text model and the vision tower
+    return theirs, build_model(args, weights, mx.float32), path
 
 
 def features(model, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -81,7 +79,7 @@ def test_features_equal_transformers(models, shapes):
     rng = np.random.default_rng(1)
     images = [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in shapes]
     expected = features(theirs, images)
-    got = ours([mx.array(i) for i in images])
+    got = ours.image_features([mx.array(i) for i in images])
     assert [g.shape for g in got] == [e.shape for e in expected]
     for g, e in zip(got, expected):
         assert np.abs(np.array(g) - e).max() < 1e-4
@@ -91,15 +89,15 @@ def test_images_in_one_forward_do_not_see_each_other(models):
     _, ours, _ = models
     rng = np.random.default_rng(2)
     a, b = (mx.array(rng.standard_normal((64, 64 + 32 * i, 3)).astype(np.float32)) for i in range(2))
-    together = ours([a, b])
-    assert np.abs(np.array(together[1]) - np.array(ours([b])[0])).max() < 1e-5
+    together = ours.image_features([a, b])
+    assert np.abs(np.array(together[1]) - np.array(ours.image_features([b])[0])).max() < 1e-5
 
 
 def test_bad_images_and_configs_are_one_line_errors(models):
     _, ours, _ = models
-    cell = ours.args.cell
+    cell = ours.args.vision.cell
     with pytest.raises(MistralError, match=f"multiples of {cell} pixels"):
-        ours([mx.zeros((cell + 8, cell, 3))])  # a grid the merger cannot divide: never truncated
+        ours.image_features([mx.zeros((cell + 8, cell, 3))])  # the merger cannot divide it: never truncated
     with pytest.raises(MistralError, match="vision_feature_select_strategy"):
         vision_args({"model_type": "llava", "vision_config": {}, "text_config": {}})
     with pytest.raises(MistralError, match="lacks 'hidden_size'"):
@@ -116,10 +114,10 @@ def image_tokens(rows: int, cols: int) -> list[int]:
 def test_logits_equal_transformers(models, chunk):
     """Two images of different sizes in one prompt (features in place of their [IMG] tokens), fed in
     one prefill and in chunks of 5 tokens that split the images' tokens."""
-    theirs, ours, text = models
+    theirs, ours, _ = models
     rng = np.random.default_rng(3)
     images = [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in ((64, 96), (32, 64))]
-    cell = ours.args.cell
+    cell = ours.args.vision.cell
     ids = [1, 5, 6]
     for image in images:
         ids += image_tokens(image.shape[0] // cell, image.shape[1] // cell) + [7, 8]
@@ -130,20 +128,20 @@ def test_logits_equal_transformers(models, chunk):
     with torch.no_grad():
         expected = theirs(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(batch),
                           image_sizes=torch.tensor([i.shape[:2] for i in images])).logits[0].numpy()
-    features = mx.concatenate(ours([mx.array(i) for i in images]))
+    features = mx.concatenate(ours.image_features([mx.array(i) for i in images]))
     at = [i for i, t in enumerate(ids) if t == 10]
-    cache, got, fed = make_cache(text.args), [], 0
+    cache, got, fed = make_cache(ours.args), [], 0
     for start in range(0, len(ids), chunk or len(ids)):
         piece = ids[start:start + (chunk or len(ids))]
         mine = [i - start for i in at if start <= i < start + len(piece)]
         images_here = (mx.array(mine), features[fed:fed + len(mine)]) if mine else None
-        got.append(text(mx.array([piece]), cache, images_here)[0])
+        got.append(ours(mx.array([piece]), cache, images_here)[0])
         fed += len(mine)
     assert fed == features.shape[0]
     assert np.abs(np.array(mx.concatenate(got)) - expected).max() < 1e-4
 
 
-def other_layout(path, layout: str) -> tuple[dict, Vision]:
+def other_layout(path, layout: str) -> tuple[dict, Mistral]:
     """The oracle's vision weights as Mistral's consolidated.safetensors names them (q/k rows in
     interleaved pairs, and params.json), or as mlx-vlm's conversions do (a `vision_model.` level,
     the convolution [out, kh, kw, in]); and a Vision for them."""
@@ -164,8 +162,9 @@ def other_layout(path, layout: str) -> tuple[dict, Vision]:
         for theirs, ours in reversed(NATIVE_NAMES):
             name = name.replace(ours, theirs)
         out[name] = w
+    text = ModelArgs.from_hf(config["text_config"])
     if layout == "mlx-vlm":
-        return out, Vision(args)
+        return out, Mistral(replace(text, vision=args))
     v = config["vision_config"]
     params = dict(dim=config["text_config"]["hidden_size"], norm_eps=1e-5, vision_encoder=dict(
         hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
@@ -174,17 +173,17 @@ def other_layout(path, layout: str) -> tuple[dict, Vision]:
         adapter_bias=config["model_type"] == "llava", image_token_id=10,
         **(dict(spatial_merge_size=2, mm_projector_id="patch_merge", add_pre_mm_projector_layer_norm=True)
            if config["model_type"] == "mistral3" else {})))
-    return out, Vision(native_vision_args(params))
+    return out, Mistral(replace(text, vision=native_vision_args(params)))
 
 
 @pytest.mark.parametrize("layout", ["native", "mlx-vlm"])
 def test_other_layouts_give_the_same_features(models, layout):
-    theirs, ours, _ = models
-    weights, vision = other_layout(ours.path, layout)
-    assert vision.args == ours.args
-    vision.load_weights(list(vision_weights(weights, vision.args).items()))
+    theirs, ours, path = models
+    weights, model = other_layout(path, layout)
+    assert model.args.vision == ours.args.vision
+    model.load_weights(list(vision_weights(weights, model.args.vision).items()), strict=False)
     assert not weights  # every tensor taken
     rng = np.random.default_rng(4)
     images = [rng.standard_normal((64, 96, 3)).astype(np.float32)]
-    got = vision([mx.array(i) for i in images])[0]
+    got = model.image_features([mx.array(i) for i in images])[0]
     assert np.abs(np.array(got) - features(theirs, images)[0]).max() < 1e-4

@@ -324,7 +324,8 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
         drafting += drafts > 0
         for i, token in enumerate(run):
             r = text.add(token, cache)
-            r.drafted_tokens, r.accepted_tokens, r.forwards, r.drafting_forwards = drafted, accepted, forwards, drafting
+            r.drafted_tokens, r.accepted_tokens = drafted, accepted
+            r.forwards, r.drafting_forwards = forwards, drafting
             yield r
             if text.finish:
                 cache.rewind([len(run) - 1 - i])  # it holds the run but its last token: as if it ended here

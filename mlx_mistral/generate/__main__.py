@@ -198,8 +198,9 @@ def stats_line(r: GenerationResponse) -> str:
     s = speculation(r)
     if s is None:
         return line
-    return (f"{line} | speculation: {s['accepted']}/{s['drafted']} drafts accepted ({s['acceptance_rate']:.0%}), "
-            f"mean run {s['mean_accepted_run']:.2f}, {s['forwards_per_token']:.2f} forwards a token")
+    return (f"{line} | speculation: {s['accepted']}/{s['drafted']} drafts accepted "
+            f"({s['acceptance_rate']:.0%}), mean run {s['mean_accepted_run']:.2f}, "
+            f"{s['forwards_per_token']:.2f} forwards a token")
 
 
 def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:

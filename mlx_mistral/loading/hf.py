@@ -20,6 +20,7 @@ from .files import load_safetensors
 from .original import from_original, load_original
 from .vision import NATIVE_PREFIXES as ORIGINAL_VISION_PREFIXES
 from .vision import PREFIXES as VISION_PREFIXES
+from .vision import vision_weights
 
 # A vision-language wrapper's tensors: its language model (published, transformers 5 and mlx-lm
 # names) and the vision tower and projector we skip; the same in the original layout.
@@ -41,7 +42,8 @@ def read_config(path: Path) -> ModelArgs:
 def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
     """(args, lazy HF-named weights, tokenizer file) of a checkpoint directory.
 
-    A vision-language checkpoint gives its text model: the vision tensors are dropped unread.
+    A vision-language checkpoint gives its text model, and its vision tower's and projector's
+    tensors where args.vision says how to build them (dropped unread otherwise).
     FP8 weights come dequantized (lazily: the loader evaluates them a layer at a time)."""
     args = read_config(path)
     hf = (path / "config.json").exists()
@@ -54,6 +56,7 @@ def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
             weights.update(load_safetensors(file))
     else:
         weights = load_original(path)
+    vision = dequantize(vision_weights(weights, args.vision)) if wrapped and args.vision else {}
     if wrapped:
         weights = _text_weights(weights, VISION_PREFIXES if hf else ORIGINAL_VISION_PREFIXES)
     weights = dequantize(weights)
@@ -62,7 +65,7 @@ def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, mx.array], Path]:
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
     if wrapped and hf:  # transformers 5 ties by the outer flag, 4.x and mlx-lm by text_config's: the file says
         args = replace(args, tie_word_embeddings="lm_head.weight" not in weights)
-    return args, stack_experts(args, weights), find_tokenizer(path)
+    return args, {**stack_experts(args, weights), **vision}, find_tokenizer(path)
 
 
 def _text_weights(weights: dict[str, mx.array], vision: tuple[str, ...]) -> dict[str, mx.array]:

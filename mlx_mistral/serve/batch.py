@@ -36,8 +36,9 @@ class Row:
         # prompt lookup's drafts (or a draft model's, draft_tokens at most), how many a step (None:
         # this row does not speculate), and its counts
         self.lookup = PromptLookup(lookup, ids) if lookup and request.speculate else None
-        self.pace = self.lookup.pace if self.lookup else Pace(draft_tokens) if draft_tokens and request.speculate \
-            else None
+        self.pace = self.lookup.pace if self.lookup else None
+        if draft_tokens and request.speculate:
+            self.pace = Pace(draft_tokens)
         self.drafted = self.accepted = self.forwards = 0
 
     @property

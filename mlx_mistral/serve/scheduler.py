@@ -68,14 +68,17 @@ class Scheduler:
                  lookup: Lookup | None = None, draft_model: str | None = None,
                  draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         check_positive(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                       prompt_cache_disk_bytes=prompt_cache_disk_bytes, max_kv_size=max_kv_size, kv_budget=kv_budget)
+                       kv_budget=kv_budget, prompt_cache_disk_bytes=prompt_cache_disk_bytes,
+                       max_kv_size=max_kv_size)
         if not isinstance(prompt_cache_bytes, int) or prompt_cache_bytes < 0:
             raise MistralError(f"prompt_cache_bytes must be an integer >= 0, got {prompt_cache_bytes!r}")
         self.max_batch, self.kv_budget = max_batch, kv_budget
         if lookup and draft_model:
             raise MistralError("speculate with prompt lookup or with a draft model, not both")
         self.prefill_chunk, self.lookup = prefill_chunk, lookup
-        self.headroom = lookup.draft_tokens if lookup else Lookup(draft_tokens).draft_tokens if draft_model else 0
+        self.headroom = lookup.draft_tokens if lookup else 0
+        if draft_model:
+            self.headroom = Lookup(draft_tokens).draft_tokens  # (checked as prompt lookup's)
         self.prefixes = PrefixCache(max_idle, max_idle_bytes)  # its blocks come once the model is loaded
         self._waiting = Waiting(max_queue)
         self._prefilling: list[Group] = []  # oldest first
@@ -169,8 +172,9 @@ class Scheduler:
         return sum(len(group.rows) for group in self._prefilling)
 
     def _kv_bytes(self, rows: int) -> int:
-        """The K/V bytes of `rows` rows (and their draft model's), the idle caches and the blocks in memory."""
-        return (rows + len(self.prefixes)) * self.row_bytes + rows * self.draft_bytes + self.prefixes.blocks.nbytes
+        """The K/V bytes of `rows` rows (and their draft model's), the idle caches and the blocks."""
+        rows_bytes = rows * (self.row_bytes + self.draft_bytes) + len(self.prefixes) * self.row_bytes
+        return rows_bytes + self.prefixes.blocks.nbytes
 
     def _new_cache(self, roll: bool, rows: int = 1) -> KVCache:
         """An empty cache of `rows` rows (warning once if it rolls, when `roll`)."""

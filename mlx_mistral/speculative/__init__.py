@@ -8,6 +8,6 @@ from .lookup import (
 from .verify import Draw, Verdict, verify
 from .width import Width
 
-__all__ = ["DEFAULT_DRAFT_TOKENS", "DEFAULT_NGRAM", "Draw", "DraftModel", "DraftRow", "Lookup", "PromptLookup",
-           "Verdict", "Width", "add_arguments", "check_same_tokenizer", "from_arguments", "load_draft",
-           "parse_ngram", "verify"]
+__all__ = ["DEFAULT_DRAFT_TOKENS", "DEFAULT_NGRAM", "Draw", "DraftModel", "DraftRow", "Lookup",
+           "PromptLookup", "Verdict", "Width", "add_arguments", "check_same_tokenizer", "from_arguments",
+           "load_draft", "parse_ngram", "verify"]
