@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 import tokenizers
 from mistral_common.exceptions import MistralCommonException
@@ -78,13 +79,25 @@ class Tokenizer:
 
     def chat_tokens(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
                     reasoning: bool = False) -> list[int]:
-        """Token ids of a conversation ending with a user turn (or tool results), ready for the answer.
+        """chat_inputs' tokens, for a conversation without images (MistralError if it has some)."""
+        tokens, images = self.chat_inputs(messages, tools, reasoning)
+        if images:
+            raise MistralError("chat messages: they hold images, whose pixels go with the tokens: use "
+                               "Tokenizer.chat_inputs")
+        return tokens
+
+    def chat_inputs(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
+                    reasoning: bool = False) -> tuple[list[int], list[np.ndarray]]:
+        """Token ids of a conversation ending with a user turn (or tool results), ready for the answer,
+        and its images' pixels, [height, width, 3] float32 normalized, one per image in order.
 
         `messages` and `tools` are in OpenAI's chat format; mistral-common encodes them, so
         V1, V3 and Tekken templates, tool definitions, calls and results are Mistral's own.
         An empty answer (EOS at once, or stopped before its first token) is left out, as
         mistral-common refuses it; the user turns around it are then joined, as it joins them.
         With `reasoning`, the model's own reasoning system prompt comes first (reasoning_prompt).
+        Image parts (OpenAI's image_url, such as a data URI) are resized and normalized by
+        mistral-common for the tokenizer's image settings (tekken.json's "image").
         """
         if tools and self.tool_calls_id is None:
             raise MistralError(f"{self.path}: a {self.version} tokenizer has no function calling (V3 or later needed)")
@@ -101,7 +114,8 @@ class Tokenizer:
                 check_unicode(m["content"])
         try:
             request = ChatCompletionRequest.from_openai(messages, tools=list(tools) if tools else None)
-            return self._mistral.encode_chat_completion(request).tokens
+            encoded = self._mistral.encode_chat_completion(request)
+            return encoded.tokens, [image.transpose(1, 2, 0) for image in encoded.images]
         except KeyError as e:
             raise MistralError(f"chat messages: a message lacks its {e} field") from None
         except (MistralCommonException, ValueError, TypeError) as e:  # pydantic errors are ValueErrors

@@ -29,13 +29,14 @@ TEXT = dict(vocab_size=1024, hidden_size=48, intermediate_size=96, num_hidden_la
             max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def oracle(kind: str, path):
+def oracle(kind: str, path, vocab_size: int = TEXT["vocab_size"]):
     """A random Mistral3ForConditionalGeneration or LlavaForConditionalGeneration saved at `path`."""
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, Mistral3Config,
                               Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig)
 
     torch.manual_seed(0)
-    common = dict(vision_config=PixtralVisionConfig(**VISION), text_config=MistralConfig(**TEXT),
+    common = dict(vision_config=PixtralVisionConfig(**VISION), text_config=MistralConfig(**TEXT | dict(
+                  vocab_size=vocab_size)),
                   image_token_index=10, vision_feature_layer=-1, projector_hidden_act="gelu",
                   tie_word_embeddings=False)
     if kind == "mistral3":
@@ -187,3 +188,62 @@ def test_other_layouts_give_the_same_features(models, layout):
     images = [rng.standard_normal((64, 96, 3)).astype(np.float32)]
     got = model.image_features([mx.array(i) for i in images])[0]
     assert np.abs(np.array(got) - features(theirs, images)[0]).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def image_model(tmp_path_factory):
+    """A tiny Mistral3 with Tekken's vocabulary, saved by transformers with a tekken.json whose image
+    settings are its own (patch 16, merge 2, at most 128 pixels a side)."""
+    from checkpoints import TOKENIZER_TEKKEN
+
+    path = tmp_path_factory.mktemp("mistral3-tekken")
+    theirs = oracle("mistral3", path, vocab_size=131072)
+    data = json.loads(TOKENIZER_TEKKEN.read_text(encoding="utf-8"))
+    data["image"] = {"image_patch_size": 16, "max_image_size": 128, "spatial_merge_size": 2}
+    (path / "tekken.json").write_text(json.dumps(data), encoding="utf-8")
+    return theirs, path
+
+
+def data_uri(height: int, width: int, seed: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_an_image_question_generates_as_transformers_does(image_model, chunk):
+    """chat_inputs (mistral-common: an upscaled 40x70 image and a downscaled 300x150 one) -> the
+    same greedy tokens as transformers' generate on the same ids and pixels, in one prefill and
+    in chunks of 7 that split the images' tokens."""
+    from mlx_mistral import load, make_sampler, stream_generate
+
+    theirs, path = image_model
+    model, tok = load(str(path))
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "What is in these pictures?"},
+        {"type": "image_url", "image_url": {"url": data_uri(40, 70, 0)}},
+        {"type": "image_url", "image_url": {"url": data_uri(300, 150, 1)}}]}]
+    ids, images = tok.chat_inputs(messages)
+    assert [i.shape for i in images] == [(64, 96, 3), (128, 64, 3)]  # cells of 32: up to 2x3, down to 4x2
+    assert ids.count(10) == 2 * 3 + 4 * 2 and ids.count(13) == 2
+    H, W = 128, 96
+    batch = np.zeros((2, 3, H, W), dtype=np.float32)
+    for b, image in enumerate(images):
+        batch[b, :, :image.shape[0], :image.shape[1]] = image.transpose(2, 0, 1)
+    with torch.no_grad():
+        expected = theirs.generate(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(batch),
+                                   image_sizes=torch.tensor([i.shape[:2] for i in images]), max_new_tokens=8,
+                                   do_sample=False)[0, len(ids):].tolist()
+    got = [r.token for r in stream_generate(model, tok, ids, max_tokens=8, sampler=make_sampler(),
+                                            images=images, prefill_chunk=chunk)]
+    assert got == expected
+    with pytest.raises(MistralError, match="use Tokenizer.chat_inputs"):
+        tok.chat_tokens(messages)
+    with pytest.raises(MistralError, match=r"\[IMG\] tokens"):
+        next(stream_generate(model, tok, ids, images=images[:1]))

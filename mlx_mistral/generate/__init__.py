@@ -5,6 +5,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from ..layered_cache import KVCache, make_cache
 from ..errors import MistralError
@@ -46,27 +47,48 @@ class GenerationResponse:
     drafting_forwards: int = 0
 
 
-def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int) -> mx.array:
+def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int,
+            images: Sequence[mx.array] = ()) -> mx.array:
     """Feed the prompt in chunks; return the logits [1, vocab] after its last token.
 
     All but the last token go through in chunks of at most `chunk` (and the cache's
     capacity), evaluating only the cache after each, so peak memory is bounded by the
     chunk, not by the prompt. The last token goes alone so that the vocabulary
-    projection runs on one position.
+    projection runs on one position. `images` (Tokenizer.chat_inputs'): their features go in
+    place of the prompt's [IMG] tokens, in order, a chunk taking those of its own tokens.
     """
     if not isinstance(chunk, int) or chunk <= 0:
         raise MistralError(f"prefill_chunk must be a positive integer, got {chunk!r}")
+    at, features = image_slots(model, tokens, images)
     x = mx.array(tokens, dtype=mx.uint32)[None]
     chunk = min(chunk, cache.capacity)
-    for start in range(0, len(tokens) - 1, chunk):
-        model(x[:, start:min(start + chunk, len(tokens) - 1)], cache)
-        mx.eval(cache.keys, cache.values)
-    return model(x[:, -1:], cache)[:, -1]
+    last = len(tokens) - 1
+    for start, end in [*((s, min(s + chunk, last)) for s in range(0, last, chunk)), (last, last + 1)]:
+        lo, hi = np.searchsorted(at, [start, end])  # this chunk's [IMG] tokens: features lo..hi
+        here = (mx.array(at[lo:hi] - start), features[lo:hi]) if hi > lo else None
+        logits = model(x[:, start:end], cache, here)
+        if end <= last:
+            mx.eval(cache.keys, cache.values)
+    return logits[:, -1]
+
+
+def image_slots(model: Mistral, tokens: Sequence[int], images: Sequence) -> tuple[np.ndarray, mx.array]:
+    """(the positions of the prompt's [IMG] tokens, their features [n, dim] in that order):
+    MistralError unless the images give as many features as there are [IMG] tokens."""
+    if not images:
+        return np.zeros(0, dtype=np.int64), None
+    features = mx.concatenate(model.image_features([mx.array(image) for image in images]))
+    at = np.flatnonzero(np.asarray(tokens) == model.args.vision.image_token_id)
+    if len(at) != features.shape[0]:
+        raise MistralError(f"the prompt has {len(at)} [IMG] tokens, its {len(images)} images give "
+                           f"{features.shape[0]} features: the image tokens must be the images' own")
+    return at, features
 
 
 def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler,
                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, repetition_penalty: float = 1.0,
-                  repetition_context: int = 64, guide: Guide | None = None) -> Iterator[int]:
+                  repetition_context: int = 64, guide: Guide | None = None, images: Sequence = ()
+                  ) -> Iterator[int]:
     """Yield generated token ids without end; the caller decides when to stop.
 
     Step n+1 is scheduled with async_eval before token n is handed out, so the
@@ -75,7 +97,7 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler
     mask is filled while step n+1's forward runs instead.
     """
     sampler = with_repetition_penalty(positional(sampler), prompt, repetition_penalty, repetition_context)
-    logits = prefill(model, prompt, cache, prefill_chunk)
+    logits = prefill(model, prompt, cache, prefill_chunk, images)
     if guide is None:
         y = sampler(logits, [cache.offset])
         mx.async_eval(y)
@@ -98,7 +120,7 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler
 def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler,
                      proposer: PromptLookup | DraftRow, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                      repetition_penalty: float = 1.0, repetition_context: int = 64,
-                     guide: Guide | None = None, max_tokens: int | None = None
+                     guide: Guide | None = None, max_tokens: int | None = None, images: Sequence = ()
                      ) -> Iterator[tuple[list[int], int]]:
     """generate_step with speculation: yield (each step's tokens, its drafts) without end; the
     `proposer` (extended with the prompt) drafts at most the cache's headroom a step, and never
@@ -109,7 +131,7 @@ def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, samp
     seeded sampler's noise is keyed by position: the same tokens as generate_step). The
     cache then holds every token yielded but the last (the caller rewinds what it drops).
     """
-    logits = prefill(model, prompt, cache, prefill_chunk)
+    logits = prefill(model, prompt, cache, prefill_chunk, images)
     first = pick(sampler, logits, {0: guide} if guide and guide.active else {}, [cache.offset]).item()
     history = list(prompt) + [first]
     proposer.extend([first])
@@ -269,9 +291,11 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bits: int | None = None,
                     kv_group_size: int = 64, tool_calls: bool = False,
                     constraint: Constraint | None = None, lookup: Lookup | None = None,
-                    draft_model: Mistral | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS
-                    ) -> Iterator[GenerationResponse]:
-    """Stream the answer to `prompt` (raw text, or token ids such as chat_tokens(...)).
+                    draft_model: Mistral | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+                    images: Sequence = ()) -> Iterator[GenerationResponse]:
+    """Stream the answer to `prompt` (raw text, or token ids such as chat_tokens(...); with
+    `images`, chat_inputs(...)'s tokens and images: an image model sees them in place of the
+    prompt's [IMG] tokens).
 
     One response per generated token (see TextStream for the stop rules; `tool_calls`:
     the prompt offered tools, so an answer of function calls ends as parsed calls). With a
@@ -305,7 +329,7 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
     sampler = positional(sampler or make_sampler())
     if not headroom:
         for token in generate_step(model, ids, cache, sampler, prefill_chunk, repetition_penalty,
-                                   guide=guide):
+                                   guide=guide, images=images):
             yield text.add(token, cache)
             if text.finish:
                 return
@@ -318,7 +342,7 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
                                                                  prefill_chunk, sampling)
     drafted = accepted = forwards = drafting = 0
     steps = speculative_step(model, ids, cache, sampler, proposer, prefill_chunk, repetition_penalty,
-                             guide=guide, max_tokens=max_tokens)
+                             guide=guide, max_tokens=max_tokens, images=images)
     for run, drafts in steps:
         drafted, accepted, forwards = drafted + drafts, accepted + len(run) - 1, forwards + 1
         drafting += drafts > 0
