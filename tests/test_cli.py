@@ -240,8 +240,8 @@ def test_prefill_chunk_changes_the_calls_not_the_logits(capsys, monkeypatch, hf_
 
     calls, logits = [], []
     model_call, real_prefill = Mistral.__call__, generation.prefill
-    monkeypatch.setattr(Mistral, "__call__",
-                        lambda self, x, cache: calls.append(x.shape[1]) or model_call(self, x, cache))
+    monkeypatch.setattr(Mistral, "__call__", lambda self, x, cache, *images: calls.append(x.shape[1])
+                        or model_call(self, x, cache, *images))
     monkeypatch.setattr(generation, "prefill",
                         lambda *a, **k: logits.append(real_prefill(*a, **k)) or logits[-1])
     prompt = "The rolling buffer keeps the last window of keys and values, so memory stays flat."

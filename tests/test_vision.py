@@ -247,3 +247,34 @@ def test_an_image_question_generates_as_transformers_does(image_model, chunk):
         tok.chat_tokens(messages)
     with pytest.raises(MistralError, match=r"\[IMG\] tokens"):
         next(stream_generate(model, tok, ids, images=images[:1]))
+
+
+def test_cli_answers_about_an_image(image_model, tmp_path, capsys):
+    """--image: the same tokens as the Python API; bad files and text-only models are one line each."""
+    import base64
+
+    from mlx_mistral import load, make_sampler, stream_generate
+    from mlx_mistral.generate.__main__ import main
+
+    _, path = image_model
+    png = tmp_path / "photo.png"
+    png.write_bytes(base64.b64decode(data_uri(40, 70, 0).split(",", 1)[1]))
+    argv = ["--model", str(path), "--prompt", "What is this?", "--image", str(png), "--max-tokens", "6",
+            "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    model, tok = load(str(path))
+    content = [{"type": "text", "text": "What is this?"},
+               {"type": "image_url", "image_url": {"url": data_uri(40, 70, 0)}}]
+    ids, images = tok.chat_inputs([{"role": "user", "content": content}])
+    assert out["tokens"] == [r.token for r in stream_generate(model, tok, ids, max_tokens=6, images=images,
+                                                              sampler=make_sampler())]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(png.read_bytes()[:60])
+    bad = ((tmp_path / "none.png", "no such file"), (broken, "not an image that can be decoded"))
+    for image, message in bad:
+        assert main(argv[:4] + ["--image", str(image)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and str(image) in err and "\n" not in err
+    assert main(["--model", "demo", "--prompt", "hi", "--image", str(png)]) == 2
+    assert "takes text only" in capsys.readouterr().err

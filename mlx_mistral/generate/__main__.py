@@ -16,6 +16,7 @@ from .. import (
 from ..demo import NOTICE
 from ..distributed import DEFAULT_CONNECT_TIMEOUT
 from ..errors import MistralError, run_command
+from ..images import image_part
 from ..loading.gguf_blocks import GGUF_BITS_HELP
 from ..speculative import load_draft
 from . import DEFAULT_PREFILL_CHUNK, GenerationResponse
@@ -32,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--prompts-file", help="many prompts decoded as one batch: one per line, or JSONL "
                         'lines {"prompt": ..., "max_tokens": ...}')
     p.add_argument("--system", help="system prompt (ignored with --raw)")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="an image the question is about (repeatable, in order, after the prompt's text); "
+                   "an image model: Pixtral, Mistral Small 3.x, Magistral 1.2, Ministral 3")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     p.add_argument("--reasoning", action="store_true", help="start with the model's reasoning system prompt "
                    "(reasoning models: Magistral); the reasoning is printed apart, and under \"reasoning\" with --json")
@@ -203,8 +207,23 @@ def stats_line(r: GenerationResponse) -> str:
             f"{s['forwards_per_token']:.2f} forwards a token")
 
 
+def encode_images(tokenizer, model, prompt: str, args: argparse.Namespace) -> tuple[list[int], list]:
+    """The prompt and --image files through the chat template: (tokens, the images' pixels)."""
+    if args.raw:
+        raise MistralError("--image needs the chat template: leave out --raw")
+    if not model.args.vision:
+        raise MistralError(f"--image: {args.model} takes text only (it has no vision tower)")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    content = [{"type": "text", "text": prompt}, *args.image_parts]
+    return tokenizer.chat_inputs(messages + [{"role": "user", "content": content}], tools=args.tools,
+                                 reasoning=args.reasoning)
+
+
 def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
-    tokens = encode(tokenizer, read_prompt(args.prompt), args)
+    if args.image:
+        tokens, images = encode_images(tokenizer, model, read_prompt(args.prompt), args)
+    else:
+        tokens, images = encode(tokenizer, read_prompt(args.prompt), args), ()
     constraint = make_constraint(args, tokenizer, model.args.vocab_size)
     text, reasoning, ids, last, show = [], [], [], None, Printer()
     try:
@@ -213,7 +232,7 @@ def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
                                     max_kv_size=args.max_kv_size, prefill_chunk=args.prefill_chunk,
                                     kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                                     tool_calls=bool(args.tools), constraint=constraint, lookup=args.lookup,
-                                    draft_model=args.draft, draft_tokens=args.draft_tokens):
+                                    draft_model=args.draft, draft_tokens=args.draft_tokens, images=images):
             text.append(last.text)
             reasoning.append(last.reasoning)
             ids.append(last.token)
@@ -237,6 +256,8 @@ def run_single(args: argparse.Namespace, model, tokenizer, sampler) -> int:
 def run_batch(args: argparse.Namespace, model, tokenizer, sampler) -> int:
     if args.repetition_penalty != 1.0:
         raise MistralError("--repetition-penalty is not supported with --prompts-file")
+    if args.image:
+        raise MistralError("--image is not supported with --prompts-file (one prompt: --prompt)")
     if args.lookup or args.draft_model:
         raise MistralError("--prompt-lookup and --draft-model are not supported with --prompts-file (the "
                            "server speculates in its batch: python -m mlx_mistral.server --prompt-lookup)")
@@ -285,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
     sampler = make_sampler(args.temp, args.top_p, args.top_k, args.min_p, args.seed)
     args.lookup = speculative.from_arguments(args)  # (MistralError with --draft-model too)
     args.draft = None
+    args.image_parts = [image_part(path) for path in args.image or ()]  # checked before loading
     args.tools_file, args.tools = args.tools, read_tools(args.tools)  # its tool definitions, checked before loading
     if args.tool_choice == "none":  # the tools are left out of the prompt, as the server does
         args.tools = None
@@ -297,8 +319,9 @@ def run(args: argparse.Namespace) -> int:
         if args.draft_model:
             args.draft = load_draft(args.draft_model, tokenizer, dtype=dtype, gguf_bits=args.gguf_bits)
         return command(args, model, tokenizer, sampler)
-    if args.draft_model:
-        raise MistralError("--draft-model is not supported across several machines (mlx.launch)")
+    if args.draft_model or args.image:
+        flag = "--draft-model" if args.draft_model else "--image"
+        raise MistralError(f"{flag} is not supported across several machines (mlx.launch)")
     model, tokenizer = distributed.load(args.model, group, dtype, args.gguf_bits)  # this rank's share of each layer
     with distributed.rank_zero_output(group):
         return command(args, model, tokenizer, distributed.shared_sampler(sampler, group))
