@@ -225,6 +225,9 @@ def vision_args(config: dict) -> VisionArgs:
         raise MistralError("config.json: a llava (Pixtral) model needs vision_feature_select_strategy "
                            "\"full\"")
     rope = vision.get("rope_parameters") or {}
+    if rope.get("rope_type", "axial") != "axial":
+        raise MistralError(f"config.json: vision_config rope_type must be \"axial\" (2D RoPE), "
+                           f"got {rope['rope_type']!r}")
     try:
         return VisionArgs(
             dim=vision["hidden_size"], hidden_dim=vision["intermediate_size"],

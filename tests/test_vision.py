@@ -103,6 +103,8 @@ def test_bad_images_and_configs_are_one_line_errors(models):
         vision_args({"model_type": "llava", "vision_config": {}, "text_config": {}})
     with pytest.raises(MistralError, match="lacks 'hidden_size'"):
         vision_args({"model_type": "mistral3", "vision_config": {}, "text_config": {}})
+    with pytest.raises(MistralError, match="rope_type must be"):
+        vision_args({"model_type": "mistral3", "vision_config": {"rope_parameters": {"rope_type": "default"}}})
 
 
 def image_tokens(rows: int, cols: int) -> list[int]:
