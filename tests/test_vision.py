@@ -280,3 +280,35 @@ def test_cli_answers_about_an_image(image_model, tmp_path, capsys):
         assert message in err and str(image) in err and "\n" not in err
     assert main(["--model", "demo", "--prompt", "hi", "--image", str(png)]) == 2
     assert "takes text only" in capsys.readouterr().err
+
+
+def test_image_rows_in_the_batch_equal_their_solo_runs(image_model):
+    """The server's scheduler: 4 rows at once, 2 with images (of different sizes), prefilled side by
+    side in chunks that split the images' tokens: every row equals its stream_generate run; image
+    rows leave nothing in the prefix cache (their [IMG] ids do not say which image)."""
+    from mlx_mistral import make_sampler, stream_generate
+    from mlx_mistral.serve import Request, Scheduler
+
+    _, path = image_model
+    s = Scheduler(str(path), max_batch=4, prefill_chunk=24, max_idle=4)
+    try:
+        tok = s.tokenizer
+        inputs = []
+        for i in range(4):
+            content = [{"type": "text", "text": f"Question {i}: what do you see?" + " Be brief." * i}]
+            if i % 2:
+                content.append({"type": "image_url", "image_url": {"url": data_uri(40 + 60 * i, 70, i)}})
+            inputs.append(tok.chat_inputs([{"role": "user", "content": content}]))
+        solo = [s.call(lambda ids=ids, images=images: [r.token for r in stream_generate(
+                    s.model, tok, ids, max_tokens=12, sampler=make_sampler(), images=images)])
+                for ids, images in inputs]
+        before = s.stats()
+        requests = [s.submit(Request(ids, max_tokens=12, images=images)) for ids, images in inputs]
+        got = [[e.token for e in r.events() if e.token is not None] for r in requests]
+        assert got == solo
+        assert [len(images) for _, images in inputs] == [0, 1, 0, 1]
+        assert s.stats()["max_prefill_rows"] >= 2 and s.stats()["idle_caches"] == before["idle_caches"] + 2
+        with pytest.raises(MistralError, match="text only"):
+            Request(inputs[1][0], images=inputs[1][1]).check(__import__("mlx_mistral").load("demo")[0], 10**6)
+    finally:
+        s.close()

@@ -6,9 +6,11 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 
 from ..layered_cache import KVCache
-from ..generate import TextStream
+from ..errors import MistralError
+from ..generate import TextStream, image_slots
 from ..model import Mistral
 from ..sample import make_picker, penalize_histories, top_logprobs
 from ..speculative import DraftModel, Draw, Lookup, PromptLookup, Width, verify
@@ -40,6 +42,15 @@ class Row:
         if draft_tokens and request.speculate:
             self.pace = Pace(draft_tokens)
         self.drafted = self.accepted = self.forwards = 0
+        self.images = None  # with images: (their [IMG] positions in ids, their features), see encode
+
+    def encode(self, model: Mistral) -> None:
+        """The request's images through the vision tower, once, as the row is admitted."""
+        if self.request.images:
+            self.images = image_slots(model, self.ids, self.request.images)
+            mx.eval(self.images[1])
+            if self.images[0][-1] >= len(self.ids) - 1:
+                raise MistralError("images: the prompt's last token is an [IMG] token")
 
     @property
     def greedy(self) -> bool:
@@ -107,12 +118,22 @@ class Group:
         return gone
 
     def prefill(self, model: Mistral, n: int, blocks: BlockStore) -> None:
-        """Feed every row its next n prompt tokens (one [rows, n] forward); `blocks` keeps the
-        blocks they complete."""
-        model(mx.array([row.feed[:n] for row in self.rows], dtype=mx.uint32), self.cache)
+        """Feed every row its next n prompt tokens (one [rows, n] forward, image rows' features in
+        place of their [IMG] tokens); `blocks` keeps the blocks they complete (not an image row's)."""
+        at, features = [], []
+        for b, row in enumerate(self.rows):
+            if row.images:
+                start = len(row.ids) - len(row.feed)
+                lo, hi = np.searchsorted(row.images[0], [start, start + n])
+                at.extend(b * n + row.images[0][lo:hi] - start)
+                features.append(row.images[1][lo:hi])
+        images = (mx.array(np.array(at, dtype=np.int64)), mx.concatenate(features)) if at else None
+        model(mx.array([row.feed[:n] for row in self.rows], dtype=mx.uint32), self.cache, images)
         mx.eval(self.cache.keys, self.cache.values)
         for b, row in enumerate(self.rows):
             row.feed = row.feed[n:]
+            if row.images:
+                continue
             written = row.written + blocks.capture(self.cache, b, row.ids[:len(row.ids) - len(row.feed)])
             row.written = min(written, len(row.ids) - row.reused)  # a block may begin among the reused
 

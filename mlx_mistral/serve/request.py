@@ -102,8 +102,13 @@ class Request:
     top_k: int = 0  # sample among the k likeliest tokens only (0 = off)
     logprobs: int | None = None  # None: none; n: each token's and the n most likely (see above)
     speculate: bool = True  # False: this request never drafts, where the server speculates
+    # an image model's images (Tokenizer.chat_inputs'), for the prompt's [IMG] tokens; such a
+    # request neither reuses nor leaves K/V in the prefix cache (its [IMG] ids do not say which image)
+    images: Sequence = ()
 
     def __post_init__(self):
+        if self.images:
+            self.reuse = False
         self.cancelled = False
         self.submitted = time.perf_counter()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -123,6 +128,8 @@ class Request:
         n = self.logprobs
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_LOGPROBS):
             raise MistralError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {n!r}")
+        if self.images and not model.args.vision:
+            raise MistralError("images: this model takes text only (it has no vision tower)")
         context = model.args.max_position_embeddings if self.roll else context
         if len(tokens) + self.max_tokens > context:
             raise MistralError(f"prompt ({len(tokens)} tokens) + max_tokens ({self.max_tokens}) is past "

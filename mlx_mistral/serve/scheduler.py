@@ -246,10 +246,11 @@ class Scheduler:
                 ids, cache, held, marks = self.prefixes.take(request)
                 text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
                                   request.submitted, request.tool_calls)
+                row = Row(request, ids, held, text, marks, self.lookup, self.headroom if self.draft else 0)
+                row.encode(self.model)
             except Exception as e:
                 self._end(request, "error", f"{type(e).__name__}: {e}")
                 continue
-            row = Row(request, ids, held, text, marks, self.lookup, self.headroom if self.draft else 0)
             for name, n in dict(admitted=1, reused_requests=held > 0, prompt_tokens=len(ids), reused_tokens=held).items():
                 self.counters[name] += n
             if cache is None:
@@ -314,6 +315,8 @@ class Scheduler:
         """Rows `gone` leave the batch; their blocks are kept, their caches become idle ones."""
         for b in gone:
             row = self._batch.rows[b]
+            if row.images:  # its [IMG] ids do not say which image: nothing of it is kept
+                continue
             fed = (row.ids + row.answer)[:self._batch.cache.offsets[b]]
             self.prefixes.blocks.capture(self._batch.cache, b, fed)
             if self.prefixes.max_idle and row.answer:
