@@ -40,3 +40,27 @@ def check_image(data: bytes, what: str) -> str:
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise MistralError(f"{what}: not an image that can be decoded ({type(e).__name__}: {e})") from None
     return kind
+
+
+def data_uri_image(url: object, what: str) -> None:
+    """Check an image_url a client sent: a data URI of an image (base64) within the limits, or
+    MistralError naming `what`. The server fetches no URL and opens no file (mistral-common's
+    image_from_chunk would do both)."""
+    if not isinstance(url, str):
+        raise MistralError(f"{what}: expected an image URL string")
+    if url.startswith(("http://", "https://")):
+        raise MistralError(f"{what}: image URLs are not fetched by this server; send the image as a "
+                           "data URI (data:image/png;base64,...)")
+    if not url.startswith("data:"):
+        raise MistralError(f"{what}: only data URIs of images are accepted (data:image/png;base64,...), "
+                           f"got {url.split(':', 1)[0]!r}")
+    head, _, payload = url.partition(",")
+    if not head.startswith("data:image/") or not head.endswith(";base64"):
+        raise MistralError(f"{what}: expected a base64 data URI of an image (data:image/...;base64,...)")
+    if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
+        raise MistralError(f"{what}: past the limit of {MAX_IMAGE_BYTES} bytes an image")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise MistralError(f"{what}: the data URI is not valid base64") from None
+    check_image(data, what)

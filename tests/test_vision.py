@@ -104,7 +104,7 @@ def test_bad_images_and_configs_are_one_line_errors(models):
     with pytest.raises(MistralError, match="lacks 'hidden_size'"):
         vision_args({"model_type": "mistral3", "vision_config": {}, "text_config": {}})
     with pytest.raises(MistralError, match="rope_type must be"):
-        vision_args({"model_type": "mistral3", "vision_config": {"rope_parameters": {"rope_type": "default"}}})
+        vision_args({"model_type": "mistral3", "vision_config": {"rope_parameters": {"rope_type": "yarn"}}})
 
 
 def image_tokens(rows: int, cols: int) -> list[int]:
@@ -312,3 +312,48 @@ def test_image_rows_in_the_batch_equal_their_solo_runs(image_model):
             Request(inputs[1][0], images=inputs[1][1]).check(__import__("mlx_mistral").load("demo")[0], 10**6)
     finally:
         s.close()
+
+
+def test_the_openai_client_asks_about_an_image(image_model):
+    """The server on 127.0.0.1, the official client: a data-URI image in a chat answers as
+    stream_generate does; an http URL, a file:// URL, a corrupt image and one past the pixel limit
+    each get a 400 naming the part."""
+    import base64
+    import io
+
+    import openai
+    from PIL import Image
+
+    from mlx_mistral import load, make_sampler, stream_generate
+    from test_server import KEY, Server
+
+    _, path = image_model
+    server = Server("--model", str(path), "--api-key", KEY)
+    try:
+        client = openai.OpenAI(base_url=server.wait().url + "/v1", api_key=KEY, max_retries=0)
+        name = client.models.list().data[0].id
+        content = [{"type": "text", "text": "What is this?"},
+                   {"type": "image_url", "image_url": {"url": data_uri(40, 70, 0)}}]
+        answer = client.chat.completions.create(model=name, max_tokens=8, temperature=0,
+                                                messages=[{"role": "user", "content": content}])
+        model, tok = load(str(path))
+        ids, images = tok.chat_inputs([{"role": "user", "content": content}])
+        solo = "".join(r.text for r in stream_generate(model, tok, ids, max_tokens=8, images=images,
+                                                       sampler=make_sampler()))
+        assert answer.choices[0].message.content == solo and answer.usage.prompt_tokens == len(ids)
+        huge = io.BytesIO()
+        Image.new("L", (8200, 8200)).save(huge, format="PNG")
+        png = base64.b64decode(data_uri(40, 70, 0).split(",", 1)[1])
+        bad = {"https://example.com/cat.png": "not fetched by this server",
+               "file:///etc/passwd": "only data URIs",
+               "data:image/png;base64," + base64.b64encode(png[:60]).decode(): "not an image that can be",
+               data_uri(40, 70, 0)[:81]: "not valid base64",
+               "data:image/png;base64," + base64.b64encode(huge.getvalue()).decode(): "past the limit"}
+        for url, says in bad.items():
+            parts = [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": url}}]
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model=name, max_tokens=4,
+                                               messages=[{"role": "user", "content": parts}])
+            assert says in str(e.value) and "messages[0].content[1]" in str(e.value)
+    finally:
+        server.stop()

@@ -50,7 +50,7 @@ class Spec:
 
 def build(service: Service, spec: Spec) -> Request:
     """The scheduler Request of `spec` (an APIError naming the field at fault if it cannot be one)."""
-    tokens = prompt_tokens(service, spec)
+    tokens, images = prompt_inputs(service, spec)
     constraint = constrain(service, spec)
     max_tokens, left = spec.max_tokens, service.ready().context - len(tokens)
     if max_tokens is None or spec.clamp_max_tokens:
@@ -60,7 +60,8 @@ def build(service: Service, spec: Spec) -> Request:
         log_request(spec, len(tokens), max_tokens)
     return Request(tokens, max_tokens, spec.temperature, spec.top_p, spec.seed, list(spec.stop),
                    service.ready().tokenizer.encode if chat else None, tool_calls=bool(_offered(spec)),
-                   top_k=spec.top_k, constraint=constraint, logprobs=spec.logprobs, speculate=spec.speculate)
+                   top_k=spec.top_k, constraint=constraint, logprobs=spec.logprobs, speculate=spec.speculate,
+                   images=images)
 
 
 def speculative(extra: dict) -> bool:
@@ -84,15 +85,23 @@ def log_request(spec: Spec, prompt: int, max_tokens: int) -> None:
 
 def prompt_tokens(service: Service, spec: Spec) -> list[int]:
     """The token ids of the prompt `spec` makes (what usage reports as its prompt or input tokens)."""
+    return prompt_inputs(service, spec)[0]
+
+
+def prompt_inputs(service: Service, spec: Spec) -> tuple[list[int], list]:
+    """prompt_tokens, and the images of an image model's chat (their pixels, in order)."""
     tok = service.ready().tokenizer
     if spec.messages is None:
         try:
-            return tok.encode(spec.prompt, bos=True)
+            return tok.encode(spec.prompt, bos=True), []
         except MistralError as e:
             raise APIError(400, service.public(f"prompt: {e}"), param="prompt")
     tools = _offered(spec)
     try:
-        return tok.chat_tokens(spec.messages, tools=tools, reasoning=service.reasoning_for(spec.reasoning))
+        reasoning = service.reasoning_for(spec.reasoning)
+        if service.ready().model.args.vision:
+            return tok.chat_inputs(spec.messages, tools=tools, reasoning=reasoning)
+        return tok.chat_tokens(spec.messages, tools=tools, reasoning=reasoning), []
     except MistralError as e:
         raise APIError(400, service.public(str(e)), param="tools" if tools and tok.tool_calls_id is None else "messages")
 
