@@ -314,13 +314,15 @@ def test_image_rows_in_the_batch_equal_their_solo_runs(image_model):
         s.close()
 
 
-def test_the_openai_client_asks_about_an_image(image_model):
-    """The server on 127.0.0.1, the official client: a data-URI image in a chat answers as
-    stream_generate does; an http URL, a file:// URL, a corrupt image and one past the pixel limit
-    each get a 400 naming the part."""
+def test_the_official_clients_ask_about_an_image(image_model):
+    """The server on 127.0.0.1, the official clients: a data-URI image in an OpenAI chat and a base64
+    image block in an Anthropic message answer as stream_generate does; an http URL, a file:// URL,
+    bad base64, a corrupt image and one past the pixel limit each get a 400 naming the part, as does
+    an Anthropic URL source."""
     import base64
     import io
 
+    import anthropic
     import openai
     from PIL import Image
 
@@ -341,6 +343,16 @@ def test_the_openai_client_asks_about_an_image(image_model):
         solo = "".join(r.text for r in stream_generate(model, tok, ids, max_tokens=8, images=images,
                                                        sampler=make_sampler()))
         assert answer.choices[0].message.content == solo and answer.usage.prompt_tokens == len(ids)
+        claude = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+        image = {"type": "base64", "media_type": "image/png", "data": data_uri(40, 70, 0).split(",", 1)[1]}
+        blocks = [{"type": "text", "text": "What is this?"}, {"type": "image", "source": image}]
+        message = claude.messages.create(model=name, max_tokens=8, extra_body={"temperature": 0},
+                                         messages=[{"role": "user", "content": blocks}])
+        assert message.content[0].text == solo and message.usage.input_tokens == len(ids)
+        with pytest.raises(anthropic.BadRequestError) as e:
+            claude.messages.create(model=name, max_tokens=8, messages=[{"role": "user", "content": [
+                {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]}])
+        assert "messages.0.content.0.source: only base64" in str(e.value)
         huge = io.BytesIO()
         Image.new("L", (8200, 8200)).save(huge, format="PNG")
         png = base64.b64decode(data_uri(40, 70, 0).split(",", 1)[1])

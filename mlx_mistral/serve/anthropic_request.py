@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from ..errors import MistralError
+from ..images import data_uri_image
 from .build import Spec, call_id, speculative
 from .http import APIError
 
@@ -67,8 +69,9 @@ class MessagesRequest(Conversation):
     stream: bool = False
 
 
-def to_spec(body: Conversation, **sampling) -> Spec:
-    """The builder's form of `body`; `sampling`: the Spec's max_tokens, temperature, top_p, top_k, stop."""
+def to_spec(body: Conversation, images: bool = False, **sampling) -> Spec:
+    """The builder's form of `body`; `sampling`: the Spec's max_tokens, temperature, top_p, top_k, stop.
+    With `images` (an image model) a user turn's base64 image blocks are taken (_image)."""
     for name in UNSUPPORTED:
         if body.model_extra.get(name) not in (None, [], {}):
             raise APIError(400, f"{name}: not supported by this server", param=name)
@@ -82,7 +85,7 @@ def to_spec(body: Conversation, **sampling) -> Spec:
             messages.append(message)
             called = {call["id"] for call in message.get("tool_calls", ())}
         else:
-            messages += _user(turn.content, f"messages.{i}", called)
+            messages += _user(turn.content, f"messages.{i}", called, images)
             called = set()
     tools = [_tool(tool, f"tools.{i}") for i, tool in enumerate(body.tools or [])]
     one = bool(body.tool_choice and body.tool_choice.disable_parallel_tool_use)
@@ -105,8 +108,9 @@ def _thinking(thinking: object) -> bool | None:
     return kind != "disabled"
 
 
-def _user(content: str | list[dict], where: str, called: set[str]) -> list[dict]:
-    """A user turn: a tool message per tool_result block, then one user message of the text."""
+def _user(content: str | list[dict], where: str, called: set[str], images: bool = False) -> list[dict]:
+    """A user turn: a tool message per tool_result block, then one user message of the text (and,
+    with `images`, the images)."""
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
     results, texts = [], []
@@ -114,9 +118,26 @@ def _user(content: str | list[dict], where: str, called: set[str]) -> list[dict]
         at = f"{where}.content.{j}"
         if block.get("type") == "tool_result":
             results.append(_tool_result(block, at, called))
+        elif block.get("type") == "image" and images:
+            texts.append(_image(block, at))
         else:
             texts.append({"type": "text", "text": _text_block(block, at)})
     return results + ([{"role": "user", "content": texts}] if texts else [])
+
+
+def _image(block: dict, where: str) -> dict:
+    """An image block {"type": "image", "source": {"type": "base64", "media_type", "data"}} as
+    OpenAI's image_url part (a data URI, checked by images.data_uri_image: a 400 naming the block)."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") != "base64":
+        raise APIError(400, f"{where}.source: only base64 image sources are accepted (image URLs are not "
+                       f"fetched by this server), got {source.get('type')!r}", param=f"{where}.source")
+    url = f"data:{source.get('media_type')};base64,{source.get('data')}"
+    try:
+        data_uri_image(url, where)
+    except MistralError as e:
+        raise APIError(400, str(e), param=where) from None
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def _assistant(content: str | list[dict], where: str) -> dict:
