@@ -315,8 +315,8 @@ def test_image_rows_in_the_batch_equal_their_solo_runs(image_model):
 
 
 def test_the_official_clients_ask_about_an_image(image_model):
-    """The server on 127.0.0.1, the official clients: a data-URI image in an OpenAI chat and a base64
-    image block in an Anthropic message answer as stream_generate does; an http URL, a file:// URL,
+    """The server on 127.0.0.1, the official clients: a data-URI image in an OpenAI chat and in a
+    Responses input, and a base64 image block in an Anthropic message, answer as stream_generate does; an http URL, a file:// URL,
     bad base64, a corrupt image and one past the pixel limit each get a 400 naming the part, as does
     an Anthropic URL source."""
     import base64
@@ -353,6 +353,14 @@ def test_the_official_clients_ask_about_an_image(image_model):
             claude.messages.create(model=name, max_tokens=8, messages=[{"role": "user", "content": [
                 {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]}])
         assert "messages.0.content.0.source: only base64" in str(e.value)
+        response = client.responses.create(model=name, max_output_tokens=8, temperature=0, input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                         {"type": "input_image", "image_url": data_uri(40, 70, 0)}]}])
+        assert response.output_text == solo
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=name, input=[{"role": "user", "content": [
+                {"type": "input_image", "image_url": "https://example.com/cat.png"}]}])
+        assert "input.0.content.0: image URLs are not fetched" in str(e.value)
         huge = io.BytesIO()
         Image.new("L", (8200, 8200)).save(huge, format="PNG")
         png = base64.b64decode(data_uri(40, 70, 0).split(",", 1)[1])

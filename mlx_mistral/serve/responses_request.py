@@ -16,6 +16,8 @@ offered: a tool_choice naming one is refused.
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
+from ..errors import MistralError
+from ..images import data_uri_image
 from .build import Spec, call_id, speculative
 from .http import APIError
 
@@ -81,14 +83,16 @@ class Offer:
             self.namespaces[name] = namespace
 
 
-def to_spec(body: ResponsesRequest, history: list[dict], offer: Offer, context: int) -> Spec:
+def to_spec(body: ResponsesRequest, history: list[dict], offer: Offer, context: int,
+            images: bool = False) -> Spec:
     """The builder's form of `body`; `history`: the messages of previous_response_id's turns;
-    `context`: the model's, the most a response may take when max_output_tokens is not given."""
+    `context`: the model's, the most a response may take when max_output_tokens is not given;
+    `images`: an image model's, whose messages' input_image parts are taken (data URIs)."""
     for name in UNSUPPORTED:
         if body.model_extra.get(name) not in (None, False, 0, [], {}):
             raise APIError(400, f"{name}: not supported by this server", param=name)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    messages = system + history + input_messages(body.input)
+    messages = system + history + input_messages(body.input, images)
     return Spec(body.model, messages=messages, tools=offer.functions, tool_choice=_tool_choice(body.tool_choice, offer),
                 parallel_tool_calls=body.parallel_tool_calls, response_format=_format(body.text), format_param="text.format",
                 max_tokens=body.max_output_tokens or context, clamp_max_tokens=True, temperature=body.temperature,
@@ -96,7 +100,7 @@ def to_spec(body: ResponsesRequest, history: list[dict], offer: Offer, context: 
                 speculate=speculative(body.model_extra))
 
 
-def input_messages(items: str | list[dict]) -> list[dict]:
+def input_messages(items: str | list[dict], images: bool = False) -> list[dict]:
     """`input` as chat messages (see the module's docstring)."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
@@ -107,7 +111,7 @@ def input_messages(items: str | list[dict]) -> list[dict]:
             raise APIError(400, f"{where}: expected an input item (an object)", param=where)
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
-            messages.append(_message(item, where))
+            messages.append(_message(item, where, images))
         elif kind == "function_call":
             call = {"id": call_id(_string(item, "call_id", where)), "type": "function",
                     "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
@@ -124,24 +128,32 @@ def input_messages(items: str | list[dict]) -> list[dict]:
     return messages
 
 
-def _message(item: dict, where: str) -> dict:
+def _message(item: dict, where: str, images: bool = False) -> dict:
     role = item.get("role")
     if role not in ("user", "assistant", "system", "developer"):
         raise APIError(400, f"{where}.role: expected 'user', 'assistant', 'system' or 'developer', got {role!r}",
                        param=f"{where}.role")
     content = item.get("content")
-    content = content if isinstance(content, str) else _parts(content, f"{where}.content")
+    content = content if isinstance(content, str) else _parts(content, f"{where}.content", images)
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def _parts(parts: object, where: str) -> list[dict]:
-    """Content parts as OpenAI's chat text parts (mistral-common joins them)."""
+def _parts(parts: object, where: str, images: bool = False) -> list[dict]:
+    """Content parts as OpenAI's chat text parts (mistral-common joins them); with `images`,
+    input_image parts of data URIs as image_url parts (images.data_uri_image: a 400 otherwise)."""
     if not isinstance(parts, list):
         raise APIError(400, f"{where}: expected a string or a list of content parts", param=where)
     out = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         text = part.get("refusal" if kind == "refusal" else "text") if kind in TEXT_PARTS else None
+        if kind == "input_image" and images:
+            try:
+                data_uri_image(part.get("image_url"), f"{where}.{j}")
+            except MistralError as e:
+                raise APIError(400, str(e), param=f"{where}.{j}") from None
+            out.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+            continue
         if kind in MEDIA_PARTS:
             raise APIError(400, f"{where}.{j}: {kind} is not supported (text-only model)", param=f"{where}.{j}")
         if not isinstance(text, str):
