@@ -2,6 +2,7 @@
 image features equal within 1e-4 (float32), one image and two of different sizes in one forward."""
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -265,6 +266,9 @@ def test_cli_answers_about_an_image(image_model, tmp_path, capsys):
             "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 1 and out["image_tokens"] == 6 and out["vision_seconds"] > 0
+    assert main(argv[:-1]) == 0
+    assert re.search(r"\| images: 1, 6 tokens, vision [\d.]+ s", capsys.readouterr().err)
     model, tok = load(str(path))
     content = [{"type": "text", "text": "What is this?"},
                {"type": "image_url", "image_url": {"url": data_uri(40, 70, 0)}}]
@@ -316,9 +320,9 @@ def test_image_rows_in_the_batch_equal_their_solo_runs(image_model):
 
 def test_the_official_clients_ask_about_an_image(image_model):
     """The server on 127.0.0.1, the official clients: a data-URI image in an OpenAI chat and in a
-    Responses input, and a base64 image block in an Anthropic message, answer as stream_generate does; an http URL, a file:// URL,
-    bad base64, a corrupt image and one past the pixel limit each get a 400 naming the part, as does
-    an Anthropic URL source."""
+    Responses input, and a base64 image block in an Anthropic message, answer as stream_generate
+    does; an http URL, a file:// URL, bad base64, a corrupt image and one past the pixel limit each
+    get a 400 naming the part, as do an Anthropic URL source and a Responses http URL."""
     import base64
     import io
 
@@ -343,6 +347,9 @@ def test_the_official_clients_ask_about_an_image(image_model):
         solo = "".join(r.text for r in stream_generate(model, tok, ids, max_tokens=8, images=images,
                                                        sampler=make_sampler()))
         assert answer.choices[0].message.content == solo and answer.usage.prompt_tokens == len(ids)
+        metrics = server.metrics()
+        assert metrics["mlx_mistral_images_total"] == 1 and metrics["mlx_mistral_image_tokens_total"] == 6
+        assert metrics["mlx_mistral_vision_seconds_total"] > 0
         claude = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
         image = {"type": "base64", "media_type": "image/png", "data": data_uri(40, 70, 0).split(",", 1)[1]}
         blocks = [{"type": "text", "text": "What is this?"}, {"type": "image", "source": image}]

@@ -45,21 +45,25 @@ class GenerationResponse:
     accepted_tokens: int = 0
     forwards: int = 0
     drafting_forwards: int = 0
+    # with images: how many, their [IMG] tokens, and the seconds the vision tower took on them
+    images: int = 0
+    image_tokens: int = 0
+    vision_seconds: float = 0.0
 
 
 def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int,
-            images: Sequence[mx.array] = ()) -> mx.array:
+            images: tuple[np.ndarray, mx.array] | None = None) -> mx.array:
     """Feed the prompt in chunks; return the logits [1, vocab] after its last token.
 
     All but the last token go through in chunks of at most `chunk` (and the cache's
     capacity), evaluating only the cache after each, so peak memory is bounded by the
     chunk, not by the prompt. The last token goes alone so that the vocabulary
-    projection runs on one position. `images` (Tokenizer.chat_inputs'): their features go in
-    place of the prompt's [IMG] tokens, in order, a chunk taking those of its own tokens.
+    projection runs on one position. `images` (image_slots'): the features go in place of the
+    prompt's [IMG] tokens, a chunk taking those of its own tokens.
     """
     if not isinstance(chunk, int) or chunk <= 0:
         raise MistralError(f"prefill_chunk must be a positive integer, got {chunk!r}")
-    at, features = image_slots(model, tokens, images)
+    at, features = images or (np.zeros(0, dtype=np.int64), None)
     x = mx.array(tokens, dtype=mx.uint32)[None]
     chunk = min(chunk, cache.capacity)
     last = len(tokens) - 1
@@ -73,11 +77,11 @@ def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int,
 
 
 def image_slots(model: Mistral, tokens: Sequence[int], images: Sequence) -> tuple[np.ndarray, mx.array]:
-    """(the positions of the prompt's [IMG] tokens, their features [n, dim] in that order):
-    MistralError unless the images give as many features as there are [IMG] tokens."""
-    if not images:
-        return np.zeros(0, dtype=np.int64), None
+    """(the positions of the prompt's [IMG] tokens, their features [n, dim] in that order, evaluated:
+    the vision tower runs here): MistralError unless the images give as many features as there
+    are [IMG] tokens."""
     features = mx.concatenate(model.image_features([mx.array(image) for image in images]))
+    mx.eval(features)
     at = np.flatnonzero(np.asarray(tokens) == model.args.vision.image_token_id)
     if len(at) != features.shape[0]:
         raise MistralError(f"the prompt has {len(at)} [IMG] tokens, its {len(images)} images give "
@@ -87,8 +91,8 @@ def image_slots(model: Mistral, tokens: Sequence[int], images: Sequence) -> tupl
 
 def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler,
                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, repetition_penalty: float = 1.0,
-                  repetition_context: int = 64, guide: Guide | None = None, images: Sequence = ()
-                  ) -> Iterator[int]:
+                  repetition_context: int = 64, guide: Guide | None = None,
+                  images: tuple[np.ndarray, mx.array] | None = None) -> Iterator[int]:
     """Yield generated token ids without end; the caller decides when to stop.
 
     Step n+1 is scheduled with async_eval before token n is handed out, so the
@@ -120,8 +124,8 @@ def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler
 def speculative_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler,
                      proposer: PromptLookup | DraftRow, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                      repetition_penalty: float = 1.0, repetition_context: int = 64,
-                     guide: Guide | None = None, max_tokens: int | None = None, images: Sequence = ()
-                     ) -> Iterator[tuple[list[int], int]]:
+                     guide: Guide | None = None, max_tokens: int | None = None,
+                     images: tuple[np.ndarray, mx.array] | None = None) -> Iterator[tuple[list[int], int]]:
     """generate_step with speculation: yield (each step's tokens, its drafts) without end; the
     `proposer` (extended with the prompt) drafts at most the cache's headroom a step, and never
     past `max_tokens` tokens in all.
@@ -325,12 +329,20 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
                            f"(make_cache(..., headroom={headroom})), this one has {cache.headroom}")
     mx.reset_peak_memory()
     text = TextStream(tokenizer, len(ids), max_tokens, stop, start, tool_calls)
+    vision = time.perf_counter()
+    slots = image_slots(model, ids, images) if images else None
+    seen = (len(images), len(slots[0]) if slots else 0, time.perf_counter() - vision)
+
+    def stamp(r: GenerationResponse) -> GenerationResponse:
+        r.images, r.image_tokens, r.vision_seconds = seen
+        return r
+
     guide = constraint.guide() if constraint else None
     sampler = positional(sampler or make_sampler())
     if not headroom:
         for token in generate_step(model, ids, cache, sampler, prefill_chunk, repetition_penalty,
-                                   guide=guide, images=images):
-            yield text.add(token, cache)
+                                   guide=guide, images=slots):
+            yield stamp(text.add(token, cache))
             if text.finish:
                 return
     if draft_model and cache.offset:  # the draft model's own cache starts empty
@@ -342,7 +354,7 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
                                                                  prefill_chunk, sampling)
     drafted = accepted = forwards = drafting = 0
     steps = speculative_step(model, ids, cache, sampler, proposer, prefill_chunk, repetition_penalty,
-                             guide=guide, max_tokens=max_tokens, images=images)
+                             guide=guide, max_tokens=max_tokens, images=slots)
     for run, drafts in steps:
         drafted, accepted, forwards = drafted + drafts, accepted + len(run) - 1, forwards + 1
         drafting += drafts > 0
@@ -350,7 +362,7 @@ def stream_generate(model: Mistral, tokenizer: TextTokenizer, prompt: str | Sequ
             r = text.add(token, cache)
             r.drafted_tokens, r.accepted_tokens = drafted, accepted
             r.forwards, r.drafting_forwards = forwards, drafting
-            yield r
+            yield stamp(r)
             if text.finish:
                 cache.rewind([len(run) - 1 - i])  # it holds the run but its last token: as if it ended here
                 return

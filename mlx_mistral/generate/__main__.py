@@ -199,6 +199,8 @@ def stats_line(r: GenerationResponse) -> str:
         f"ttft {r.ttft:.3f} s | peak memory {r.peak_memory / 2**20:.1f} MiB | "
         f"KV cache {r.kv_cache_bytes / 2**20:.2f} MiB allocated, {r.kv_cache_tokens} tokens held"
     )
+    if r.images:
+        line += f" | images: {r.images}, {r.image_tokens} tokens, vision {r.vision_seconds:.3f} s"
     s = speculation(r)
     if s is None:
         return line

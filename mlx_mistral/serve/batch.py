@@ -48,7 +48,6 @@ class Row:
         """The request's images through the vision tower, once, as the row is admitted."""
         if self.request.images:
             self.images = image_slots(model, self.ids, self.request.images)
-            mx.eval(self.images[1])
             if self.images[0][-1] >= len(self.ids) - 1:
                 raise MistralError("images: the prompt's last token is an [IMG] token")
 

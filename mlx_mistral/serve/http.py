@@ -217,6 +217,8 @@ def prometheus(stats: dict, statuses: Counter) -> str:
         ("drafted_tokens_total", "drafted_tokens", "counter"),
         ("accepted_tokens_total", "accepted_tokens", "counter"),
         ("verify_steps_total", "verify_steps", "counter"),
+        ("images_total", "images", "counter"), ("image_tokens_total", "image_tokens", "counter"),
+        ("vision_seconds_total", "vision_seconds", "counter"),
     ):
         lines += [f"# TYPE mlx_mistral_{name} {kind}", f"mlx_mistral_{name} {stats[key]}"]
     # speculation: the share of drafts kept, and the rows' forwards of the target per token they got

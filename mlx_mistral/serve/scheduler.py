@@ -86,7 +86,8 @@ class Scheduler:
         self.counters = dict(steps=0, rows=0, max_rows=0, max_prefill_rows=0, generated_tokens=0,
                              prefilled_tokens=0, reused_tokens=0, stop=0, length=0, tool_calls=0,
                              cancelled=0, error=0, admitted=0, reused_requests=0, prompt_tokens=0,
-                             drafted_tokens=0, accepted_tokens=0, verify_steps=0, drafting_rows=0)
+                             drafted_tokens=0, accepted_tokens=0, verify_steps=0, drafting_rows=0,
+                             images=0, image_tokens=0, vision_seconds=0.0)
         self.tokens_per_second = 0.0  # the last decode step's rows / its time
         self.model = self.tokenizer = self.draft = None
         self._batch = Batch()
@@ -247,11 +248,15 @@ class Scheduler:
                 text = TextStream(self.tokenizer, len(request.tokens), request.max_tokens, request.stop,
                                   request.submitted, request.tool_calls)
                 row = Row(request, ids, held, text, marks, self.lookup, self.headroom if self.draft else 0)
+                vision = time.perf_counter()
                 row.encode(self.model)
+                self.counters["vision_seconds"] += time.perf_counter() - vision
             except Exception as e:
                 self._end(request, "error", f"{type(e).__name__}: {e}")
                 continue
-            for name, n in dict(admitted=1, reused_requests=held > 0, prompt_tokens=len(ids), reused_tokens=held).items():
+            images = dict(images=len(request.images), image_tokens=len(row.images[0])) if row.images else {}
+            for name, n in dict(admitted=1, reused_requests=held > 0, prompt_tokens=len(ids), reused_tokens=held,
+                                **images).items():
                 self.counters[name] += n
             if cache is None:
                 fresh.append(row)
