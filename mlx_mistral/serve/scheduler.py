@@ -254,9 +254,10 @@ class Scheduler:
             except Exception as e:
                 self._end(request, "error", f"{type(e).__name__}: {e}")
                 continue
-            images = dict(images=len(request.images), image_tokens=len(row.images[0])) if row.images else {}
-            for name, n in dict(admitted=1, reused_requests=held > 0, prompt_tokens=len(ids), reused_tokens=held,
-                                **images).items():
+            counts = dict(admitted=1, reused_requests=held > 0, prompt_tokens=len(ids), reused_tokens=held)
+            if row.images:
+                counts.update(images=len(request.images), image_tokens=len(row.images[0]))
+            for name, n in counts.items():
                 self.counters[name] += n
             if cache is None:
                 fresh.append(row)
