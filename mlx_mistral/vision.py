@@ -11,10 +11,12 @@ linear, GELU, linear, with biases) or `mistral3` (RMSNorm, a 2x2 patch merger, l
 linear). The features replace the [IMG] token embeddings of the prompt, in order.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .errors import MistralError
 
@@ -206,6 +208,19 @@ def image_features(tower: VisionTower, projector: Projector, images: list[mx.arr
     for h, w in grids:
         cuts.append(cuts[-1] + (h // args.merge) * (w // args.merge))
     return [features[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def image_slots(model, tokens: Sequence[int], images: Sequence) -> tuple[np.ndarray, mx.array]:
+    """For `model` (a Mistral with a vision tower): (the positions of the prompt's [IMG] tokens,
+    their features [n, dim] in that order, evaluated: the vision tower runs here); MistralError
+    unless the images give as many features as there are [IMG] tokens."""
+    features = mx.concatenate(model.image_features([mx.array(image) for image in images]))
+    mx.eval(features)
+    at = np.flatnonzero(np.asarray(tokens) == model.args.vision.image_token_id)
+    if len(at) != features.shape[0]:
+        raise MistralError(f"the prompt has {len(at)} [IMG] tokens, its {len(images)} images give "
+                           f"{features.shape[0]} features: the image tokens must be the images' own")
+    return at, features
 
 
 def vision_args(config: dict) -> VisionArgs:

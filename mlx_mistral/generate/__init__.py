@@ -14,6 +14,7 @@ from ..sample import Sampler, check_repetition_penalty, make_sampler, positional
 from ..speculative import DEFAULT_DRAFT_TOKENS, Draw, DraftRow, Lookup, PromptLookup, Width, verify
 from ..structured import Constraint, Guide, masked
 from ..text import StreamingDetokenizer, TextTokenizer, ToolCall
+from ..vision import image_slots
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -74,19 +75,6 @@ def prefill(model: Mistral, tokens: Sequence[int], cache: KVCache, chunk: int,
         if end <= last:
             mx.eval(cache.keys, cache.values)
     return logits[:, -1]
-
-
-def image_slots(model: Mistral, tokens: Sequence[int], images: Sequence) -> tuple[np.ndarray, mx.array]:
-    """(the positions of the prompt's [IMG] tokens, their features [n, dim] in that order, evaluated:
-    the vision tower runs here): MistralError unless the images give as many features as there
-    are [IMG] tokens."""
-    features = mx.concatenate(model.image_features([mx.array(image) for image in images]))
-    mx.eval(features)
-    at = np.flatnonzero(np.asarray(tokens) == model.args.vision.image_token_id)
-    if len(at) != features.shape[0]:
-        raise MistralError(f"the prompt has {len(at)} [IMG] tokens, its {len(images)} images give "
-                           f"{features.shape[0]} features: the image tokens must be the images' own")
-    return at, features
 
 
 def generate_step(model: Mistral, prompt: Sequence[int], cache: KVCache, sampler: Sampler,

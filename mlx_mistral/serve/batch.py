@@ -10,12 +10,13 @@ import numpy as np
 
 from ..layered_cache import KVCache
 from ..errors import MistralError
-from ..generate import TextStream, image_slots
+from ..generate import TextStream
 from ..model import Mistral
 from ..sample import make_picker, penalize_histories, top_logprobs
 from ..speculative import DraftModel, Draw, Lookup, PromptLookup, Width, verify
 from ..speculative.lookup import Pace
 from ..structured import masked
+from ..vision import image_slots
 from .blocks import BlockStore
 from .prefix_cache import Marks
 from .request import Event, Request, TokenLogprob
