@@ -292,7 +292,8 @@ def test_request_field_and_metrics():
         speculative({"speculative": "no"})
     names = ("stop length tool_calls cancelled error waiting running prefilling steps max_rows "
              "max_prefill_rows prefilled_tokens reused_tokens tokens_per_second kv_bytes idle_caches "
-             "verify_steps reused_requests admitted prompt_tokens block_bytes disk_bytes blocks disk_blocks")
+             "verify_steps reused_requests admitted prompt_tokens block_bytes disk_bytes blocks disk_blocks "
+             "images image_tokens vision_seconds")
     stats = dict.fromkeys(names.split(), 0)
     stats.update(rows=30, generated_tokens=60, drafted_tokens=50, accepted_tokens=40, drafting_rows=10)
     text = prometheus(stats, Counter())
