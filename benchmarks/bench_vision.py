@@ -69,7 +69,7 @@ def main() -> None:
                      hidden_dim=32768, vocab_size=131072, rope_theta=1e9, max_position_embeddings=131072,
                      tie_word_embeddings=True, vision=SMALL_31_VISION)
     model = Mistral(args)
-    model.update(mx.utils.tree_map(lambda w: (mx.random.normal(w.shape) * 0.02).astype(mx.float32),
+    model.update(mlx.utils.tree_map(lambda w: (mx.random.normal(w.shape) * 0.02).astype(mx.float32),
                                    model.parameters()))
     mx.eval(model.parameters())
     ids, images = chat_inputs((width, height))
