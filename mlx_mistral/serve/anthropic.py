@@ -79,7 +79,7 @@ def edited(service: Service, body: Conversation, **sampling) -> tuple[Spec, list
     """The builder's Spec of `body` with its context_management edits applied (context_edits.py),
     and the applied_edits to report (None when the request asked for none)."""
     edits = context_edits.check(body.model_extra.get("context_management"))
-    spec = to_spec(body, bool(service.ready().model.args.vision), **sampling)
+    spec = to_spec(body, service.images, **sampling)
     messages, applied = context_edits.apply(
         edits, list(spec.messages), lambda m: len(prompt_tokens(service, replace(spec, messages=m))))
     return replace(spec, messages=messages), applied if edits else None

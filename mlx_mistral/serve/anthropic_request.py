@@ -17,9 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from ..errors import MistralError
-from ..images import data_uri_image
-from .build import Spec, call_id, speculative
+from .build import Spec, call_id, image_part, speculative
 from .http import APIError
 
 MEDIA = ("image", "document")  # multimodal input blocks: refused by name
@@ -127,17 +125,12 @@ def _user(content: str | list[dict], where: str, called: set[str], images: bool 
 
 def _image(block: dict, where: str) -> dict:
     """An image block {"type": "image", "source": {"type": "base64", "media_type", "data"}} as
-    OpenAI's image_url part (a data URI, checked by images.data_uri_image: a 400 naming the block)."""
+    OpenAI's image_url part (a data URI, checked by build.image_part: a 400 naming the block)."""
     source = block.get("source") if isinstance(block.get("source"), dict) else {}
     if source.get("type") != "base64":
         raise APIError(400, f"{where}.source: only base64 image sources are accepted (image URLs are not "
                        f"fetched by this server), got {source.get('type')!r}", param=f"{where}.source")
-    url = f"data:{source.get('media_type')};base64,{source.get('data')}"
-    try:
-        data_uri_image(url, where)
-    except MistralError as e:
-        raise APIError(400, str(e), param=where) from None
-    return {"type": "image_url", "image_url": {"url": url}}
+    return image_part(f"data:{source.get('media_type')};base64,{source.get('data')}", where)
 
 
 def _assistant(content: str | list[dict], where: str) -> dict:

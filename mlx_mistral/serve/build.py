@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import MistralError
+from ..images import data_uri_image
 from ..structured import Constraint
 from .http import APIError, Service
 from .request import Request
@@ -64,6 +65,16 @@ def build(service: Service, spec: Spec) -> Request:
                    images=images)
 
 
+def image_part(url: object, where: str) -> dict:
+    """The image_url part (mistral-common's) of a client's image `url`, checked: a base64 data URI
+    of an image within the limits (images.data_uri_image), else a 400 naming `where`."""
+    try:
+        data_uri_image(url, where)
+    except MistralError as e:
+        raise APIError(400, str(e), param=where) from None
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def speculative(extra: dict) -> bool:
     """A body's "speculative" field (any of the three APIs): false turns the server's
     speculation off for that request; absent or true leaves it as the server has it."""
@@ -99,7 +110,7 @@ def prompt_inputs(service: Service, spec: Spec) -> tuple[list[int], list]:
     tools = _offered(spec)
     try:
         reasoning = service.reasoning_for(spec.reasoning)
-        if service.ready().model.args.vision:
+        if service.images:
             return tok.chat_inputs(spec.messages, tools=tools, reasoning=reasoning)
         return tok.chat_tokens(spec.messages, tools=tools, reasoning=reasoning), []
     except MistralError as e:

@@ -55,6 +55,11 @@ class Service:
         model by a Claude name): the response's `model` says which model answered."""
         return requested if requested in self.names else self.model_id
 
+    @property
+    def images(self) -> bool:
+        """Whether the model sees images (a vision tower): its requests may carry them."""
+        return bool(self.ready().model.args.vision)
+
     def reasoning_for(self, asked: bool | None) -> bool:
         """Whether a request's chat starts with the reasoning system prompt: as asked (Anthropic's
         `thinking`) where the model can reason (a reasoning model with its SYSTEM_PROMPT.txt;

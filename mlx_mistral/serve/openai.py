@@ -13,9 +13,7 @@ from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from ..errors import MistralError
-from ..images import data_uri_image
-from .build import Spec, build, speculative
+from .build import Spec, build, image_part, speculative
 from .http import APIError, Service, answer, sse, submit
 from .logprobs import Logprobs, requested
 from .request import MAX_LOGPROBS, Event, Request
@@ -110,8 +108,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(body: ChatRequest, http: HTTPRequest):
-        images = bool(service.ready().model.args.vision)
-        spec = Spec(body.model, messages=text_messages(body.messages, images),
+        spec = Spec(body.model, messages=text_messages(body.messages, service.images),
                     tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
                     tool_choice=body.tool_choice or "auto", parallel_tool_calls=body.parallel_tool_calls,
                     max_tokens=body.max_completion_tokens or body.max_tokens, **spec_fields(body, "chat"))
@@ -125,17 +122,14 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
 def text_messages(messages: list[Message], images: bool = False) -> list[dict]:
     """The messages as mistral-common takes them: a list of text parts stays a list (it joins
-    them); with `images` (an image model) image_url parts of data URIs too (images.data_uri_image:
-    a 400 naming the part otherwise); any other part gets a 400 naming the message."""
+    them); with `images` (an image model) image_url parts of data URIs too (build.image_part: a
+    400 naming the part otherwise); any other part gets a 400 naming the message."""
     out = []
     for i, m in enumerate(messages):
         for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
             kind = part.get("type")
             if kind == "image_url" and images:
-                try:
-                    data_uri_image((part.get("image_url") or {}).get("url"), f"messages[{i}].content[{j}]")
-                except MistralError as e:
-                    raise APIError(400, str(e), param=f"messages[{i}].content[{j}]") from None
+                image_part((part.get("image_url") or {}).get("url"), f"messages[{i}].content[{j}]")
                 continue
             if kind in IMAGE_PARTS:
                 raise APIError(400, f"messages[{i}].content: image input is not supported (text-only model)",

@@ -59,7 +59,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
     async def create(body: ResponsesRequest, http: HTTPRequest):
         history = store.get(body.previous_response_id, "previous_response_id")[1] if body.previous_response_id else []
         offer = Offer(body.tools)
-        spec = to_spec(body, history, offer, service.ready().context, bool(service.ready().model.args.vision))
+        spec = to_spec(body, history, offer, service.ready().context, service.images)
         request = build(service, spec)
         events = submit(service, request, "input")
         turn = Turn(body, service.answering(body.model), offer, list(spec.messages[bool(body.instructions):]))

@@ -16,9 +16,7 @@ offered: a tool_choice naming one is refused.
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from ..errors import MistralError
-from ..images import data_uri_image
-from .build import Spec, call_id, speculative
+from .build import Spec, call_id, image_part, speculative
 from .http import APIError
 
 TEXT_PARTS = ("input_text", "output_text", "refusal")  # a refusal's text is in "refusal"
@@ -140,7 +138,7 @@ def _message(item: dict, where: str, images: bool = False) -> dict:
 
 def _parts(parts: object, where: str, images: bool = False) -> list[dict]:
     """Content parts as OpenAI's chat text parts (mistral-common joins them); with `images`,
-    input_image parts of data URIs as image_url parts (images.data_uri_image: a 400 otherwise)."""
+    input_image parts of data URIs as image_url parts (build.image_part: a 400 otherwise)."""
     if not isinstance(parts, list):
         raise APIError(400, f"{where}: expected a string or a list of content parts", param=where)
     out = []
@@ -148,11 +146,7 @@ def _parts(parts: object, where: str, images: bool = False) -> list[dict]:
         kind = part.get("type") if isinstance(part, dict) else None
         text = part.get("refusal" if kind == "refusal" else "text") if kind in TEXT_PARTS else None
         if kind == "input_image" and images:
-            try:
-                data_uri_image(part.get("image_url"), f"{where}.{j}")
-            except MistralError as e:
-                raise APIError(400, str(e), param=f"{where}.{j}") from None
-            out.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+            out.append(image_part(part.get("image_url"), f"{where}.{j}"))
             continue
         if kind in MEDIA_PARTS:
             raise APIError(400, f"{where}.{j}: {kind} is not supported (text-only model)", param=f"{where}.{j}")
