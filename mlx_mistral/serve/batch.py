@@ -56,10 +56,12 @@ class Row:
     def greedy(self) -> bool:
         return self.request.temperature == 0 and self.request.repetition_penalty == 1.0
 
-    def draw(self) -> Draw:
+    def draw(self, q: mx.array | None = None) -> Draw:
+        """How the row draws at a verify step; `q`: its draft model's drafts' log-probabilities,
+        when they were sampled (rejection sampling, keyed by the request's seed)."""
         r = self.request
         return Draw(self.pick, self.ids + self.answer, self.greedy, r.repetition_penalty, self.guide,
-                    r.logprobs)
+                    r.logprobs, q=q, seed=r.seed)
 
     def limit(self, headroom: int) -> int:
         """The drafts the next step may take: never past max_tokens (nor the headroom)."""
@@ -199,9 +201,8 @@ class Batch:
             tokens, logprobs = self._decode(model)
             runs, logprobs = [[t] for t in tokens], {b: [lp] for b, lp in logprobs.items()}
         else:
-            draws = [row.draw() for row in self.rows]
-            for row, draw, q in zip(self.rows, draws, self.draft.q if self.draft else []):
-                draw.q, draw.seed = q, row.request.seed  # a sampling draft model's (rejection sampling)
+            qs = self.draft.q if self.draft else [None] * len(self.rows)
+            draws = [row.draw(q) for row, q in zip(self.rows, qs)]
             verdicts = verify(model, self.cache, self.y.tolist(), drafts, draws)
             runs = [v.tokens for v in verdicts]
             # what the grammars let through
