@@ -141,7 +141,7 @@ def scripted_read(tok: Tokenizer) -> tuple[Path, dict]:
     """A new directory under /tmp and the script that calls Read on its notes.txt (V13's
     `[TOOL_CALLS]Read[ARGS]{...}`), then says "Done." after the tool results: the directory's name is
     drawn until the call's tokens repeat no token with another successor."""
-    for _ in range(100):
+    for _ in range(1000):  # about 2.3% of names give a script: 100 draws all failed ~10% of the time
         work = Path(tempfile.mkdtemp(prefix="agent", dir="/tmp"))
         call = [tok.tool_calls_id, *tok.encode("Read"), tok.control_id("[ARGS]"),
                 *tok.encode(json.dumps({"file_path": str(work / "notes.txt")})), tok.eos_id]
